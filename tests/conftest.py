@@ -1,0 +1,30 @@
+"""Shared test helpers: paths to the reference data beside the checkout, tiny model configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CLIP2VIDEO_SHARED", ROOT.parent / "shared"))
+REFERENCE = SHARED / "reference-data"
+PARITY = SHARED / "fixtures" / "parity-small"
+
+
+def need(path: Path) -> Path:
+    """Skip the calling test cleanly when an optional data folder beside the checkout is absent."""
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    return path
+
+
+@pytest.fixture
+def reference_dir() -> Path:
+    return need(REFERENCE)
+
+
+@pytest.fixture
+def parity_dir() -> Path:
+    return need(PARITY)
