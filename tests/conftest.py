@@ -28,3 +28,12 @@ def reference_dir() -> Path:
 @pytest.fixture
 def parity_dir() -> Path:
     return need(PARITY)
+
+
+@pytest.fixture(scope="session")
+def parity_weights(tmp_path_factory) -> Path:
+    """The parity fixture's random weights, generated once per test session by its own script."""
+    need(PARITY)
+    from parity_utils import make_weights
+
+    return make_weights(tmp_path_factory.mktemp("parity-weights"))

@@ -1,0 +1,201 @@
+"""Weight files: OpenAI CLIP (TorchScript or plain), released CLIP2Video ``pytorch_model.bin.N``, our own.
+
+Loading is strict everywhere: a missing key, an unexpected key or a shape mismatch raises
+``CheckpointError`` with one line that lists them. (The original silently fell back to CLIP or random heads
+when a key did not match, which hid wrong ``--center_proj``/``--centerK`` flags behind bad numbers.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbone import OPENAI_EXTRA_KEYS, ClipConfig
+
+logger = logging.getLogger(__name__)
+
+CONFIG_SUFFIX = ".config.json"  # sidecar written next to an exported pytorch_model.bin.N
+
+
+class CheckpointError(ValueError):
+    """A weight file that does not fit the model (one line, names the file and the keys)."""
+
+
+def _short(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives carry a ``constants.pkl``/``code/`` entry; ``torch.save`` zips do not."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a weight file: a TorchScript archive (OpenAI's ``ViT-B-32.pt``) or a ``torch.save`` dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weight file")
+    try:
+        if _is_torchscript(path):
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear line
+        raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]  # our training checkpoint
+    elif isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
+        raise CheckpointError(f"{path}: not a state dict (got {type(sd).__name__})")
+    return dict(sd)
+
+
+def load_clip_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """OpenAI-layout CLIP weights as float32 (fp16 tensors upcast, the three integer buffers dropped)."""
+    sd = read_state_dict(path)
+    sd = {k: v for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS}
+    if "visual.conv1.weight" not in sd:
+        raise CheckpointError(f"{path}: no 'visual.conv1.weight': not an OpenAI-layout ViT CLIP file")
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str = "weights", ignore: tuple = ()) -> None:
+    """Strictly copy ``sd`` into ``module``: missing, unexpected or mis-shaped keys → CheckpointError.
+
+    Tensors are cast to the parameter's dtype (released checkpoints hold CLIP partly in fp16).
+    """
+    own = module.state_dict()
+    sd = {k: v for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS and not k.startswith(ignore or ("\0",))}
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in set(sd) & set(own)
+                    if tuple(sd[k].shape) != tuple(own[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_short(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch (file vs model): {_short(shapes)}")
+    if problems:
+        raise CheckpointError(f"{what} do not fit the model: " + "; ".join(problems))
+    cast = {k: v.to(own[k].dtype) for k, v in sd.items()}
+    module.load_state_dict(cast, strict=True)
+
+
+def released_path(checkpoint: str | os.PathLike, model_num: int | str | None = None) -> Path:
+    """The original's ``--checkpoint DIR --model_num N`` → ``DIR/pytorch_model.bin.N`` (a file path passes)."""
+    p = Path(checkpoint)
+    if p.is_dir():
+        if model_num is None:
+            raise CheckpointError(f"--checkpoint {p} is a folder: give --model_num N for pytorch_model.bin.N")
+        p = p / f"pytorch_model.bin.{model_num}"
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint file {p} does not exist (check --checkpoint / --model_num)")
+    return p
+
+
+def read_sidecar_config(path: Path) -> dict[str, Any] | None:
+    side = Path(str(path) + CONFIG_SUFFIX)
+    if side.is_file():
+        return json.loads(side.read_text())
+    return None
+
+
+def load_model(
+    path: str | os.PathLike,
+    config: Any | None = None,
+    *,
+    model_num: int | str | None = None,
+    **overrides: Any,
+):
+    """Build a CLIP2Video model from a weight file and load it strictly.
+
+    Resolution of the configuration, first match wins: an explicit ``config`` (a ``CLIP2VideoConfig`` built
+    from flags, with the CLIP architecture read from the file), then the config stored in our own training
+    checkpoint or in the ``.config.json`` sidecar of an export. A released ``pytorch_model.bin.N`` without
+    sidecar needs the flags (``config``), and defaults to the ``original`` mask layout.
+
+    Args:
+        path: a weight file or, with ``model_num``, the folder holding ``pytorch_model.bin.N``.
+        config: a ``CLIP2VideoConfig``; its ``clip`` field is replaced by what the file holds.
+        **overrides: config fields to force (e.g. ``mask_layout``).
+    """
+    from dataclasses import replace
+
+    from .model import CLIP2Video, CLIP2VideoConfig
+
+    file = released_path(path, model_num)
+    raw = torch.load(file, map_location="cpu", weights_only=False) if not _is_torchscript(file) else None
+    stored = None
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "config" in raw:
+        stored = raw["config"].get("model", raw["config"]) if isinstance(raw["config"], dict) else None
+        sd = raw["model"]
+    else:
+        sd = read_state_dict(file)
+        stored = read_sidecar_config(file)
+    if not any(k.startswith("clip.") for k in sd):
+        raise CheckpointError(f"{file}: no 'clip.*' keys: not a CLIP2Video checkpoint (a plain CLIP file?)")
+    clip_cfg = ClipConfig.from_state_dict(sd, prefix="clip.")
+    if config is not None:
+        cfg = replace(config, clip=clip_cfg)
+    elif stored is not None:
+        cfg = CLIP2VideoConfig.from_dict({**stored, "clip": clip_cfg.to_dict()})
+    else:
+        raise CheckpointError(
+            f"{file}: a released checkpoint carries no configuration; give the model flags (--sim_type, "
+            "--temporal_type, --temporal_proj, --center_type, --center_proj, --centerK)"
+        )
+    if overrides:
+        cfg = replace(cfg, **overrides)
+    model = CLIP2Video(cfg)
+    try:
+        load_into(model, sd, what=f"{file.name}")
+    except CheckpointError as e:
+        raise CheckpointError(f"{file}: {e} (is this checkpoint for another variant or --centerK?)") from None
+    logger.info("loaded %s (variant %s, mask layout %s)", file, cfg.variant, cfg.mask_layout)
+    return model
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary name in the same folder, then ``os.replace``: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def export_original(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` in the release format (``pytorch_model.bin.N``: the plain state dict) plus a
+    ``.config.json`` sidecar holding the resolved config, so our loader restores the mask layout; the
+    original's code reads the state dict and ignores the sidecar."""
+    path = Path(path)
+    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    atomic_write_text(Path(str(path) + CONFIG_SUFFIX), json.dumps(model.config.to_dict(), indent=1))
+    return path
