@@ -57,16 +57,17 @@ class ClipConfig:
 
     @classmethod
     def tiny(cls, image_size: int = 32, patch_size: int = 16, vocab_size: int = 49408) -> ClipConfig:
-        """A few-kilobyte CLIP for tests and the CPU demo (text width 64 → 1 head)."""
+        """A small CLIP for tests and the CPU demo. Width 128 gives the temporal heads 2 attention heads, so
+        the original mask layout (which only shows with several heads) is exercised too."""
         return cls(
-            embed_dim=64,
+            embed_dim=128,
             image_size=image_size,
             patch_size=patch_size,
             vision_width=64,
             vision_layers=2,
             context_length=77,
             vocab_size=vocab_size,
-            text_width=64,
+            text_width=128,
             text_layers=2,
         )
 

@@ -28,9 +28,15 @@ class CheckpointError(ValueError):
     """A weight file that does not fit the model (one line, names the file and the keys)."""
 
 
-def _short(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+def _short(keys: list[str], limit: int = 12) -> str:
+    """Keys grouped by their top-level module (``actionClip.* (16)``) so one line stays readable."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        top = k.split(".")[0] if not k.startswith("clip.") else ".".join(k.split(".")[:2])
+        groups.setdefault(top, []).append(k)
+    items = [g[0] if len(g) == 1 else f"{top}.* ({len(g)})" for top, g in groups.items()]
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 def _is_torchscript(path: Path) -> bool:

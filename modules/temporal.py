@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 MASK_LAYOUTS = ("original", "per_video")

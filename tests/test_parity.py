@@ -16,8 +16,6 @@ other way reproduces the stored vectors to ~1e-6.
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 import torch
