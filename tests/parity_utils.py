@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
-
 from conftest import PARITY
 
 DATASETS = ("msrvtt", "msrvttfull", "msvd", "vatex")
@@ -31,7 +30,7 @@ def make_weights(out: Path) -> Path:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def expected(ds: str) -> tuple[dict, dict]:
     e = dict(np.load(PARITY / "expected" / f"{ds}.emb.npz"))
     meta = json.loads((PARITY / "expected" / f"{ds}.meta.json").read_text())
