@@ -126,47 +126,44 @@ def load_model(
     config: Any | None = None,
     *,
     model_num: int | str | None = None,
-    **overrides: Any,
+    mask_layout: str | None = None,
+    prefer_stored: bool = True,
 ):
     """Build a CLIP2Video model from a weight file and load it strictly.
 
-    Resolution of the configuration, first match wins: an explicit ``config`` (a ``CLIP2VideoConfig`` built
-    from flags, with the CLIP architecture read from the file), then the config stored in our own training
-    checkpoint or in the ``.config.json`` sidecar of an export. A released ``pytorch_model.bin.N`` without
-    sidecar needs the flags (``config``), and defaults to the ``original`` mask layout.
+    The configuration comes from the file when it carries one (our training checkpoints; the
+    ``.config.json`` sidecar of an export), else from ``config`` (built from the original's flags). A
+    released ``pytorch_model.bin.N`` carries none: it needs ``config`` and gets the ``original`` mask
+    layout, which is what its weights were trained with. The CLIP architecture is always read from the
+    weights.
 
     Args:
         path: a weight file or, with ``model_num``, the folder holding ``pytorch_model.bin.N``.
-        config: a ``CLIP2VideoConfig``; its ``clip`` field is replaced by what the file holds.
-        **overrides: config fields to force (e.g. ``mask_layout``).
+        config: a ``CLIP2VideoConfig`` from flags.
+        mask_layout: force a layout (``original`` | ``per_video``).
+        prefer_stored: use the file's own config over ``config`` when both exist.
     """
     from dataclasses import replace
 
     from .model import CLIP2Video, CLIP2VideoConfig
 
     file = released_path(path, model_num)
-    raw = torch.load(file, map_location="cpu", weights_only=False) if not _is_torchscript(file) else None
-    stored = None
-    if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "config" in raw:
-        stored = raw["config"].get("model", raw["config"]) if isinstance(raw["config"], dict) else None
-        sd = raw["model"]
-    else:
-        sd = read_state_dict(file)
-        stored = read_sidecar_config(file)
+    sd, stored = read_checkpoint(file)
     if not any(k.startswith("clip.") for k in sd):
         raise CheckpointError(f"{file}: no 'clip.*' keys: not a CLIP2Video checkpoint (a plain CLIP file?)")
     clip_cfg = ClipConfig.from_state_dict(sd, prefix="clip.")
-    if config is not None:
-        cfg = replace(config, clip=clip_cfg)
-    elif stored is not None:
+    if stored is not None and (config is None or prefer_stored):
         cfg = CLIP2VideoConfig.from_dict({**stored, "clip": clip_cfg.to_dict()})
+    elif config is not None:
+        # the layout the weights were trained with: stored, else the released checkpoints' original layout
+        cfg = replace(config, clip=clip_cfg, mask_layout=stored.get("mask_layout", "original") if stored else "original")
     else:
         raise CheckpointError(
             f"{file}: a released checkpoint carries no configuration; give the model flags (--sim_type, "
             "--temporal_type, --temporal_proj, --center_type, --center_proj, --centerK)"
         )
-    if overrides:
-        cfg = replace(cfg, **overrides)
+    if mask_layout:
+        cfg = replace(cfg, mask_layout=mask_layout)
     model = CLIP2Video(cfg)
     try:
         load_into(model, sd, what=f"{file.name}")
@@ -174,6 +171,22 @@ def load_model(
         raise CheckpointError(f"{file}: {e} (is this checkpoint for another variant or --centerK?)") from None
     logger.info("loaded %s (variant %s, mask layout %s)", file, cfg.variant, cfg.mask_layout)
     return model
+
+
+def read_checkpoint(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(state dict, stored model config or None) of a released file, an export or a training checkpoint."""
+    if _is_torchscript(file):
+        return read_state_dict(file), None
+    try:
+        raw = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{file}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and isinstance(raw.get("config"), dict):
+        conf = raw["config"]
+        return raw["model"], conf.get("model", conf)
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise CheckpointError(f"{file}: not a state dict (got {type(raw).__name__})")
+    return raw, read_sidecar_config(file)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

@@ -1,0 +1,83 @@
+"""Top-k retrieval grids (the paper's Figure 4 for any checkpoint), drawn with PIL only."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+THUMB = 96  # px, square thumbnails
+FRAMES_PER_CELL = 3
+TEXT_W = 260
+PAD = 6
+
+
+def _thumbs(folder: Path, n: int) -> list[Image.Image]:
+    files = sorted(os.listdir(folder)) if folder.is_dir() else []
+    if not files:
+        return [Image.new("RGB", (THUMB, THUMB), (40, 40, 40))] * n
+    picks = np.linspace(0, len(files) - 1, n).astype(int)
+    out = []
+    for i in picks:
+        try:
+            im = Image.open(folder / files[i]).convert("RGB")
+        except OSError:
+            im = Image.new("RGB", (THUMB, THUMB), (40, 40, 40))
+        w, h = im.size
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((THUMB, THUMB))
+        out.append(im)
+    return out
+
+
+def retrieval_grid(
+    sim: np.ndarray,
+    queries: Sequence[int],
+    captions: Sequence[str],
+    caption_video: np.ndarray,
+    video_ids: Sequence[str],
+    features_path: str | os.PathLike,
+    out_png: str | os.PathLike,
+    top_k: int = 5,
+) -> Path:
+    """One row per query: its caption, then the top-k videos (a few frames each), ground truth framed green.
+
+    Args:
+        sim: caption × video scores.
+        queries: row indices to show.
+        features_path: folder of frame folders (``<features_path>/<video_id>/``).
+    """
+    features_path = Path(features_path)
+    cell_w = FRAMES_PER_CELL * THUMB + 2 * PAD
+    row_h = THUMB + 2 * PAD + 18
+    width = TEXT_W + top_k * (cell_w + PAD) + PAD
+    height = len(queries) * row_h + PAD
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for r, q in enumerate(queries):
+        y = PAD + r * row_h
+        order = np.argsort(-sim[q])[:top_k]
+        gt = int(caption_video[q])
+        rank = 1 + int((sim[q] > sim[q, gt]).sum())
+        lines = textwrap.wrap(f"Q{q}: {captions[q]}", width=38)[:5] + [f"ground truth rank: {rank}"]
+        draw.multiline_text((PAD, y + 4), "\n".join(lines), fill=(0, 0, 0), font=font)
+        for c, v in enumerate(order):
+            x = TEXT_W + c * (cell_w + PAD)
+            hit = int(v) == gt
+            color = (20, 170, 60) if hit else (180, 180, 180)
+            draw.rectangle([x, y, x + cell_w - 1, y + THUMB + 2 * PAD - 1], outline=color, width=4 if hit else 1)
+            for k, im in enumerate(_thumbs(features_path / video_ids[v], FRAMES_PER_CELL)):
+                canvas.paste(im, (x + PAD + k * THUMB, y + PAD))
+            label = f"#{c + 1} {video_ids[v][:22]} {sim[q, v]:.2f}" + ("  GT" if hit else "")
+            draw.text((x + PAD, y + THUMB + 2 * PAD), label, fill=color if hit else (60, 60, 60), font=font)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.stem}.tmp-{os.getpid()}.png")
+    canvas.save(tmp)
+    os.replace(tmp, out_png)
+    return out_png
