@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -192,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from dataloaders.annotations import load_eval_set
     from dataloaders.dataset import VideoDataset
+
     from modules.evaluation import evaluate
     from modules.metrics import format_table, markdown_row
     from modules.tokenizer import ClipTokenizer

@@ -156,7 +156,8 @@ def load_model(
         cfg = CLIP2VideoConfig.from_dict({**stored, "clip": clip_cfg.to_dict()})
     elif config is not None:
         # the layout the weights were trained with: stored, else the released checkpoints' original layout
-        cfg = replace(config, clip=clip_cfg, mask_layout=stored.get("mask_layout", "original") if stored else "original")
+        layout = stored.get("mask_layout", "original") if stored else "original"
+        cfg = replace(config, clip=clip_cfg, mask_layout=layout)
     else:
         raise CheckpointError(
             f"{file}: a released checkpoint carries no configuration; give the model flags (--sim_type, "
