@@ -118,6 +118,32 @@ def encode_frame_features(
 
 
 @torch.no_grad()
+def encode_videos_direct(
+    model: CLIP2Video,
+    batches: Iterable[dict],
+    n_videos: int,
+    *,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    progress: bool = False,
+) -> VideoEmbedding:
+    """Video vectors straight from frames, for encoders whose vector depends on the video alone (CLIP-ViP)."""
+    device = torch.device(device)
+    out: torch.Tensor | None = None
+    seen = torch.zeros(n_videos, dtype=torch.bool)
+    for b in tqdm(batches, desc="videos", disable=not progress):
+        with autocast(device, precision):
+            v = model.encode_video(b["frames"].to(device), b["mask"].to(device)).global_.float().cpu()
+        if out is None:
+            out = torch.zeros(n_videos, v.shape[-1])
+        out[b["index"]] = v
+        seen[b["index"]] = True
+    if out is None or not bool(seen.all()):
+        raise RuntimeError(f"{int((~seen).sum())} of {n_videos} videos were not encoded (data loader dropped them)")
+    return VideoEmbedding(out)
+
+
+@torch.no_grad()
 def encode_video_heads(
     model: CLIP2Video,
     feats: torch.Tensor,
@@ -226,17 +252,23 @@ def evaluate(
         precision=precision, progress=progress,
     )
     t1 = time.perf_counter()
-    feats, masks = encode_frame_features(
-        model, batches, len(rset.video_ids), device=device, precision=precision, progress=progress
-    )
-    t2 = time.perf_counter()
-    groups = rset.video_batches(batch_size_val) if model.config.mask_layout == "original" else None
-    logger.info(
-        "mask layout %s: temporal heads run on %s",
-        model.config.mask_layout,
-        f"the original's evaluation batches ({batch_size_val} per batch)" if groups else "each video alone",
-    )
-    video = encode_video_heads(model, feats, masks, groups, device=device, precision=precision)
+    if model.config.video_encoder == "vip":
+        video = encode_videos_direct(
+            model, batches, len(rset.video_ids), device=device, precision=precision, progress=progress
+        )
+        t2 = time.perf_counter()
+    else:
+        feats, masks = encode_frame_features(
+            model, batches, len(rset.video_ids), device=device, precision=precision, progress=progress
+        )
+        t2 = time.perf_counter()
+        groups = rset.video_batches(batch_size_val) if model.config.mask_layout == "original" else None
+        logger.info(
+            "mask layout %s: temporal heads run on %s",
+            model.config.mask_layout,
+            f"the original's evaluation batches ({batch_size_val} per batch)" if groups else "each video alone",
+        )
+        video = encode_video_heads(model, feats, masks, groups, device=device, precision=precision)
     t3 = time.perf_counter()
     metrics, sim = score(
         model, text, video, rset.caption_video, rset.multi_caption, save_sim=save_sim, keep_sim=keep_sim or dsl

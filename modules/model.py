@@ -59,6 +59,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         center_type="TAB",
         center_proj="TAB_TDB",
     ),
+    # CLIP-ViP (arXiv 2209.06430): video proxies inside the ViT instead of temporal heads after it
+    "vip": dict(
+        sim_type="meanP", temporal_type="", temporal_proj="", center_type="", center_proj="", video_encoder="vip"
+    ),
 }
 FLAG_CHOICES = {
     "sim_type": ("meanP", "seqTransf"),
@@ -82,6 +86,9 @@ class CLIP2VideoConfig:
         center_weight: w of the global term in score and loss.
         cross_layers: depth of the temporal transformer (``cross_num_hidden_layers``).
         mask_layout: ``original`` (released checkpoints) or ``per_video`` (models trained here).
+        video_encoder: ``heads`` (image tower per frame + the temporal heads above) or ``vip`` (CLIP-ViP
+            video proxies, one ViT pass per video; modules/vip.py).
+        vip_proxies / vip_frames: number of proxy tokens and length of the temporal embedding table.
         clip: CLIP architecture.
     """
 
@@ -96,6 +103,9 @@ class CLIP2VideoConfig:
     center_weight: float = 0.5
     cross_layers: int = 4
     mask_layout: str = "per_video"
+    video_encoder: str = "heads"
+    vip_proxies: int = 4
+    vip_frames: int = 12
     clip: ClipConfig = field(default_factory=ClipConfig)
 
     def __post_init__(self) -> None:
@@ -116,6 +126,12 @@ class CLIP2VideoConfig:
             raise ValueError("--center_proj TAB_TDB needs --temporal_type TDB")
         if not 0.0 <= self.center_weight <= 1.0:
             raise ValueError(f"--center_weight must be in [0, 1], got {self.center_weight}")
+        if self.video_encoder not in ("heads", "vip"):
+            raise ValueError(f"--video_encoder must be heads or vip, got {self.video_encoder!r}")
+        if self.video_encoder == "vip" and (self.sim_type != "meanP" or self.temporal_type or self.center_type):
+            raise ValueError("--video_encoder vip replaces the temporal heads: use it without TDB/TAB flags")
+        if self.video_encoder == "vip" and self.vip_proxies < 1:
+            raise ValueError(f"vip_proxies must be >= 1, got {self.vip_proxies}")
         if self.center_k < 1:
             raise ValueError(f"--centerK must be >= 1, got {self.center_k}")
 
@@ -138,7 +154,8 @@ def variant_of_flags(**flags: Any) -> str:
     keys = ("sim_type", "temporal_type", "temporal_proj", "center_type", "center_proj")
     want = {k: flags.get(k, "") or "" for k in keys}
     for name, spec in VARIANTS.items():
-        if all(spec.get(k, "") == want[k] for k in keys) and not spec.get("pool_differences", False):
+        special = spec.get("pool_differences", False) or spec.get("video_encoder", "heads") != "heads"
+        if all(spec.get(k, "") == want[k] for k in keys) and not special:
             return name
     return "custom"
 
@@ -211,6 +228,10 @@ class CLIP2Video(nn.Module):
             self.emb_center = nn.Parameter(torch.empty(c.center_k, dim))
             if c.center_proj in ("TAB", "TAB_TDB"):
                 self.actionClip = TemporalTransformer(dim, 1, heads)
+        if c.video_encoder == "vip":
+            from .vip import VideoProxyEncoder
+
+            self.vip = VideoProxyEncoder(self.clip.visual, c.vip_proxies, c.vip_frames)
         self._zero_frame_cache: tuple[int, torch.Tensor] | None = None
         self.reset_heads()
 
@@ -221,7 +242,7 @@ class CLIP2Video(nn.Module):
         ``init_from_clip`` then copies CLIP weights into the heads that the original initialised from CLIP.
         """
         for name, module in self.named_modules():
-            if name.startswith("clip"):
+            if name.startswith(("clip", "vip")):
                 continue
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
@@ -236,6 +257,8 @@ class CLIP2Video(nn.Module):
         for name in ("weight_center", "emb_center", "frame2t_projection"):
             if hasattr(self, name):
                 nn.init.normal_(getattr(self, name), std=64**-0.5)
+        if hasattr(self, "vip"):
+            self.vip.reset_parameters()
 
     @torch.no_grad()
     def init_from_clip(self) -> None:
@@ -268,6 +291,8 @@ class CLIP2Video(nn.Module):
                     copy_block(getattr(self, name).resblocks[0], text_blocks[0])
         if hasattr(self, "frame2t_projection") and clip.visual.proj.shape[0] >= dim:
             self.frame2t_projection.copy_(clip.visual.proj[:dim])
+        if hasattr(self, "vip"):
+            self.vip.reset_parameters()  # proxies start from the (now loaded) class embedding
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the CLIP towers' activations in backward (the heads are small)."""
@@ -317,6 +342,8 @@ class CLIP2Video(nn.Module):
         Only real frames go through the image tower; masked slots get the zero-frame feature, whatever
         pixels they hold, exactly as the original's zero-filled padding.
         """
+        if self.config.video_encoder == "vip":
+            raise ValueError("the vip video encoder has no per-frame features: call encode_video")
         b, t = mask.shape
         keep = mask.reshape(-1).bool()
         flat = frames.reshape(b * t, *frames.shape[2:])  # (B·T, 3, H, W)
@@ -374,6 +401,8 @@ class CLIP2Video(nn.Module):
 
     def encode_video(self, frames: torch.Tensor, mask: torch.Tensor) -> VideoEmbedding:
         """(B, T, 3, H, W) frames + (B, T) mask → normalised video vectors."""
+        if self.config.video_encoder == "vip":
+            return VideoEmbedding(l2n(self.vip(frames, mask)))
         return self.encode_video_features(self.encode_frames(frames, mask), mask)
 
     # ------------------------------------------------------------------ retrieval and loss
