@@ -22,12 +22,16 @@ import infer_retrieval
 pytestmark = pytest.mark.usefixtures("parity_dir")
 
 
+PATH_FLAGS = ("--val_csv", "--data_path", "--features_path")
+
+
 def argv_for(ds: str, parity_dir, weights, out) -> list[str]:
+    """The original's argv with the fixture's placeholders filled and relative paths made absolute."""
     argv = []
     for a in commands()[ds]["argv"]:
         a = a.replace("{weights}", str(weights)).replace("{out}", str(out))
-        if a.startswith(("msrvtt/", "msvd", "vatex")) and not a.startswith("vatexEnglish"):
-            a = str(parity_dir / a) if (parity_dir / a).exists() else a
+        if argv and argv[-1] in PATH_FLAGS:
+            a = str(parity_dir / a)
         argv.append(a)
     return argv
 
