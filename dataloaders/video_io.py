@@ -38,7 +38,9 @@ def quiet_backend() -> None:
 
     Broken inputs are reported once, in our words, per file; the backend's lines ("moov atom not found",
     "marker does not match f_code" once per damaged frame) would otherwise bury the summary of a large batch.
-    Respects a value the user already set, so ``OPENCV_FFMPEG_LOGLEVEL=32`` still brings them back.
+    Respects a value the user already set, so ``OPENCV_FFMPEG_LOGLEVEL=32`` still brings them back. OpenCV
+    reads the FFmpeg level when its FFmpeg backend first starts in the process, so call this before any
+    capture or writer is created (the CLIs do).
     """
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET; read when a capture is opened
     if "OPENCV_LOG_LEVEL" not in os.environ:
