@@ -1,0 +1,131 @@
+"""Two gloo processes with batch b each train exactly like one process with batch 2b (CPU).
+
+This is the test of the global-batch loss (modules/loss.py): with the common CLIP4Clip gather the two-process
+gradient would be half the single-process one and the weights would drift apart from step 1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from modules.distributed import DistInfo, init_distributed
+from modules.training import GlobalBatchSampler, train
+
+STEPS = 10
+B = 8  # global batch
+
+
+def _grads(model: torch.nn.Module, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Parameter gradients of one step on samples [rank·B/world, (rank+1)·B/world) of a fixed batch,
+    through DDP (which averages) and the gathered loss."""
+    from test_training import ColourPairs
+
+    from modules.loss import global_batch_loss
+
+    data = ColourPairs(B)
+    per = B // world
+    items = [data[i] for i in range(rank * per, (rank + 1) * per)]
+    batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    out = net(batch["input_ids"], batch["attention_mask"], batch["frames"], batch["frame_mask"])
+    loss, _ = global_batch_loss(model, out.text, out.video, out.logit_scale)
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, variant: str) -> None:
+    from test_training import ColourPairs, micro_cfg, micro_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        torch.save(_grads(micro_model(variant, seed=1), rank, world), Path(out) / f"grads{rank}.pt")
+        model = micro_model(variant, seed=1)
+        res = train(model, ColourPairs(96), micro_cfg(Path(out), batch_size=8, epochs=1, max_steps=STEPS), info=info)
+        torch.save({"losses": res.losses, "model": model.state_dict()}, Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("variant", ["tab_tdb"])
+def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, variant):
+    from test_training import ColourPairs, micro_cfg, micro_model
+
+    torch.set_num_threads(1)
+    ref_model = micro_model(variant, seed=1)
+    ref = train(ref_model, ColourPairs(96), micro_cfg(tmp_path / "one", batch_size=8, epochs=1, max_steps=STEPS))
+
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), variant), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "two" / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "two" / "rank1.pt", weights_only=False)
+
+    # gradients of one step: exactly the single-process ones (the CLIP4Clip gather would give half)
+    g_ref = _grads(micro_model(variant, seed=1), 0, 1)
+    g0 = torch.load(tmp_path / "two" / "grads0.pt", weights_only=False)
+    g1 = torch.load(tmp_path / "two" / "grads1.pt", weights_only=False)
+    for name, g in g_ref.items():
+        assert torch.equal(g0[name], g1[name]), name
+        scale = float(g.abs().max()) + 1e-12
+        assert float((g0[name] - g).abs().max()) <= 1e-5 * max(scale, 1.0), name
+    ratio = sum(float((g0[n] * g).sum()) for n, g in g_ref.items()) / sum(float((g * g).sum()) for g in g_ref.values())
+    assert abs(ratio - 1.0) < 1e-4, f"two-process gradient is {ratio:.4f} × the single-process one"
+
+    assert len(ref.losses) == len(r0["losses"]) == STEPS
+    assert r0["losses"] == r1["losses"]  # the gathered loss is the same number on every rank
+    for a, b in zip(ref.losses, r0["losses"], strict=True):
+        assert abs(a - b) <= 1e-5, (ref.losses, r0["losses"])
+    worst = max(float((ref_model.state_dict()[k] - r0["model"][k]).abs().max()) for k in r0["model"])
+    assert worst <= 1e-5, f"weights differ by {worst}"
+    for k in r0["model"]:  # DDP keeps the replicas identical
+        assert torch.equal(r0["model"][k], r1["model"][k]), k
+    # and the run really moved the weights (the comparison is not between two untrained models)
+    init = micro_model(variant, seed=1).state_dict()
+    assert max(float((init[k] - r0["model"][k]).abs().max()) for k in init) > 1e-3
+
+
+def test_sampler_shards_each_global_batch_contiguously():
+    one = GlobalBatchSampler(40, 8, seed=5)
+    two = [GlobalBatchSampler(40, 8, rank=r, world_size=2, seed=5) for r in range(2)]
+    for s in (one, *two):
+        s.set_epoch(3)
+    for single, a, b in zip(one, two[0], two[1], strict=True):
+        assert single == a + b
+    one.set_epoch(4)
+    assert list(one) != [x for x in GlobalBatchSampler(40, 8, seed=5)]  # order changes with the epoch
+    # accumulation: micro-batches of world·micro samples, rank-contiguous inside each
+    acc = [GlobalBatchSampler(40, 8, rank=r, world_size=2, accum=2, seed=5) for r in range(2)]
+    flat = [i for m0, m1 in zip(acc[0], acc[1], strict=True) for i in m0 + m1]
+    assert flat == [i for b in GlobalBatchSampler(40, 8, seed=5) for i in b]
+    # resume skips consumed micro-batches
+    s = GlobalBatchSampler(40, 8, seed=5)
+    s.set_epoch(0, start=3)
+    assert list(s) == list(GlobalBatchSampler(40, 8, seed=5))[3:] and len(s) == 2
+
+
+def test_sampler_rejects_uneven_split():
+    with pytest.raises(ValueError, match="divisible"):
+        GlobalBatchSampler(40, 6, world_size=4)
+
+
+def test_single_process_setup_needs_no_environment(monkeypatch):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    info = init_distributed("cpu")
+    assert info == DistInfo(0, 0, 1, torch.device("cpu"), "")
+    assert info.is_main and not info.is_distributed
+    assert not torch.distributed.is_initialized()
