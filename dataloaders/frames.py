@@ -187,13 +187,19 @@ def _normalise_lut(mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] =
     return v[None, :].sub(m).div(s).numpy().copy()
 
 
-def to_normalised_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 → (3, H, W) float32, normalised with the CLIP mean/std (one vectorised look-up)."""
+def to_normalised_tensor(rgb: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(H, W, 3) uint8 → (3, H, W) float32, normalised with the CLIP mean/std (one vectorised look-up).
+
+    ``out`` (a contiguous float32 (3, H, W) tensor, e.g. one slot of a video buffer) is filled in place,
+    saving an allocation and a copy per frame.
+    """
     lut = _normalise_lut()
-    out = np.empty((3, rgb.shape[0], rgb.shape[1]), dtype=np.float32)
+    if out is None:
+        out = torch.empty((3, rgb.shape[0], rgb.shape[1]), dtype=torch.float32)
+    dst = out.numpy()
     for c in range(3):
-        np.take(lut[c], rgb[:, :, c], out=out[c])
-    return torch.from_numpy(out)
+        np.take(lut[c], rgb[:, :, c], out=dst[c])
+    return out
 
 
 def _open_rgb(path: str, image_size: int, mode: str) -> Image.Image:
@@ -201,10 +207,11 @@ def _open_rgb(path: str, image_size: int, mode: str) -> Image.Image:
     if mode == "fast" and img.format == "JPEG":
         # libjpeg DCT scaling: picks the largest 1/2^k reduction that keeps both sides >= image_size
         img.draft("RGB", (image_size, image_size))
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert("RGB") of RGB is a plain copy
 
 
-def preprocess_image(path: str | os.PathLike, image_size: int = 224, mode: str = "exact") -> torch.Tensor:
+def preprocess_image(path: str | os.PathLike, image_size: int = 224, mode: str = "exact",
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """One frame file → (3, S, S) float32, normalised as CLIP expects.
 
     Args:
@@ -212,6 +219,7 @@ def preprocess_image(path: str | os.PathLike, image_size: int = 224, mode: str =
         image_size: S, the CLIP input resolution.
         mode: ``"exact"`` reproduces the original's pixels bit for bit; ``"fast"`` decodes large JPEGs at a
             reduced DCT scale first (slightly different pixels, see module doc).
+        out: optional contiguous (3, S, S) float32 tensor to write into (returned).
 
     Raises:
         FrameError: the file is missing or not a readable image.
@@ -230,7 +238,7 @@ def preprocess_image(path: str | os.PathLike, image_size: int = 224, mode: str =
     except (OSError, SyntaxError, ValueError) as e:  # truncated/corrupt data surfaces as OSError in PIL
         raise FrameError(f"{path}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
             from None
-    return to_normalised_tensor(rgb)
+    return to_normalised_tensor(rgb, out)
 
 
 def load_video(
@@ -262,11 +270,12 @@ def load_video(
     if rng is not None:
         pos = jitter_positions(pos, len(files), rng)
     chosen = [files[p] for p in pos]
-    frames = torch.zeros(max_frames, 3, image_size, image_size, dtype=torch.float32)
+    frames = torch.empty(max_frames, 3, image_size, image_size, dtype=torch.float32)
+    frames[len(chosen):].zero_()  # padding: all-zero slots, mask 0
     mask = torch.zeros(max_frames, dtype=torch.int64)
+    mask[: len(chosen)] = 1
     for slot, name in enumerate(chosen):
-        frames[slot] = preprocess_image(os.path.join(folder, name), image_size, mode)
-        mask[slot] = 1
+        preprocess_image(os.path.join(folder, name), image_size, mode, out=frames[slot])
     return frames, mask, chosen
 
 
