@@ -84,6 +84,8 @@ def _extract(
     allow_truncated: bool = False,
 ) -> tuple[int, list[str]]:
     """``extract_video`` returning the warnings too (unknown source fps, kept truncated part)."""
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: already exists")  # before decoding, not after
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / _tmp_name(out_dir.name, os.getpid())
@@ -219,6 +221,13 @@ def clean_stale_temps(output_path: Path) -> list[str]:
     return removed
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # vanished since listing: its job reports it
+        return 0
+
+
 def _show(text: str) -> str:
     """Printable form of a file name that may hold undecodable bytes (surrogate escapes)."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -298,7 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
 
-    videos = sorted(p for p in inp.iterdir() if p.suffix.lower() in exts and p.is_file())
+    try:
+        videos = sorted(p for p in inp.iterdir() if p.suffix.lower() in exts and p.is_file())
+    except OSError as e:
+        print(f"{prog}: error: --input_path {str(inp)!r} cannot be listed ({e.strerror or e})", file=sys.stderr)
+        return 2
     if not videos:
         print(f"{prog}: error: --input_path {str(inp)!r} holds no files with --ext {','.join(exts)}", file=sys.stderr)
         return 2
@@ -332,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             todo.append(v)
 
     # Largest first: the long videos start early instead of one of them running alone at the end.
-    todo.sort(key=lambda p: p.stat().st_size, reverse=True)
+    todo.sort(key=_size, reverse=True)
     jobs = [(os.fspath(v), os.fspath(out / v.stem), fps, args.quality, fallback, args.allow_truncated) for v in todo]
     t0 = time.perf_counter()
     bar = tqdm(total=len(jobs), unit="video", desc="frames", file=sys.stderr, disable=None)
