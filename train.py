@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=42)
 
     add_model_args(p)
+    # without model flags, train the paper's full model (TAB-TDB), not the evaluation script's meanP default
+    p.set_defaults(sim_type="seqTransf", temporal_type="TDB", temporal_proj="sigmoid_selfA", center_type="TAB",
+                   center_proj="TAB_TDB")
     m = p.add_argument_group("initialisation")
     m.add_argument("--init_model", default=None, help="start from these weights (ours or a pytorch_model.bin.N)")
     m.add_argument("--tiny_clip", action="store_true", help="random tiny CLIP, no weights (tests and demos)")

@@ -397,9 +397,7 @@ def train(
 
     ddp = raw
     if info.is_distributed:
-        ddp = nn.parallel.DistributedDataParallel(
-            raw, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
-        )
+        ddp = nn.parallel.DistributedDataParallel(raw, device_ids=[device] if device.type == "cuda" else None)
     logger.info("training: %d pairs, global batch %d (%d per process × %d processes × %d accumulation), "
                 "%d steps/epoch, %d steps total, precision %s", len(train_dataset), cfg.batch_size, sampler.micro,
                 info.world_size, cfg.gradient_accumulation_steps, sampler.steps_per_epoch, total, cfg.precision)
@@ -472,6 +470,8 @@ def train(
                     f"gradient norm is {grad_norm} at step {state.step + 1} (epoch {epoch}); stopping. The last "
                     f"good checkpoint is {out / 'latest.pt'} (not overwritten)"
                 )
+            factor = scheduler.get_last_lr()[0] / scheduler.base_lrs[0]  # schedule value used by this step
+            lr_heads, lr_clip = cfg.optim.lr * factor, cfg.optim.lr * cfg.optim.coef_lr * factor
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -485,7 +485,7 @@ def train(
             if state.step % cfg.log_every == 0:
                 dt = time.perf_counter() - t0
                 rec = {"step": state.step, "epoch": epoch, "loss": step_loss, **step_terms,
-                       "lr": optimizer.param_groups[-1]["lr"], "lr_clip": _lr_of(optimizer, "clip"),
+                       "lr": lr_heads, "lr_clip": lr_clip,
                        "logit_scale": float(raw.clip.logit_scale.detach().exp()), "grad_norm": grad_norm,
                        "samples_per_s": cfg.batch_size / max(dt, 1e-9)}
                 write(rec)
@@ -538,13 +538,6 @@ class _null:
 
     def __exit__(self, *exc: Any) -> bool:
         return False
-
-
-def _lr_of(optimizer: torch.optim.Optimizer, prefix: str) -> float | None:
-    for g in optimizer.param_groups:
-        if str(g.get("name", "")).startswith(prefix):
-            return g["lr"]
-    return None
 
 
 def _fmt(m: dict[str, float]) -> str:
