@@ -66,16 +66,20 @@ def _worker(rank: int, world: int, port: int, out: str, variant: str) -> None:
 def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, variant):
     from test_training import ColourPairs, micro_cfg, micro_model
 
-    torch.set_num_threads(1)
-    ref_model = micro_model(variant, seed=1)
-    ref = train(ref_model, ColourPairs(96), micro_cfg(tmp_path / "one", batch_size=8, epochs=1, max_steps=STEPS))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers: the same reduction order
+    try:
+        ref_model = micro_model(variant, seed=1)
+        ref = train(ref_model, ColourPairs(96), micro_cfg(tmp_path / "one", batch_size=8, epochs=1, max_steps=STEPS))
+        g_ref = _grads(micro_model(variant, seed=1), 0, 1)
+    finally:
+        torch.set_num_threads(threads)
 
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), variant), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "two" / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "two" / "rank1.pt", weights_only=False)
 
     # gradients of one step: exactly the single-process ones (the CLIP4Clip gather would give half)
-    g_ref = _grads(micro_model(variant, seed=1), 0, 1)
     g0 = torch.load(tmp_path / "two" / "grads0.pt", weights_only=False)
     g1 = torch.load(tmp_path / "two" / "grads1.pt", weights_only=False)
     for name, g in g_ref.items():

@@ -241,9 +241,10 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     assert killed_at is not None and killed_at < 6, "the run finished before it could be killed"
     assert proc.returncode == -signal.SIGKILL
 
-    from train import main
-
-    assert main(train_argv(csv, feats, cut, "--save_every_steps", "1", "--resume", "latest")) == 0
+    # resume in a fresh process too, so thread settings of the test process cannot change the arithmetic
+    cmd = [sys.executable, str(ROOT / "train.py"),
+           *train_argv(csv, feats, cut, "--save_every_steps", "1", "--resume", "latest")]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
     a = torch.load(ref / "latest.pt", map_location="cpu", weights_only=False)
     b = torch.load(cut / "latest.pt", map_location="cpu", weights_only=False)
     assert a["step"] == b["step"] == 6
@@ -257,6 +258,16 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
         assert (cut / f"pytorch_model.bin.{n}").is_file()
     args = json.loads((cut / "args.json").read_text())
     assert args["resume"] == "latest" and args["batch_size"] == 4
+
+    # the last export, evaluated by infer_retrieval.py on the validation split, gives the logged metrics
+    from infer_retrieval import main as infer
+
+    metrics = tmp_path / "metrics.json"
+    assert infer(["--checkpoint", str(cut), "--model_num", "1", "--datatype", "generic", "--data_path", str(csv),
+                  "--split", "val", "--features_path", str(feats), "--max_frames", "4", "--max_words", "12",
+                  "--batch_size_val", "4", "--num_thread_reader", "0", "--metrics_json", str(metrics)]) == 0
+    last_val = [r["val"] for r in read_log(cut / "log.jsonl") if "val" in r][-1]
+    assert json.loads(metrics.read_text()) == last_val
 
 
 # ----------------------------------------------------------------------------------------------- flags
@@ -279,14 +290,17 @@ def test_paper_configs_parse(tmp_path):
 
     feats = tmp_path / "frames"
     feats.mkdir()
-    files = sorted((ROOT / "configs" / "train").glob("*.yaml"))
-    assert len(files) >= 13
+    runs = ["msrvtt_9k", "msrvtt_full", "msvd", "vatex"]
+    rows = ["meanP", "seqTransf", "tdb_sub", "tdb_mlp", "tdb", "tdb_all", "tab_base", "tab_transformer", "tab_tdb"]
+    files = [ROOT / "configs" / "train" / f"{n}.yaml" for n in runs + [f"msrvtt_9k_ablation_{r}" for r in rows]]
     for f in files:
         a = parse_args(["--config", str(f), "--tiny_clip", "--features_path", str(feats), "--output_dir", "x"])
         assert a.lr == 1e-4 and a.coef_lr == 1e-3 and a.batch_size == 128 and a.epochs == 5, f.name
         assert a.max_words == 32 and a.max_frames == 12 and a.center_weight == 0.5, f.name
         assert a.centerK == (7 if "vatex" in f.name else 5), f.name
         assert a.feature_framerate == (2 if "msrvtt" in f.name else 1), f.name
+        if "ablation" in f.name:
+            assert a.variant == f.stem.split("ablation_")[1]
 
 
 @pytest.mark.parametrize(
