@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Frame-encoding throughput of the ViT-B/32 image tower against this machine's matmul ceiling.
+
+The ceiling is a large fp32 matmul (4096³) measured in the same run, interleaved with the tower runs so that
+both see the same machine state (shared CPUs drift). FLOPs per image are counted analytically (2 per
+multiply-add: patch embedding, q/k/v, attention, output projection, MLP, final projection).
+
+Configurations (best of --repeats runs each):
+  baseline      open_clip ViT-B/32 as shipped, fp32, torch.no_grad, batch 32
+  inference     the same under torch.inference_mode
+  batch N       inference_mode with other batch sizes
+  bf16          torch.autocast(bfloat16) (fast only on CPUs with AMX/AVX512-BF16)
+  compile       torch.compile (with --compile; the first call compiles, ~1 min)
+
+    python benchmarks/bench_image_tower.py [--repeats 3] [--compile] [--threads N]
+
+The last line is the best configuration's fraction of the ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modules.backbone import ClipConfig, build_clip  # noqa: E402
+
+
+def vit_flops(cfg: ClipConfig) -> float:
+    w, n_layers, patches = cfg.vision_width, cfg.vision_layers, (cfg.image_size // cfg.patch_size) ** 2
+    tokens = patches + 1
+    per_layer = tokens * w * 3 * w + 2 * tokens * tokens * w + tokens * w * w + 2 * tokens * w * 4 * w
+    macs = w * 3 * cfg.patch_size**2 * patches + n_layers * per_layer + w * cfg.embed_dim
+    return 2.0 * macs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = ClipConfig(text_layers=1)
+    vis = build_clip(cfg).visual.eval()
+    flops = vit_flops(cfg)
+    x_big = torch.randn(4096, 4096)
+    y_big = torch.randn(4096, 4096)
+
+    def ceiling() -> float:
+        t0 = time.perf_counter()
+        x_big @ y_big
+        return 2 * 4096**3 / (time.perf_counter() - t0) / 1e9
+
+    def run(fn, batch: int) -> tuple[float, float]:
+        x = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
+        fn(x)  # warm-up
+        best_t, ceil = float("inf"), 0.0
+        for _ in range(a.repeats):
+            ceil = max(ceil, ceiling())
+            t0 = time.perf_counter()
+            fn(x)
+            best_t = min(best_t, time.perf_counter() - t0)
+        return batch / best_t, ceil
+
+    def no_grad(x):
+        with torch.no_grad():
+            return vis(x)
+
+    def inference(x, ctx=contextlib.nullcontext):
+        with torch.inference_mode(), ctx():
+            return vis(x)
+
+    def bf16(x):
+        return inference(x, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+
+    configs = [("baseline (open_clip, no_grad, batch 32)", no_grad, 32), ("inference_mode, batch 32", inference, 32),
+               ("inference_mode, batch 8", inference, 8), ("inference_mode, batch 64", inference, 64),
+               ("bf16 autocast, batch 32", bf16, 32)]
+    if a.compile:
+        compiled = torch.compile(vis)
+
+        def comp(x):
+            with torch.inference_mode():
+                return compiled(x)
+
+        t0 = time.perf_counter()
+        comp(torch.randn(32, 3, cfg.image_size, cfg.image_size))
+        print(f"torch.compile: first call {time.perf_counter() - t0:.0f} s")
+        configs.append(("torch.compile, batch 32", comp, 32))
+    print(f"ViT-B/32 image tower, {flops / 1e9:.2f} GFLOP/image, {torch.get_num_threads()} threads")
+    results = []
+    for name, fn, batch in configs:
+        ips, ceil = run(fn, batch)
+        frac = ips * flops / 1e9 / ceil
+        results.append((frac, name))
+        print(f"{name:42s} {ips:7.2f} frames/s  {ips * flops / 1e9:7.1f} GFLOP/s  ceiling {ceil:6.1f}  "
+              f"= {100 * frac:5.1f}% of ceiling")
+    best = max(results)
+    print(f"best: {best[1]} at {100 * best[0]:.1f}% of the fp32 matmul ceiling (baseline {100 * results[0][0]:.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
