@@ -110,7 +110,16 @@ def _draw(img: np.ndarray, shape: str, colour: tuple[int, int, int], cx: float, 
         cv2.fillPoly(img, [_polygon(shape, cx, cy, r)], colour, cv2.LINE_AA, _SHIFT)
 
 
-def render_pair(seed: int, pair: int, *, size: int = 64, n_frames: int = 20, motions: Sequence[str] = DIRECTIONS):
+def render_pair(
+    seed: int,
+    pair: int,
+    *,
+    size: int = 64,
+    n_frames: int = 20,
+    motions: Sequence[str] = DIRECTIONS,
+    colours: Sequence[str] = tuple(COLOURS),
+    shapes: Sequence[str] = SHAPES,
+):
     """Render one clip and describe it; its twin is ``frames[::-1]`` with motion ``OPPOSITE[motion]``.
 
     Returns:
@@ -118,8 +127,8 @@ def render_pair(seed: int, pair: int, *, size: int = 64, n_frames: int = 20, mot
         ``{"colour", "shape", "motion"}`` of the forward clip.
     """
     rng = np.random.default_rng([seed, pair])
-    colour = list(COLOURS)[rng.integers(len(COLOURS))]
-    shape = SHAPES[rng.integers(len(SHAPES))]
+    colour = list(colours)[rng.integers(len(colours))]
+    shape = list(shapes)[rng.integers(len(shapes))]
     motion = motions[rng.integers(len(motions))]
     bg = _background(rng, size)
     t = np.linspace(0.0, 1.0, n_frames)
@@ -211,6 +220,8 @@ def make_synthetic_dataset(
     splits: Sequence[float] = (0.7, 0.1, 0.2),
     captions_per_video: int = 2,
     motions: Sequence[str] = DIRECTIONS,
+    colours: Sequence[str] = tuple(COLOURS),
+    shapes: Sequence[str] = SHAPES,
     overwrite: bool = False,
 ) -> dict:
     """Write a synthetic dataset of ``n_videos`` clips (``n_videos / 2`` twin pairs) to ``out_dir``.
@@ -226,6 +237,8 @@ def make_synthetic_dataset(
         splits: fractions of twin pairs in train, val, test.
         captions_per_video: 1 (canonical caption) or 2 (plus a paraphrase).
         motions: motions drawn for the forward clip of each pair; twins take the opposite.
+        colours, shapes: the palette and shapes drawn from. Fewer of them put more clips that differ only in
+            their motion into each training batch, which is what makes a contrastive model learn motion.
         overwrite: replace an existing non-empty ``out_dir``.
 
     Returns:
@@ -239,6 +252,10 @@ def make_synthetic_dataset(
     splits = tuple(float(f) for f in splits)
     motions = tuple(motions)
     _check(n_videos, size, n_frames, fps, write, splits, captions_per_video, motions)
+    bad = [c for c in colours if c not in COLOURS] + [sh for sh in shapes if sh not in SHAPES]
+    if not colours or not shapes or bad:
+        raise ValueError(f"colours must be a non-empty subset of {list(COLOURS)} and shapes of {list(SHAPES)}"
+                         f" (unknown: {bad})")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out}: already exists and is not empty (overwrite=True / --overwrite replaces it)")
@@ -263,7 +280,8 @@ def make_synthetic_dataset(
         meta: dict[str, dict] = {}
         rows: list[tuple[str, str, str]] = []
         for p in range(n_pairs):
-            frames, attrs = render_pair(seed, p, size=size, n_frames=n_frames, motions=motions)
+            frames, attrs = render_pair(seed, p, size=size, n_frames=n_frames, motions=motions, colours=colours,
+                                        shapes=shapes)
             ids = (f"syn{2 * p:05d}", f"syn{2 * p + 1:05d}")
             clips = (
                 (ids[0], frames, attrs["motion"], ids[1]),

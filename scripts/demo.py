@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--variants", default="meanP,tdb,tab_tdb,vip")
+    ap.add_argument("--colours", default="red,blue", help="palette of the synthetic shapes")
+    ap.add_argument("--shapes", default="circle,square")
+    ap.add_argument("--workers", type=int, default=0, help="data-loading processes during training")
     ap.add_argument("--quick", action="store_true", help="a few seconds: tiny data, one epoch (for tests)")
     a = ap.parse_args(argv)
     if a.quick:
@@ -64,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"generating {a.videos} synthetic clips in {synth}")
         # 23 frames: the 12 sampled positions (0, 2, ..., 22) are symmetric, so a clip and its reversed twin
         # show the same set of frames and only their order differs
-        make_synthetic_dataset(synth, n_videos=a.videos, seed=a.seed, size=64, n_frames=23, fps=10, write="mp4")
+        # A small palette puts clips that differ only in their motion into every batch: the contrastive
+        # loss then has to use the motion, not only colour and shape.
+        make_synthetic_dataset(synth, n_videos=a.videos, seed=a.seed, size=64, n_frames=23, fps=10, write="mp4",
+                               colours=a.colours.split(","), shapes=a.shapes.split(","))
     frames = out / "frames"
     log("extracting frames with sample_frame.py")
     rc = sample_frame.main(["--input_path", str(synth / "videos"), "--output_path", str(frames), "--fps", "10",
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     rset = load_eval_set("generic", data_path=str(ann), features_path=str(frames), split="test")
 
     common = ["--datatype", "generic", "--data_path", str(ann), "--features_path", str(frames),
-              "--max_words", "16", "--max_frames", "12", "--feature_framerate", "1", "--num_thread_reader", "0"]
+              "--max_words", "16", "--max_frames", "12", "--feature_framerate", "1", "--num_thread_reader", str(a.workers)]
     rows = []
     for v in variants:
         run = out / "runs" / v
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = train.main(common + ["--train_split", "train", "--val_split", "val", "--tiny_clip", "--variant", v,
                                   "--batch_size", str(a.batch_size), "--epochs", str(a.epochs), "--lr", str(a.lr),
                                   "--coef_lr", "1.0", "--warmup_proportion", "0.05", "--seed", str(a.seed),
-                                  "--output_dir", str(run), "--no_progress", "--no_export"])
+                                  "--eval_every", "2", "--output_dir", str(run), "--no_progress", "--no_export"])
         if rc != 0:
             log(f"training {v} failed (exit {rc})")
             return rc
