@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     rset = load_eval_set("generic", data_path=str(ann), features_path=str(frames), split="test")
 
     common = ["--datatype", "generic", "--data_path", str(ann), "--features_path", str(frames),
-              "--max_words", "16", "--max_frames", "12", "--feature_framerate", "1", "--num_thread_reader", str(a.workers)]
+              "--max_words", "16", "--max_frames", "12", "--feature_framerate", "1",
+              "--num_thread_reader", str(a.workers)]
     rows = []
     for v in variants:
         run = out / "runs" / v
