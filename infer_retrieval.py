@@ -191,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from dataloaders.annotations import load_eval_set
     from dataloaders.dataset import VideoDataset
-
     from modules.evaluation import evaluate
     from modules.metrics import format_table, markdown_row
     from modules.tokenizer import ClipTokenizer

@@ -9,6 +9,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+
 from conftest import PARITY
 
 DATASETS = ("msrvtt", "msrvttfull", "msvd", "vatex")

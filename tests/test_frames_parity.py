@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from parity_utils import CENTER_K, DATASETS, checkpoint_of, commands, expected
 
 from dataloaders.frames import load_video
 from modules.checkpoint import load_model
 from modules.model import make_config
+
+from parity_utils import CENTER_K, DATASETS, checkpoint_of, commands, expected
 
 pytestmark = pytest.mark.usefixtures("parity_dir")
 

@@ -14,10 +14,11 @@ import os
 
 import numpy as np
 import pytest
-from parity_utils import DATASETS, commands
-from test_parity import BORDERLINE
 
 import infer_retrieval
+
+from parity_utils import DATASETS, commands
+from test_parity import BORDERLINE
 
 pytestmark = pytest.mark.usefixtures("parity_dir")
 

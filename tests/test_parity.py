@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from parity_utils import CENTER_K, DATASETS, checkpoint_of, expected
 
 from modules.checkpoint import load_clip_weights, load_model
 from modules.model import VideoEmbedding, make_config
 from modules.temporal import ResidualBlock
+
+from parity_utils import CENTER_K, DATASETS, checkpoint_of, expected
 
 pytestmark = pytest.mark.usefixtures("parity_dir")
 
