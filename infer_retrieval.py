@@ -36,6 +36,13 @@ class UsageError(Exception):
     """Bad command-line input: printed as one line, exit code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``prog: error: ...``) raised as ``UsageError``, not usage + exit."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
 # ----------------------------------------------------------------------------------------------- shared flags
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Model flags shared with train.py (the original's names, plus ``--variant`` and ``--mask_layout``)."""
@@ -80,7 +87,10 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> arg
         path = Path(known.config)
         if not path.is_file():
             raise UsageError(f"--config {path}: no such file")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise UsageError(f"--config {path}: expected a mapping of flag: value")
         valid = {a.dest for a in p._actions}
@@ -112,7 +122,7 @@ def output_paths(output_dir: str | None) -> tuple[Path | None, Path | None]:
 
 # ----------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of flag defaults")
     d = p.add_argument_group("data (the original's flags)")
     d.add_argument("--datatype", default="msrvtt", help="msrvtt | msrvttfull | msvd | vatexEnglish | generic")

@@ -41,13 +41,9 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
+from infer_retrieval import OneLineParser, UsageError, parse_with_config  # shared CLI helpers
 
 logger = logging.getLogger("clip2video.train")
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit code 2."""
 
 
 # ----------------------------------------------------------------------------------------------- flags
@@ -59,7 +55,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of flag defaults (flags on the command line win)")
     p.add_argument("--do_train", action="store_true", help="accepted for CLIP4Clip compatibility (always trains)")
 
@@ -125,25 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags over YAML defaults over built-in defaults (timm style); unknown YAML keys are an error."""
     p = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            raise UsageError(f"--config {path}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"--config {path}: expected a mapping of flag: value")
-        valid = {a.dest for a in p._actions}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)}")
-        p.set_defaults(**data)
-    args = p.parse_args(argv)
+    args = parse_with_config(p, argv)
     check_args(args)
     return args
 
