@@ -41,6 +41,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from infer_retrieval import OneLineParser, UsageError, parse_with_config  # shared CLI helpers
 
 logger = logging.getLogger("clip2video.train")
