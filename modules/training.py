@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .checkpoint import atomic_save
 from .distributed import DistInfo, barrier, broadcast_object
 from .logging_utils import MetricLog
 from .loss import global_batch_loss
@@ -219,19 +219,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: readers never see half a file,
-    and a crash while saving leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def checkpoint_dict(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
                     state: TrainState, run_config: dict[str, Any], metric: dict[str, Any] | None) -> dict[str, Any]:
     """One dict holding everything a resume needs (model in the release key layout)."""
@@ -250,7 +237,7 @@ def checkpoint_dict(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
 
 
 def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
-    atomic_torch_save(ckpt, path)
+    atomic_save(ckpt, path)
     logger.info("saved %s (step %d, epoch %d)", path, ckpt["step"], ckpt["epoch"])
 
 

@@ -12,16 +12,7 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 : "${DATA:?set DATA}" "${FEATURES:?set FEATURES}" "${CLIP:?set CLIP}"
 OUT=${OUT:-runs/train_msrvtt_full}
-if [[ -z "${NPROC:-}" ]]; then
-  NPROC=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
-fi
-LAUNCH=(torchrun --nproc_per_node "$NPROC")
-if [[ -n "${NNODES:-}" ]]; then
-  : "${RDZV:?set RDZV=HOST:PORT for multi-node}"
-  LAUNCH+=(--nnodes "$NNODES" --rdzv_backend c10d --rdzv_endpoint "$RDZV" --rdzv_id "${RDZV_ID:-clip2video}")
-else
-  LAUNCH+=(--standalone)
-fi
+source scripts/launch.sh
 "${LAUNCH[@]}" train.py --config configs/train/msrvtt_full.yaml --do_train \
   --train_csv "$DATA/MSRVTT_train.full.csv" --val_csv "$DATA/MSRVTT_val.full.csv" --data_path "$DATA/MSRVTT_data.json" \
   --features_path "$FEATURES" --clip_path "$CLIP" --output_dir "$OUT" "$@"

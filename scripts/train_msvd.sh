@@ -12,15 +12,6 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 : "${DATA:?set DATA}" "${FEATURES:?set FEATURES}" "${CLIP:?set CLIP}"
 OUT=${OUT:-runs/train_msvd}
-if [[ -z "${NPROC:-}" ]]; then
-  NPROC=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
-fi
-LAUNCH=(torchrun --nproc_per_node "$NPROC")
-if [[ -n "${NNODES:-}" ]]; then
-  : "${RDZV:?set RDZV=HOST:PORT for multi-node}"
-  LAUNCH+=(--nnodes "$NNODES" --rdzv_backend c10d --rdzv_endpoint "$RDZV" --rdzv_id "${RDZV_ID:-clip2video}")
-else
-  LAUNCH+=(--standalone)
-fi
+source scripts/launch.sh
 "${LAUNCH[@]}" train.py --config configs/train/msvd.yaml --do_train --data_path "$DATA" \
   --features_path "$FEATURES" --clip_path "$CLIP" --output_dir "$OUT" "$@"
