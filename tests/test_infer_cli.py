@@ -99,3 +99,20 @@ def test_missing_frames_of_a_listed_video(setup, tmp_path, capsys):
     assert rc != 0 and victim in err and err.count("\n") == 0, err
     # with --skip_missing the video is dropped (and logged) instead
     assert infer_retrieval.main(argv + ["--skip_missing"]) == 0
+
+
+@pytest.mark.parametrize("name", ["msrvtt_1ka", "msrvtt_full", "msvd", "vatex_hgr", "vatex_1k5"])
+def test_eval_configs_hold_the_papers_flags(name):
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "eval" / f"{name}.yaml"
+    args = infer_retrieval.parse_with_config(infer_retrieval.build_parser(), ["--config", str(cfg)])
+    variant, fields = infer_retrieval.model_fields(args)
+    assert variant == "tab_tdb" and fields["center_weight"] == 0.5
+    assert fields["center_k"] == (7 if "vatex" in name else 5)
+    assert args.feature_framerate == (2 if "msrvtt" in name else 1)
+    assert args.max_words == 32 and args.max_frames == 12
+    # flags on the command line win over the file
+    args = infer_retrieval.parse_with_config(infer_retrieval.build_parser(),
+                                             ["--config", str(cfg), "--batch_size_val", "8"])
+    assert args.batch_size_val == 8
