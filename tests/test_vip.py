@@ -91,3 +91,22 @@ def test_checkpoint_round_trip(tmp_path):
     assert back.config.video_encoder == "vip"
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
     assert "vip.added_cls" in model.state_dict() and "vip.temporal_embedding" in model.state_dict()
+
+
+def test_vip_configs_parse(tmp_path):
+    from pathlib import Path
+
+    from train import parse_args
+
+    root = Path(__file__).resolve().parents[1]
+    feats = tmp_path / "frames"
+    feats.mkdir()
+    files = sorted((root / "configs" / "train").glob("*_vip*.yaml"))
+    assert len(files) == 6
+    for f in files:
+        a = parse_args(["--config", str(f), "--tiny_clip", "--features_path", str(feats), "--output_dir", "x"])
+        assert a.variant == "vip" and a.max_frames == 12, f.name
+        if f.stem.endswith("_vip"):  # the CLIP-ViP recipe
+            assert (a.lr, a.coef_lr, a.warmup_proportion) == (1e-6, 1.0, 0.01), f.name
+        else:  # this codebase's schedule
+            assert (a.lr, a.coef_lr, a.warmup_proportion) == (1e-4, 1e-3, 0.1), f.name
