@@ -82,6 +82,28 @@ def encode_captions(
     return TextEmbedding(torch.cat(globals_), torch.cat(aligned) if aligned else None)
 
 
+def _per_video(
+    batches: Iterable[dict], n_videos: int, encode, device: torch.device, precision: str, progress: bool
+) -> list[torch.Tensor]:
+    """Run ``encode(frames, mask) -> tuple of (B, ...) tensors`` over video batches ``{"frames", "mask",
+    "index"}`` and place each output row at its video's index (arrival order does not matter). Every video
+    must arrive exactly once: a loader that drops one is an error, not a zero vector."""
+    outs: list[torch.Tensor] | None = None
+    seen = torch.zeros(n_videos, dtype=torch.bool)
+    for b in tqdm(batches, desc="videos", disable=not progress):
+        frames, mask, index = b["frames"].to(device), b["mask"].to(device), b["index"]
+        with autocast(device, precision):
+            parts = [p.cpu() for p in encode(frames, mask)]
+        if outs is None:
+            outs = [torch.zeros(n_videos, *p.shape[1:], dtype=p.dtype) for p in parts]
+        for out, p in zip(outs, parts, strict=True):
+            out[index] = p
+        seen[index] = True
+    if outs is None or not bool(seen.all()):
+        raise RuntimeError(f"{int((~seen).sum())} of {n_videos} videos were not encoded (data loader dropped them)")
+    return outs
+
+
 @torch.no_grad()
 def encode_frame_features(
     model: CLIP2Video,
@@ -92,28 +114,12 @@ def encode_frame_features(
     precision: str = "fp32",
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw frame features (N, T, D) and masks (N, T) from batches ``{"frames", "mask", "index"}``.
+    """Raw frame features (N, T, D) and masks (N, T): each video decoded and through the image tower once."""
 
-    Each video is decoded and run through the image tower once; the order of arrival does not matter
-    (``index`` places it).
-    """
-    device = torch.device(device)
-    feats: torch.Tensor | None = None
-    masks: torch.Tensor | None = None
-    seen = torch.zeros(n_videos, dtype=torch.bool)
-    for b in tqdm(batches, desc="videos", total=None, disable=not progress):
-        frames, mask, index = b["frames"].to(device), b["mask"].to(device), b["index"]
-        with autocast(device, precision):
-            f = model.encode_frames(frames, mask).float().cpu()
-        if feats is None:
-            feats = torch.zeros(n_videos, *f.shape[1:])
-            masks = torch.zeros(n_videos, f.shape[1], dtype=torch.long)
-        feats[index] = f
-        masks[index] = mask.long().cpu()
-        seen[index] = True
-    if feats is None or not bool(seen.all()):
-        missing = int((~seen).sum())
-        raise RuntimeError(f"{missing} of {n_videos} videos were not encoded (data loader dropped them)")
+    def encode(frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model.encode_frames(frames, mask).float(), mask.long()
+
+    feats, masks = _per_video(batches, n_videos, encode, torch.device(device), precision, progress)
     return feats, masks
 
 
@@ -128,19 +134,12 @@ def encode_videos_direct(
     progress: bool = False,
 ) -> VideoEmbedding:
     """Video vectors straight from frames, for encoders whose vector depends on the video alone (CLIP-ViP)."""
-    device = torch.device(device)
-    out: torch.Tensor | None = None
-    seen = torch.zeros(n_videos, dtype=torch.bool)
-    for b in tqdm(batches, desc="videos", disable=not progress):
-        with autocast(device, precision):
-            v = model.encode_video(b["frames"].to(device), b["mask"].to(device)).global_.float().cpu()
-        if out is None:
-            out = torch.zeros(n_videos, v.shape[-1])
-        out[b["index"]] = v
-        seen[b["index"]] = True
-    if out is None or not bool(seen.all()):
-        raise RuntimeError(f"{int((~seen).sum())} of {n_videos} videos were not encoded (data loader dropped them)")
-    return VideoEmbedding(out)
+
+    def encode(frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor]:
+        return (model.encode_video(frames, mask).global_.float(),)
+
+    (vectors,) = _per_video(batches, n_videos, encode, torch.device(device), precision, progress)
+    return VideoEmbedding(vectors)
 
 
 @torch.no_grad()
