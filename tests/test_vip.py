@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from modules.backbone import ClipConfig
@@ -110,3 +111,63 @@ def test_vip_configs_parse(tmp_path):
             assert (a.lr, a.coef_lr, a.warmup_proportion) == (1e-6, 1.0, 0.01), f.name
         else:  # this codebase's schedule
             assert (a.lr, a.coef_lr, a.warmup_proportion) == (1e-4, 1e-3, 0.1), f.name
+
+
+def to_hf_clipvip(model) -> dict:
+    """Inverse of checkpoint.clipvip_to_ours, written independently: our vip model in the CLIP-ViP release
+    layout (Hugging Face CLIP names under ``clipmodel.``)."""
+    sd = model.state_dict()
+    out = {"clipmodel.logit_scale": sd["clip.logit_scale"],
+           "clipmodel.text_projection.weight": sd["clip.text_projection"].t(),
+           "clipmodel.visual_projection.weight": sd["clip.visual.proj"].t(),
+           "clipmodel.text_model.embeddings.token_embedding.weight": sd["clip.token_embedding.weight"],
+           "clipmodel.text_model.embeddings.position_embedding.weight": sd["clip.positional_embedding"],
+           "clipmodel.text_model.embeddings.position_ids": torch.arange(77)[None],
+           "clipmodel.text_model.final_layer_norm.weight": sd["clip.ln_final.weight"],
+           "clipmodel.text_model.final_layer_norm.bias": sd["clip.ln_final.bias"],
+           "clipmodel.vision_model.embeddings.class_embedding": sd["clip.visual.class_embedding"],
+           "clipmodel.vision_model.embeddings.patch_embedding.weight": sd["clip.visual.conv1.weight"],
+           "clipmodel.vision_model.embeddings.position_embedding.weight": sd["clip.visual.positional_embedding"],
+           "clipmodel.vision_model.embeddings.added_cls": sd["vip.added_cls"],
+           "clipmodel.vision_model.embeddings.temporal_embedding": sd["vip.temporal_embedding"][None],
+           "clipmodel.vision_model.pre_layrnorm.weight": sd["clip.visual.ln_pre.weight"],
+           "clipmodel.vision_model.pre_layrnorm.bias": sd["clip.visual.ln_pre.bias"],
+           "clipmodel.vision_model.post_layernorm.weight": sd["clip.visual.ln_post.weight"],
+           "clipmodel.vision_model.post_layernorm.bias": sd["clip.visual.ln_post.bias"]}
+    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "self_attn.out_proj"}
+    for ours, hf in (("clip.transformer.resblocks", "text_model"), ("clip.visual.transformer.resblocks",
+                                                                     "vision_model")):
+        i = 0
+        while f"{ours}.{i}.ln_1.weight" in sd:
+            pre = f"clipmodel.{hf}.encoder.layers.{i}."
+            for kind in ("weight", "bias"):
+                q, k, v = sd[f"{ours}.{i}.attn.in_proj_{kind}"].chunk(3)
+                out[pre + f"self_attn.q_proj.{kind}"], out[pre + f"self_attn.k_proj.{kind}"] = q, k
+                out[pre + f"self_attn.v_proj.{kind}"] = v
+                for a, b in names.items():
+                    out[pre + f"{b}.{kind}"] = sd[f"{ours}.{i}.{a}.{kind}"]
+            i += 1
+    return {k: v.clone() for k, v in out.items()}
+
+
+def test_released_clipvip_layout_maps_to_ours(tmp_path):
+    from modules.checkpoint import CheckpointError, atomic_save, clipvip_to_ours
+
+    model = vip_model(vip_frames=6)
+    with torch.no_grad():
+        model.vip.temporal_embedding.normal_()
+    hf = to_hf_clipvip(model)
+    mapped = clipvip_to_ours(hf)
+    assert set(mapped) == set(model.state_dict())
+    assert all(torch.equal(mapped[k], v) for k, v in model.state_dict().items())
+    atomic_save({"model": hf}, tmp_path / "clipvip.pt")
+    back = load_model(tmp_path / "clipvip.pt")
+    assert back.config.video_encoder == "vip" and back.config.vip_frames == 6 and back.config.vip_proxies == 4
+    frames, mask = torch.randn(2, 6, 3, 32, 32), torch.ones(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval().encode_video(frames, mask).global_,
+                                   model.eval().encode_video(frames, mask).global_, atol=0, rtol=0)
+    hf["clipmodel.vision_model.extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="unmapped keys: vision_model.extra.weight"):
+        clipvip_to_ours(hf)
