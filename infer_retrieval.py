@@ -101,15 +101,6 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> arg
     return p.parse_args(argv)
 
 
-def setup_logging(log_file: Path | None, rank0: bool = True) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if log_file is not None and rank0:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
-
-
 def output_paths(output_dir: str | None) -> tuple[Path | None, Path | None]:
     """(folder for outputs, log file). The original's scripts pass a log-file path as --output_dir."""
     if not output_dir:
@@ -202,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     from dataloaders.annotations import load_eval_set
     from dataloaders.dataset import VideoDataset
     from modules.evaluation import evaluate
+    from modules.logging_utils import setup_logging
     from modules.metrics import format_table, markdown_row
     from modules.tokenizer import ClipTokenizer
 
@@ -254,8 +246,9 @@ def run(args: argparse.Namespace) -> int:
     if out_dir is not None:
         from modules.checkpoint import atomic_write_text
 
-        atomic_write_text(out_dir / "metrics.json" if log_file.parent == out_dir and log_file.name == "log.txt"
-                          else out_dir / f"{log_file.stem}.metrics.json", json.dumps(payload, indent=1))
+        # next to the log: run/log.txt → run/metrics.json, run/msrvtt.log → run/msrvtt.metrics.json
+        name = "metrics.json" if log_file.name == "log.txt" else f"{log_file.stem}.metrics.json"
+        atomic_write_text(out_dir / name, json.dumps(payload, indent=1))
     if args.visualize:
         import numpy as np
 

@@ -78,13 +78,13 @@ def load_clip_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str = "weights", ignore: tuple = ()) -> None:
+def load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str = "weights") -> None:
     """Strictly copy ``sd`` into ``module``: missing, unexpected or mis-shaped keys → CheckpointError.
 
     Tensors are cast to the parameter's dtype (released checkpoints hold CLIP partly in fp16).
     """
     own = module.state_dict()
-    sd = {k: v for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS and not k.startswith(ignore or ("\0",))}
+    sd = {k: v for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS}
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = sorted(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in set(sd) & set(own)

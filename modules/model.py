@@ -14,7 +14,6 @@ Parameter names are the original's (``clip.*``, ``frame_position_embeddings``, `
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -479,11 +478,3 @@ def create_model(
         load_into(model.clip, clip_state_dict, what="CLIP weights")
     model.init_from_clip()
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def logit_scale_max() -> float:
-    return math.log(100.0)

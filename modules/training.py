@@ -42,13 +42,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import atomic_save
 from .distributed import DistInfo, barrier, broadcast_object
+from .evaluation import PRECISIONS, autocast
 from .logging_utils import MetricLog
 from .loss import global_batch_loss
 from .optim import OptimConfig, build_optimizer, build_scheduler, clamp_logit_scale, freeze_clip_layers
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -302,11 +302,6 @@ def selection_value(metrics: dict[str, Any], name: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def _autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -425,7 +420,7 @@ def train(
             batch = _to(batch, device)
             sync = ddp.no_sync() if (info.is_distributed and not last_micro) else _null()
             with sync:
-                with _autocast(device, cfg.precision):
+                with autocast(device, cfg.precision):
                     o = ddp(batch["input_ids"], batch["attention_mask"], batch["frames"], batch["frame_mask"])
                 loss, terms = global_batch_loss(raw, o.text, o.video, o.logit_scale)
                 value = float(loss.detach())
