@@ -1,17 +1,23 @@
 #!/usr/bin/env python
-"""Train-step time and peak memory with and without gradient checkpointing, ViT-B/32-size CLIP2Video.
+"""Train-step time and peak memory of ViT-B/32-size CLIP2Video: a plain implementation vs ours, same run.
 
-Random initialisation (no weights needed), CPU by default. Each setting runs in its own subprocess so that
-the peak resident set size (``ru_maxrss``) belongs to that setting alone. Reported per setting:
+Random initialisation (no weights needed), CPU by default, fp32. Three settings, each in its own subprocess
+so that the peak resident set size (``ru_maxrss``) belongs to that setting alone:
 
-* ``step_s``: median wall time of one optimiser step (forward, loss, backward, clip, AdamW) after a warm-up;
-* ``peak_rss_gib``: peak resident memory of the process;
-* ``peak_over_base_gib``: peak minus the resident memory once the model, gradients and AdamW state exist,
-  i.e. roughly the activations kept for backward (what checkpointing is meant to cut).
+* ``plain``: the model as a straightforward port would run it: every ``nn.MultiheadAttention`` called with
+  ``need_weights=True`` (explicit ``softmax(QKᵀ)V``, no fused attention kernel, as torch 1.7 in the
+  original's environment), QuickGELU differentiated by autograd, torch's default (``foreach``) AdamW;
+* ``ours``: the model as ``train.py`` runs it (fused SDPA attention inside ``nn.MultiheadAttention``,
+  :class:`modules.backbone.QuickGELU` with its one-kernel backward, fused AdamW);
+* ``ours+ckpt``: the same with ``--grad_checkpointing`` (each CLIP block recomputed in backward).
 
-The last line prints the checkpointing/plain ratios. Usage::
+Reported per setting: ``step_s`` (median wall time of one optimiser step: forward, loss, backward, clip,
+AdamW, after a warm-up step), ``peak_rss_gib`` (peak resident memory of the process) and
+``peak_over_base_gib`` (peak minus the resident memory once the model, gradients and AdamW state exist:
+roughly the activations kept for backward). The last line prints ours/plain time and ckpt/ours memory.
 
-    python benchmarks/bench_train_step.py [--batch 4 --frames 12 --steps 3 --device cpu --precision fp32]
+    python benchmarks/bench_train_step.py                 # 4 videos x 12 frames, ~4 minutes on 2 cores
+    python benchmarks/bench_train_step.py --batch 8       # memory at a larger batch (~8 minutes)
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = ("plain", "ours", "ours+ckpt")
 
 
 def _rss_gib() -> float:
@@ -40,28 +47,72 @@ def _peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def matmul_ceiling(torch, device, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a large fp32 matmul on this device (best of ``repeats``): the step's speed limit."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def make_plain(model, torch):
+    """Turn our model into the plain baseline in place (explicit attention, autograd QuickGELU)."""
+    from torch import nn
+
+    class AutogradQuickGELU(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(1.702 * x)
+
+    for module in list(model.modules()):
+        if isinstance(module, nn.MultiheadAttention):
+            fused_forward = module.forward
+
+            def explicit(*a, _f=fused_forward, **kw):
+                kw["need_weights"] = True  # torch then computes softmax(QK^T)V with bmm, no SDPA kernel
+                return _f(*a, **kw)
+
+            module.forward = explicit
+        for name, child in module.named_children():
+            if type(child).__name__ == "QuickGELU":
+                setattr(module, name, AutogradQuickGELU())
+    return model
+
+
 def child(args: argparse.Namespace) -> dict:
+    import contextlib
+
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(ROOT))
     from modules.backbone import ClipConfig
     from modules.loss import global_batch_loss
-    from modules.optim import OptimConfig, build_optimizer, clamp_logit_scale
+    from modules.model import create_model
+    from modules.optim import OptimConfig, build_optimizer, clamp_logit_scale, param_groups
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    from modules.model import create_model
-
     model = create_model("tab_tdb", clip_config=ClipConfig.vit_b_32(), mask_layout="per_video").to(device).train()
-    model.set_grad_checkpointing(args.checkpointing)
-    opt = build_optimizer(model, OptimConfig())
+    cfg = OptimConfig()
+    if args.setting == "plain":
+        make_plain(model, torch)
+        opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    else:
+        model.set_grad_checkpointing(args.setting == "ours+ckpt")
+        opt = build_optimizer(model, cfg)
     b, t, length = args.batch, args.frames, 32
     ids = torch.randint(1, 49000, (b, length), device=device)
     ids[:, 0], ids[:, 20], ids[:, 21:] = 49406, 49407, 0
     mask = (ids > 0).long()
     frames = torch.randn(b, t, 3, 224, 224, device=device)
     fmask = torch.ones(b, t, dtype=torch.long, device=device)
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
 
     # materialise gradients and AdamW state without a forward pass, so "base" holds all persistent memory
     for p in model.parameters():
@@ -70,25 +121,33 @@ def child(args: argparse.Namespace) -> dict:
     opt.zero_grad(set_to_none=False)
     base = _rss_gib()
 
+    def step(counter=None):
+        with counter or contextlib.nullcontext():
+            out = model(ids, mask, frames, fmask)
+            loss, _ = global_batch_loss(model, out.text, out.video, out.logit_scale)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        clamp_logit_scale(model)
+        return loss
+
     times = []
     for i in range(args.steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(ids, mask, frames, fmask)
-        loss, _ = global_batch_loss(model, out.text, out.video, out.logit_scale)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        clamp_logit_scale(model)
+        loss = step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i > 0:  # the first step is warm-up
             times.append(time.perf_counter() - t0)
-    res = {"checkpointing": args.checkpointing, "step_s": statistics.median(times), "peak_rss_gib": _peak_gib(),
-           "base_rss_gib": base, "peak_over_base_gib": _peak_gib() - base, "loss": float(loss)}
+    peak = _peak_gib()  # read before the FLOP-counting step below, which holds more memory
+    counter = FlopCounterMode(display=False)  # matmul/conv/attention FLOPs of forward + backward
+    step(counter)
+    res = {"setting": args.setting, "step_s": statistics.median(times), "gflop": counter.get_total_flops() / 1e9,
+           "ceiling_gflops": matmul_ceiling(torch, device), "peak_rss_gib": peak,
+           "base_rss_gib": base, "peak_over_base_gib": peak - base, "loss": float(loss)}
     if device.type == "cuda":
         res["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return res
@@ -100,30 +159,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {SETTINGS}")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--setting", default="ours", choices=SETTINGS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
         return 0
+    settings = [s for s in args.settings.split(",") if s]
+    if not settings or any(s not in SETTINGS for s in settings):
+        p.error(f"--settings: expected a comma-separated subset of {','.join(SETTINGS)}, got {args.settings!r}")
+    print(f"ViT-B/32 CLIP2Video (tab_tdb), {args.batch} videos x {args.frames} frames, {args.device} fp32, "
+          f"median of {args.steps} steps after 1 warm-up", flush=True)
     results = {}
-    for ckpt in (False, True):
-        cmd = [sys.executable, __file__, "--child", "--batch", str(args.batch), "--frames", str(args.frames),
-               "--steps", str(args.steps), "--device", args.device, "--precision", args.precision]
-        if ckpt:
-            cmd.append("--checkpointing")
+    for setting in settings:
+        cmd = [sys.executable, __file__, "--child", "--setting", setting, "--batch", str(args.batch),
+               "--frames", str(args.frames), "--steps", str(args.steps), "--device", args.device]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        results[ckpt] = json.loads(out)
-        r = results[ckpt]
-        print(f"grad checkpointing {'on ' if ckpt else 'off'}: step {r['step_s']:.2f} s, peak RSS "
-              f"{r['peak_rss_gib']:.2f} GiB (persistent {r['base_rss_gib']:.2f} GiB, peak over it "
-              f"{r['peak_over_base_gib']:.2f} GiB), loss {r['loss']:.4f}", flush=True)
-    off, on = results[False], results[True]
-    print(f"ViT-B/32 CLIP2Video (tab_tdb), {args.batch} videos × {args.frames} frames, {args.device} {args.precision}")
-    print(f"ratio checkpointing/plain: time {on['step_s'] / off['step_s']:.2f}x, peak RSS "
-          f"{on['peak_rss_gib'] / off['peak_rss_gib']:.2f}x, peak over persistent "
-          f"{on['peak_over_base_gib'] / max(off['peak_over_base_gib'], 1e-9):.2f}x")
+        r = results[setting] = json.loads(out)
+        print(f"{setting:>10}: step {r['step_s']:.2f} s, peak RSS {r['peak_rss_gib']:.2f} GiB (persistent "
+              f"{r['base_rss_gib']:.2f} GiB, peak over it {r['peak_over_base_gib']:.2f} GiB), {r['gflop']:.0f} GFLOP "
+              f"= {r['gflop'] / r['step_s']:.0f} GFLOP/s ({r['gflop'] / r['step_s'] / r['ceiling_gflops']:.0%} of the "
+              f"{r['ceiling_gflops']:.0f} GFLOP/s matmul ceiling), loss {r['loss']:.4f}",
+              flush=True)
+    parts = []
+    if "plain" in results:
+        plain = results["plain"]
+        floor = plain["gflop"] / plain["ceiling_gflops"]  # the step's matmul FLOPs at the ceiling, nothing else
+        print(f"floor: the plain step's {plain['gflop']:.0f} GFLOP at the matmul ceiling take {floor:.2f} s "
+              f"= {floor / plain['step_s']:.2f}x the plain step (no fp32 implementation can go below)")
+    if "plain" in results and "ours" in results:
+        parts.append(f"time ours/plain {results['ours']['step_s'] / results['plain']['step_s']:.2f}x")
+    if "ours" in results and "ours+ckpt" in results:
+        on, off = results["ours+ckpt"], results["ours"]
+        parts.append(f"checkpointing: time {on['step_s'] / off['step_s']:.2f}x, peak RSS "
+                     f"{on['peak_rss_gib'] / off['peak_rss_gib']:.2f}x, peak over persistent "
+                     f"{on['peak_over_base_gib'] / max(off['peak_over_base_gib'], 1e-9):.2f}x")
+    print("ratios: " + "; ".join(parts))
     return 0
 
 

@@ -8,7 +8,8 @@ CLIP2Video checkpoints store under ``clip.``. What this module adds:
   models and ViT-B/32, B/16, L/14 go through the same code;
 * ``text_tokens``: token features for *every* position of a ``max_words``-long sequence, with the causal
   mask cut to that length (the original never ran 77 tokens), LayerNorm and projection on every token;
-* ``frame_features``: the image tower's projected class token, per frame.
+* ``frame_features``: the image tower's projected class token, per frame;
+* :class:`QuickGELU`: the same activation as OpenAI's, with a lighter backward (below).
 """
 
 from __future__ import annotations
@@ -98,8 +99,51 @@ class ClipConfig:
         )
 
 
+class _QuickGELUFn(torch.autograd.Function):
+    """``x · σ(1.702 x)`` whose backward keeps only ``x``.
+
+    The forward runs exactly OpenAI's three operations, so outputs are bit-identical to CLIP's. Autograd on
+    those operations would keep two (N, 4W) tensors per MLP (``x`` and ``σ(1.702x)``) and run five kernels in
+    backward; but d/dx[x σ(1.702x)] = σ(z)(1 + z(1 − σ(z))) with z = 1.702x, which is exactly SiLU's
+    derivative at z, a single fused kernel (``aten.silu_backward``). So we keep ``x`` only and backward is
+    one scale plus that kernel: 28 % less time for the op and one (N, 4W) tensor less per block (measured in
+    ``benchmarks/bench_train_step.py``). Gradients agree with autograd's to 1 ulp (tests/test_model.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad, 1.702 * x)
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's activation ``x · σ(1.702 x)``, with :class:`_QuickGELUFn`'s backward when grads flow."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _QuickGELUFn.apply(x)
+        return x * torch.sigmoid(1.702 * x)
+
+
+def use_fast_quick_gelu(model: nn.Module) -> nn.Module:
+    """Swap every open_clip ``QuickGELU`` module of ``model`` for ours (no parameters, same outputs)."""
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child).__name__ == "QuickGELU" and not isinstance(child, QuickGELU):
+                setattr(module, name, QuickGELU())
+    return model
+
+
 def build_clip(cfg: ClipConfig) -> nn.Module:
-    """An fp32 open_clip CLIP with OpenAI's layout and QuickGELU (what OpenAI's weights were trained with)."""
+    """An fp32 open_clip CLIP with OpenAI's layout and QuickGELU (what OpenAI's weights were trained with).
+
+    The activation modules are ours (:class:`QuickGELU`): same forward, cheaper backward.
+    """
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     vision = CLIPVisionCfg(
@@ -117,7 +161,7 @@ def build_clip(cfg: ClipConfig) -> nn.Module:
         layers=cfg.text_layers,
     )
     model = CLIP(cfg.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=True)
-    return model.float()
+    return use_fast_quick_gelu(model.float())
 
 
 def text_tokens(clip: nn.Module, ids: torch.Tensor) -> torch.Tensor:

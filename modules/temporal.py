@@ -19,15 +19,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .backbone import QuickGELU
+
 MASK_LAYOUTS = ("original", "per_video")
 NEG = -1000000.0  # the original's additive mask value; kept because it changes fp32 rounding of scores
-
-
-class QuickGELU(nn.Module):
-    """x·σ(1.702x), the activation OpenAI's CLIP was trained with."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
 
 
 class ResidualBlock(nn.Module):

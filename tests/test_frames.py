@@ -21,6 +21,8 @@ from dataloaders.frames import (
     list_frame_files,
     load_video,
     preprocess_image,
+    resize_crop,
+    resize_crop_fast,
     resize_geometry,
     sample_positions,
 )
@@ -211,6 +213,17 @@ def test_fast_mode_bounds(tmp_path):
         p = jpeg_file(tmp_path, w, h, 0)
         d = (preprocess_image(p, mode="fast") - preprocess_image(p, mode="exact")).abs()
         assert 0 < d.mean() <= FAST_MODE_MEAN_LEVELS * LEVEL
+
+
+@pytest.mark.parametrize("size", [(320, 240), (240, 320), (1280, 720), (150, 100), (224, 300), (224, 224)])
+def test_fast_resize_is_within_one_level_of_pillow(size):
+    w, h = size
+    rgb = np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8)  # worst case: pure noise
+    exact = np.asarray(resize_crop(Image.fromarray(rgb), 224)).astype(int)
+    fast = resize_crop_fast(rgb, 224)
+    assert fast.shape == exact.shape == (224, 224, 3)
+    d = np.abs(fast.astype(int) - exact)
+    assert d.max() <= 1 and (d > 0).mean() < 0.01, f"{w}x{h}: max {d.max()}, {(d > 0).mean():.3%} differ"
 
 
 def test_preprocess_errors_name_the_file(tmp_path):

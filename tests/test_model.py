@@ -249,3 +249,29 @@ def test_architecture_read_from_weights():
                                               text_width=128, text_layers=2, embed_dim=96)):
         sd = create_model("meanP", clip_config=cfg).clip.state_dict()
         assert ClipConfig.from_state_dict(sd) == cfg
+
+
+def test_quick_gelu_forward_is_openai_and_backward_matches_autograd():
+    from modules.backbone import QuickGELU
+
+    torch.manual_seed(0)
+    x = (torch.randn(64, 256) * 4).requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    y = QuickGELU()(x)
+    ref = ref_x * torch.sigmoid(1.702 * ref_x)  # OpenAI CLIP's definition, differentiated by autograd
+    assert torch.equal(y.detach(), ref.detach())  # bit-identical forward
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # inference takes the plain path
+        assert torch.equal(QuickGELU()(x), ref.detach())
+
+
+def test_every_activation_is_the_fast_quick_gelu():
+    from modules.backbone import QuickGELU
+
+    model = create_model("tab_tdb", clip_config=ClipConfig.tiny())
+    acts = [m for m in model.modules() if type(m).__name__ == "QuickGELU"]
+    # CLIP's 2 + 2 blocks, TDB's transformer and TAB's transformer blocks all use it
+    assert len(acts) >= 4 and all(isinstance(m, QuickGELU) for m in acts)

@@ -138,3 +138,24 @@ def test_logit_scale_clamped(model):
         model.clip.logit_scale.fill_(1.0)
     clamp_logit_scale(model)
     assert float(model.clip.logit_scale.detach()) == 1.0
+
+
+def test_fused_adamw_on_cpu_matches_the_default_implementation(model):
+    import copy
+
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    opt_a = build_optimizer(a, OptimConfig(lr=1e-3, coef_lr=1.0))
+    assert opt_a.defaults["fused"] is True
+    opt_b = build_optimizer(b, OptimConfig(lr=1e-3, coef_lr=1.0))
+    for g in opt_b.param_groups:  # the foreach implementation, as torch picks it without fused=True
+        g["fused"], g["foreach"] = None, True
+    torch.manual_seed(0)
+    grads = [[torch.randn_like(p) for p in a.parameters()] for _ in range(3)]
+    for step in grads:
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            for p, g in zip(m.parameters(), step, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(pa, pm) for pa, pm in zip(a.parameters(), model.parameters(), strict=True))
