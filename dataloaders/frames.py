@@ -11,18 +11,20 @@ Three steps, each reproducing a measured behaviour of the original ``RawFrameExt
    moves the similarities by 4e-3..1e-2 (fixture README), so the default ``mode="exact"`` keeps PIL's pixels
    bit for bit and only removes work around them:
 
-   * the two separable resize passes are run as two calls with the crop in between, so the vertical pass
-     never computes the columns that the centre crop throws away (:func:`resize_crop`; bit-identical by
-     construction and checked against torchvision's ``Resize`` + ``CenterCrop`` in the tests);
-   * ``ToTensor`` + ``Normalize`` become one transposing copy into the video buffer and three in-place
-     float32 operations, the same ones in the same order, so the values are identical;
+   * the resize + crop is :func:`~dataloaders.resample.resize_crop_array`: Pillow's fixed-point bicubic
+     arithmetic reimplemented as two vectorised kernels that compute only the pixels the centre crop keeps
+     (3–5× faster than Pillow's ``resize``; bit-identical, checked against torchvision's ``Resize`` +
+     ``CenterCrop`` in the tests; Pillow itself when numba is missing);
+   * ``ToTensor`` + ``Normalize`` become a (3, 256) look-up table computed once with their own float32
+     operations (so the values are identical), applied by the resize kernel as it writes each pixel
+     straight into the video buffer;
    * the folder is listed once per video (not once per frame).
 
    ``mode="fast"`` trades exactness for speed: libjpeg decodes large JPEGs at 1/2, 1/4 or 1/8 scale (PIL
-   ``draft``, DCT-domain scaling) whenever the reduced image keeps a short side ≥ ``image_size``, and the
-   resize is torch's vectorised uint8 antialiased bicubic (:func:`resize_crop_fast`, Pillow's algorithm with
-   16-bit weights). Differences from ``exact`` are measured in ``benchmarks/bench_dataloader.py`` and
-   bounded in the tests (:data:`FAST_MODE_MAX_LEVELS_NO_DRAFT`, :data:`FAST_MODE_MEAN_LEVELS`).
+   ``draft``, DCT-domain scaling) whenever the reduced image keeps a short side ≥ ``image_size``; the resize
+   is the same as ``exact``'s, so frames with a short side < 2·S give identical tensors in both modes.
+   Differences from ``exact`` are measured in ``benchmarks/bench_dataloader.py`` and bounded in the tests
+   (:data:`FAST_MODE_MEAN_LEVELS`).
 
 Padded slots are all-zero tensors with mask 0, as in the original (which then encoded them through CLIP).
 """
@@ -31,12 +33,13 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from functools import lru_cache
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from .resample import resize_crop, resize_crop_array, resize_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +47,10 @@ CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 MODES = ("exact", "fast")
 
-#: Documented bounds of ``fast`` vs ``exact``, in uint8 levels before normalisation (1 level ≈ 0.015 after
-#: it). Without DCT scaling (short side < 2·S) only the resize's fixed-point weights differ: at most 1 level
-#: (bound kept at 2), < 1 % of pixels. With DCT scaling (short side ≥ 2·S) the decoder itself differs:
-#: mean ≈ 0.4–1.0 level, max up to ~50 levels on sharp synthetic edges. Measured in the benchmark, checked in
+#: Documented bound of ``fast`` vs ``exact``: mean absolute difference in uint8 levels before normalisation
+#: (1 level ≈ 0.015 after it) when libjpeg's DCT scaling applies (short side ≥ 2·S; below that the two modes
+#: are identical). Measured mean ≈ 0.3–1.0 level, max up to ~50 levels on sharp synthetic edges; checked in
 #: tests/test_frames.py.
-FAST_MODE_MAX_LEVELS_NO_DRAFT = 2
 FAST_MODE_MEAN_LEVELS = 2.0
 
 
@@ -132,89 +133,13 @@ def jitter_positions(positions: np.ndarray, n_files: int, rng: np.random.Generat
 # ------------------------------------------------------------------------------------------------ preprocessing
 
 
-def resize_geometry(width: int, height: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Full resized size (w, h) and crop offset (left, top) of torchvision ``Resize(size)`` + ``CenterCrop``.
-
-    Same rounding as torchvision on PIL images: long side ``int(size * long / short)``, crop offset
-    ``int(round((dim − size) / 2.0))`` (Python's round, ties to even).
-    """
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(size * long / short)
-    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
-    return (new_w, new_h), (int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0)))
-
-
-def resize_crop(img: Image.Image, image_size: int) -> Image.Image:
-    """Short side → ``image_size`` (PIL bicubic) + centre crop; the same uint8 pixels as torchvision's pair.
-
-    Pillow resizes in two separable passes, horizontal then vertical, each rounding to uint8. For a landscape
-    frame the crop removes columns, so we run the horizontal pass alone (``resize((W', H))`` has no vertical
-    pass), crop the columns (an integer copy), then run the vertical pass alone on the 224 kept columns
-    instead of all W'. Both passes use exactly the coefficients of the one-call resize (same source extent,
-    same output size along each axis), so every pixel is identical while (W' − S) / W' of the vertical work
-    disappears. A fractional ``box=`` would save more but is *not* exact: Pillow takes the box as C floats and
-    derives slightly different fixed-point weights (1–2 levels apart on ~0.2 % of pixels, measured), so it is
-    not used. Portrait frames (crop removes rows) take the plain one-call path.
-    """
-    w, h = img.size
-    (fw, fh), (left, top) = resize_geometry(w, h, image_size)
-    if fw > image_size:  # landscape: crop columns between the two passes
-        tmp = img.resize((fw, h), Image.Resampling.BICUBIC) if fw != w else img
-        tmp = tmp.crop((left, 0, left + image_size, h))
-        return tmp.resize((image_size, image_size), Image.Resampling.BICUBIC) if h != image_size else tmp
-    full = img.resize((fw, fh), Image.Resampling.BICUBIC) if (fw, fh) != (w, h) else img
-    return full.crop((left, top, left + image_size, top + image_size))
-
-
-def resize_crop_fast(rgb: np.ndarray, image_size: int) -> np.ndarray:
-    """``fast`` mode resize: (H, W, 3) uint8 → (S, S, 3) uint8 view, ≤ 1 level from Pillow's pixels.
-
-    torch's antialiased bicubic resize on uint8 (``F.interpolate(..., antialias=True)``) implements Pillow's
-    algorithm (same a = −0.5 kernel, same support scaling) with AVX2 and 16-bit fixed-point weights instead
-    of Pillow's 22-bit ones, so a few pixels round the other way (measured: ≤ 1 level on ~0.4 % of pixels of
-    random images) while the resize is 3–7× faster than Pillow's. Same geometry as ``exact`` (full resize to
-    torchvision's size, then the centre crop). Honours torch's thread setting (one thread in DataLoader
-    workers).
-    """
-    h, w = rgb.shape[:2]
-    (fw, fh), (left, top) = resize_geometry(w, h, image_size)
-    if (fw, fh) == (w, h):
-        return rgb[top:top + image_size, left:left + image_size]
-    t = _from_pil_array(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)  # channels-last memory
-    out = torch.nn.functional.interpolate(t, size=(fh, fw), mode="bicubic", antialias=True, align_corners=False)
-    return out[0].permute(1, 2, 0).numpy()[top:top + image_size, left:left + image_size]
-
-
 @lru_cache(maxsize=8)
-def _mean_std(mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> tuple[torch.Tensor, ...]:
-    """float32 (3, 1, 1) mean and std tensors, as ``Normalize`` builds them."""
-    return (torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1),
-            torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1))
-
-
-def _from_pil_array(rgb: np.ndarray) -> torch.Tensor:
-    """Zero-copy tensor view of a (possibly read-only) uint8 array; the callers only read it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(rgb)
-
-
-def to_normalised_tensor(rgb: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(H, W, 3) uint8 → (3, H, W) float32, normalised with the CLIP mean/std, bit-identical to torchvision.
-
-    The same float32 operations as ``ToTensor`` + ``Normalize`` (uint8 → float32, ``/ 255``, ``− mean``,
-    ``/ std``), element-wise and in the same order, so the values are identical; but the HWC → CHW transpose
-    and the uint8 → float32 conversion are one copy into ``out`` and the three operations run in place
-    (0.14 ms per 224² frame here, vs 0.45 ms for a per-channel look-up table and ~1 ms for the transforms).
-
-    ``out`` (a contiguous float32 (3, H, W) tensor, e.g. one slot of a video buffer) is filled in place,
-    saving an allocation and a copy per frame.
-    """
-    mean, std = _mean_std()
-    if out is None:
-        out = torch.empty((3, rgb.shape[0], rgb.shape[1]), dtype=torch.float32)
-    out.copy_(_from_pil_array(rgb).permute(2, 0, 1))
-    return out.div_(255).sub_(mean).div_(std)
+def _normalise_lut(mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> np.ndarray:
+    """(3, 256) float32: every uint8 level of every channel through ``ToTensor`` + ``Normalize``'s own ops."""
+    m = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)  # as Normalize builds them
+    s = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
+    levels = torch.arange(256, dtype=torch.uint8).expand(3, 1, 256)
+    return levels.float().div(255).sub(m).div(s).reshape(3, 256).numpy()
 
 
 def _open_rgb(path: str, image_size: int, mode: str) -> Image.Image:
@@ -244,10 +169,9 @@ def preprocess_image(path: str | os.PathLike, image_size: int = 224, mode: str =
     path = os.fspath(path)
     try:
         img = _open_rgb(path, image_size, mode)
-        if mode == "exact":
-            rgb = np.asarray(resize_crop(img, image_size), dtype=np.uint8)
-        else:
-            rgb = resize_crop_fast(np.asarray(img, dtype=np.uint8), image_size)
+        if out is None:
+            out = torch.empty((3, image_size, image_size), dtype=torch.float32)
+        resize_crop_array(np.asarray(img, dtype=np.uint8), image_size, lut=_normalise_lut(), out=out.numpy())
     except FileNotFoundError:
         raise FrameError(f"{path}: frame file does not exist") from None
     except UnidentifiedImageError:
@@ -255,7 +179,7 @@ def preprocess_image(path: str | os.PathLike, image_size: int = 224, mode: str =
     except (OSError, SyntaxError, ValueError) as e:  # truncated/corrupt data surfaces as OSError in PIL
         raise FrameError(f"{path}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
             from None
-    return to_normalised_tensor(rgb, out)
+    return out
 
 
 def load_video(
@@ -312,7 +236,6 @@ def check_video(folder: str | os.PathLike, *, framerate: int = 1, max_frames: in
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
-    "FAST_MODE_MAX_LEVELS_NO_DRAFT",
     "FAST_MODE_MEAN_LEVELS",
     "FrameError",
     "check_video",
@@ -321,8 +244,7 @@ __all__ = [
     "load_video",
     "preprocess_image",
     "resize_crop",
-    "resize_crop_fast",
+    "resize_crop_array",
     "resize_geometry",
     "sample_positions",
-    "to_normalised_tensor",
 ]
