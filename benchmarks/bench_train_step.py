@@ -9,15 +9,20 @@ so that the peak resident set size (``ru_maxrss``) belongs to that setting alone
   original's environment), QuickGELU differentiated by autograd, torch's default (``foreach``) AdamW;
 * ``ours``: the model as ``train.py`` runs it (fused SDPA attention inside ``nn.MultiheadAttention``,
   :class:`modules.backbone.QuickGELU` with its one-kernel backward, fused AdamW);
-* ``ours+ckpt``: the same with ``--grad_checkpointing`` (each CLIP block recomputed in backward).
+* ``ours+ckpt``: the same with ``--grad_checkpointing`` (each CLIP block recomputed in backward);
+* ``ours+bf16``: ``ours`` with ``--precision bf16`` (the towers under ``torch.autocast(bfloat16)``, the loss,
+  weights, gradients and AdamW in fp32, as ``train.py`` runs it). Fast only where the CPU multiplies bf16
+  natively (AVX512-BF16 / AMX); the bf16 matmul ceiling is printed next to the fp32 one.
 
 Reported per setting: ``step_s`` (median wall time of one optimiser step: forward, loss, backward, clip,
-AdamW, after a warm-up step), ``peak_rss_gib`` (peak resident memory of the process) and
+AdamW, after a warm-up step), ``peak_rss_gib`` (peak resident memory of the process),
 ``peak_over_base_gib`` (peak minus the resident memory once the model, gradients and AdamW state exist:
-roughly the activations kept for backward). The last line prints ours/plain time and ckpt/ours memory.
+the activations plus backward's working memory and allocator slack) and ``saved_gib`` (the tensors autograd
+keeps for backward during one forward, counted through ``saved_tensors_hooks``: exact, unlike RSS). The
+last line prints ours/plain time (fp32 and bf16) and ckpt/ours memory.
 
-    python benchmarks/bench_train_step.py                 # 4 videos x 12 frames, ~4 minutes on 2 cores
-    python benchmarks/bench_train_step.py --batch 8       # memory at a larger batch (~8 minutes)
+    python benchmarks/bench_train_step.py                 # 4 videos x 12 frames, ~4.5 minutes on 2 cores
+    python benchmarks/bench_train_step.py --batch 12 --steps 1 --settings ours,ours+ckpt   # ~4.5 minutes
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ("plain", "ours", "ours+ckpt")
+SETTINGS = ("plain", "ours", "ours+ckpt", "ours+bf16")
 
 
 def _rss_gib() -> float:
@@ -47,9 +52,10 @@ def _peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def matmul_ceiling(torch, device, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of a large fp32 matmul on this device (best of ``repeats``): the step's speed limit."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_ceiling(torch, device, n: int = 2048, repeats: int = 5, dtype=None) -> float:
+    """GFLOP/s of a large matmul (fp32 unless ``dtype``) on this device, best of ``repeats``: the speed limit."""
+    dtype = dtype or torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats + 1):
         if device.type == "cuda":
@@ -121,10 +127,16 @@ def child(args: argparse.Namespace) -> dict:
     opt.zero_grad(set_to_none=False)
     base = _rss_gib()
 
+    bf16 = args.setting.endswith("+bf16")
+
+    def forward():
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(ids, mask, frames, fmask)
+        return global_batch_loss(model, out.text, out.video, out.logit_scale)[0]
+
     def step(counter=None):
         with counter or contextlib.nullcontext():
-            out = model(ids, mask, frames, fmask)
-            loss, _ = global_batch_loss(model, out.text, out.video, out.logit_scale)
+            loss = forward()
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -145,9 +157,23 @@ def child(args: argparse.Namespace) -> dict:
     peak = _peak_gib()  # read before the FLOP-counting step below, which holds more memory
     counter = FlopCounterMode(display=False)  # matmul/conv/attention FLOPs of forward + backward
     step(counter)
+    # activations autograd keeps for backward (deterministic, unlike RSS): storages packed during one forward
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(x):
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        forward()
     res = {"setting": args.setting, "step_s": statistics.median(times), "gflop": counter.get_total_flops() / 1e9,
-           "ceiling_gflops": matmul_ceiling(torch, device), "peak_rss_gib": peak,
-           "base_rss_gib": base, "peak_over_base_gib": peak - base, "loss": float(loss)}
+           "ceiling_gflops": matmul_ceiling(torch, device, dtype=torch.bfloat16 if bf16 else None),
+           "ceiling_dtype": "bf16" if bf16 else "fp32", "peak_rss_gib": peak,
+           "base_rss_gib": base, "peak_over_base_gib": peak - base, "loss": float(loss),
+           "saved_gib": sum(saved.values()) / 2**30}
     if device.type == "cuda":
         res["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return res
@@ -169,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = [s for s in args.settings.split(",") if s]
     if not settings or any(s not in SETTINGS for s in settings):
         p.error(f"--settings: expected a comma-separated subset of {','.join(SETTINGS)}, got {args.settings!r}")
-    print(f"ViT-B/32 CLIP2Video (tab_tdb), {args.batch} videos x {args.frames} frames, {args.device} fp32, "
+    print(f"ViT-B/32 CLIP2Video (tab_tdb), {args.batch} videos x {args.frames} frames, {args.device}, "
           f"median of {args.steps} steps after 1 warm-up", flush=True)
     results = {}
     for setting in settings:
@@ -180,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{setting:>10}: step {r['step_s']:.2f} s, peak RSS {r['peak_rss_gib']:.2f} GiB (persistent "
               f"{r['base_rss_gib']:.2f} GiB, peak over it {r['peak_over_base_gib']:.2f} GiB), {r['gflop']:.0f} GFLOP "
               f"= {r['gflop'] / r['step_s']:.0f} GFLOP/s ({r['gflop'] / r['step_s'] / r['ceiling_gflops']:.0%} of the "
-              f"{r['ceiling_gflops']:.0f} GFLOP/s matmul ceiling), loss {r['loss']:.4f}",
+              f"{r['ceiling_gflops']:.0f} GFLOP/s {r['ceiling_dtype']} matmul ceiling), saved for backward "
+              f"{r['saved_gib']:.2f} GiB, loss {r['loss']:.4f}",
               flush=True)
     parts = []
     if "plain" in results:
@@ -190,11 +217,14 @@ def main(argv: list[str] | None = None) -> int:
               f"= {floor / plain['step_s']:.2f}x the plain step (no fp32 implementation can go below)")
     if "plain" in results and "ours" in results:
         parts.append(f"time ours/plain {results['ours']['step_s'] / results['plain']['step_s']:.2f}x")
+    if "plain" in results and "ours+bf16" in results:
+        parts.append(f"ours+bf16/plain {results['ours+bf16']['step_s'] / results['plain']['step_s']:.2f}x")
     if "ours" in results and "ours+ckpt" in results:
         on, off = results["ours+ckpt"], results["ours"]
         parts.append(f"checkpointing: time {on['step_s'] / off['step_s']:.2f}x, peak RSS "
                      f"{on['peak_rss_gib'] / off['peak_rss_gib']:.2f}x, peak over persistent "
-                     f"{on['peak_over_base_gib'] / max(off['peak_over_base_gib'], 1e-9):.2f}x")
+                     f"{on['peak_over_base_gib'] / max(off['peak_over_base_gib'], 1e-9):.2f}x, saved for backward "
+                     f"{on['saved_gib'] / off['saved_gib']:.2f}x")
     print("ratios: " + "; ".join(parts))
     return 0
 

@@ -7,6 +7,7 @@ import torch
 
 from modules.backbone import ClipConfig
 from modules.checkpoint import CheckpointError, atomic_save, export_original, load_into, load_model
+from modules.loss import global_batch_loss
 from modules.model import VARIANTS, CLIP2VideoConfig, create_model, make_config, variant_of_flags
 
 T = 12
@@ -275,3 +276,21 @@ def test_every_activation_is_the_fast_quick_gelu():
     acts = [m for m in model.modules() if type(m).__name__ == "QuickGELU"]
     # CLIP's 2 + 2 blocks, TDB's transformer and TAB's transformer blocks all use it
     assert len(acts) >= 4 and all(isinstance(m, QuickGELU) for m in acts)
+
+
+def test_bf16_autocast_training_step_close_to_fp32():
+    # --precision bf16 runs the towers under autocast (as train.py): the gradients follow fp32's direction
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        model = tiny("tab_tdb").train()
+        ids, tmask, frames, fmask = batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(ids, tmask, frames, fmask)
+        loss, _ = global_batch_loss(model, out.text, out.video, out.logit_scale)  # fp32, as train.py
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+        grads[precision] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    cos = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
+    assert cos > 0.98, f"bf16 gradient direction off: cosine {cos:.4f}"
+    assert not torch.equal(grads["fp32"], grads["bf16"])  # autocast really ran in bf16
