@@ -10,9 +10,10 @@ so that the peak resident set size (``ru_maxrss``) belongs to that setting alone
 * ``ours``: the model as ``train.py`` runs it (fused SDPA attention inside ``nn.MultiheadAttention``,
   :class:`modules.backbone.QuickGELU` with its one-kernel backward, fused AdamW);
 * ``ours+ckpt``: the same with ``--grad_checkpointing`` (each CLIP block recomputed in backward);
-* ``ours+bf16``: ``ours`` with ``--precision bf16`` (the towers under ``torch.autocast(bfloat16)``, the loss,
-  weights, gradients and AdamW in fp32, as ``train.py`` runs it). Fast only where the CPU multiplies bf16
-  natively (AVX512-BF16 / AMX); the bf16 matmul ceiling is printed next to the fp32 one.
+* ``ours+bf16``: ``ours`` with ``--precision bf16`` (the towers under ``torch.autocast(bfloat16)`` with SDPA's
+  math backend on CPU; the loss, weights, gradients and AdamW in fp32, as ``train.py`` runs it). Fast only
+  where the CPU multiplies bf16 natively (AVX512-BF16 / AMX); the bf16 matmul ceiling is printed next to the
+  fp32 one.
 
 Reported per setting: ``step_s`` (median wall time of one optimiser step: forward, loss, backward, clip,
 AdamW, after a warm-up step), ``peak_rss_gib`` (peak resident memory of the process),
@@ -99,6 +100,7 @@ def child(args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from modules.backbone import ClipConfig
+    from modules.evaluation import autocast
     from modules.loss import global_batch_loss
     from modules.model import create_model
     from modules.optim import OptimConfig, build_optimizer, clamp_logit_scale, param_groups
@@ -130,7 +132,7 @@ def child(args: argparse.Namespace) -> dict:
     bf16 = args.setting.endswith("+bf16")
 
     def forward():
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device, "bf16" if bf16 else "fp32"):  # train.py's precision context
             out = model(ids, mask, frames, fmask)
         return global_batch_loss(model, out.text, out.video, out.logit_scale)[0]
 

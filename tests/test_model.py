@@ -7,6 +7,7 @@ import torch
 
 from modules.backbone import ClipConfig
 from modules.checkpoint import CheckpointError, atomic_save, export_original, load_into, load_model
+from modules.evaluation import autocast
 from modules.loss import global_batch_loss
 from modules.model import VARIANTS, CLIP2VideoConfig, create_model, make_config, variant_of_flags
 
@@ -284,7 +285,7 @@ def test_bf16_autocast_training_step_close_to_fp32():
     for precision in ("fp32", "bf16"):
         model = tiny("tab_tdb").train()
         ids, tmask, frames, fmask = batch()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(torch.device("cpu"), precision):  # train.py's context (bf16: SDPA math backend on CPU)
             out = model(ids, tmask, frames, fmask)
         loss, _ = global_batch_loss(model, out.text, out.video, out.logit_scale)  # fp32, as train.py
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
