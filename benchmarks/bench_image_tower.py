@@ -11,7 +11,7 @@ Configurations (best of --repeats runs each):
   baseline      open_clip ViT-B/32 as shipped, fp32, torch.no_grad, batch 32
   inference     the same under torch.inference_mode
   batch N       inference_mode with other batch sizes
-  bf16          torch.autocast(bfloat16) (fast only on CPUs with AMX/AVX512-BF16)
+  bf16          --precision bf16: torch.autocast(bfloat16) (fast only on CPUs with AMX/AVX512-BF16)
   compile       torch.compile (with --compile; the first call compiles, ~1 min)
 
     python benchmarks/bench_image_tower.py [--repeats 3] [--compile] [--threads N]
@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.backbone import ClipConfig, build_clip  # noqa: E402
+from modules.evaluation import autocast  # noqa: E402
 
 
 def vit_flops(cfg: ClipConfig) -> float:
@@ -83,8 +84,8 @@ def main() -> None:
         with torch.inference_mode(), ctx():
             return vis(x)
 
-    def bf16(x):
-        return inference(x, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    def bf16(x):  # --precision bf16 as infer_retrieval.py runs it
+        return inference(x, lambda: autocast(torch.device("cpu"), "bf16"))
 
     f32, b16 = torch.float32, torch.bfloat16
     configs = [("baseline (open_clip, no_grad, batch 32)", no_grad, 32, f32),

@@ -132,7 +132,7 @@ def child(args: argparse.Namespace) -> dict:
     bf16 = args.setting.endswith("+bf16")
 
     def forward():
-        with autocast(device, "bf16" if bf16 else "fp32"):  # train.py's precision context
+        with autocast(device, "bf16" if bf16 else "fp32", training=True):  # train.py's precision context
             out = model(ids, mask, frames, fmask)
         return global_batch_loss(model, out.text, out.video, out.logit_scale)[0]
 

@@ -94,11 +94,8 @@ if numba is not None:
 
     @_jit
     def _clip8(acc):
-        if acc <= 0:
-            return 0
-        if acc >= (255 << PRECISION_BITS):
-            return 255
-        return acc >> PRECISION_BITS
+        # Pillow's clip8 as branch-free arithmetic (vectorises): arithmetic shift, then clamp to [0, 255]
+        return min(max(acc >> PRECISION_BITS, 0), 255)
 
     @_jit
     def _horizontal(src, r0, r1, j0, first, count, weights, out, block):

@@ -37,13 +37,13 @@ logger = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, precision: str, training: bool = False) -> contextlib.AbstractContextManager:
     """torch.autocast for bf16/fp16, a no-op context for fp32.
 
-    On CPU, reduced-precision attention also uses SDPA's math backend: torch's CPU flash-attention kernel is
-    slow in bf16 at CLIP's short sequences (50 image tokens, 32 text tokens: 27 vs 12 ms forward + backward
-    for 24 × 12 heads here, ``benchmarks/bench_train_step.py`` has the step-level figure), while in fp32 it
-    is the faster one and stays.
+    With ``training`` on CPU, reduced-precision attention also uses SDPA's math backend: torch's CPU
+    flash-attention kernel is slow in bf16 forward + backward at CLIP's short sequences (50 image tokens,
+    32 text tokens: 27 vs 12 ms for 24 × 12 heads here; 15 % of a training step, see
+    ``benchmarks/bench_train_step.py``). In fp32, and for inference, the default kernel is as fast or faster.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -52,7 +52,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
-    if device.type == "cpu":
+    if training and device.type == "cpu":
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
     return stack
 

@@ -420,7 +420,7 @@ def train(
             batch = _to(batch, device)
             sync = ddp.no_sync() if (info.is_distributed and not last_micro) else _null()
             with sync:
-                with autocast(device, cfg.precision):
+                with autocast(device, cfg.precision, training=True):
                     o = ddp(batch["input_ids"], batch["attention_mask"], batch["frames"], batch["frame_mask"])
                 loss, terms = global_batch_loss(raw, o.text, o.video, o.logit_scale)
                 value = float(loss.detach())

@@ -285,7 +285,7 @@ def test_bf16_autocast_training_step_close_to_fp32():
     for precision in ("fp32", "bf16"):
         model = tiny("tab_tdb").train()
         ids, tmask, frames, fmask = batch()
-        with autocast(torch.device("cpu"), precision):  # train.py's context (bf16: SDPA math backend on CPU)
+        with autocast(torch.device("cpu"), precision, training=True):  # train.py's context
             out = model(ids, tmask, frames, fmask)
         loss, _ = global_batch_loss(model, out.text, out.video, out.logit_scale)  # fp32, as train.py
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
