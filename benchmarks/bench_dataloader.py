@@ -11,7 +11,7 @@ reports its pixel difference. Decoding the sampled JPEGs and nothing else is tim
 must return Pillow's pixels cannot beat the decoder, so that ratio bounds ``exact``. The last line is the
 frames/s ratio of ``exact`` over the baseline.
 
-    python benchmarks/bench_dataloader.py            # ~1.5 minutes on 2 cores
+    python benchmarks/bench_dataloader.py            # ~1 minute on 2 cores
     python benchmarks/bench_dataloader.py --quick    # a few seconds
 """
 

@@ -98,6 +98,19 @@ if numba is not None:
         return min(max(acc >> PRECISION_BITS, 0), 255)
 
     @_jit
+    def _weighted_rows(src, offset, row, first, count, weights, acc):
+        """acc[:] = 2²¹ + Σ_t src[first[row] + t − offset, :] · weights[row, t]: one output index, all lanes."""
+        m = src.shape[1]
+        for q in range(m):
+            acc[q] = 1 << (PRECISION_BITS - 1)
+        base = first[row] - offset
+        for t in range(count[row]):
+            k = weights[row, t]
+            for q in range(m):
+                acc[q] += np.int32(src[base + t, q]) * k
+        return acc
+
+    @_jit
     def _horizontal(src, r0, r1, j0, first, count, weights, out, block):
         """out[r − r0, j] = horizontal pass of input row r at output column j0 + j (all three channels)."""
         n = out.shape[1]
@@ -110,22 +123,14 @@ if numba is not None:
         acc = np.empty(block * 3, np.int32)
         for rb in range(r0, r1, block):
             nr = min(block, r1 - rb)
-            m = nr * 3
             for r in range(nr):  # scratch[x, 3r + c] = src[rb + r, c0 + x, c]
                 row = src[rb + r]
                 for x in range(ncol):
                     scratch[x, 3 * r] = row[c0 + x, 0]
                     scratch[x, 3 * r + 1] = row[c0 + x, 1]
                     scratch[x, 3 * r + 2] = row[c0 + x, 2]
-            for j in range(n):
-                jj = j0 + j
-                for q in range(m):
-                    acc[q] = 1 << (PRECISION_BITS - 1)
-                base = first[jj] - c0
-                for t in range(count[jj]):
-                    k = weights[jj, t]
-                    for q in range(m):
-                        acc[q] += np.int32(scratch[base + t, q]) * k
+            for j in range(n):  # the rows of the block are the lanes: the same axpy as the vertical pass
+                _weighted_rows(scratch, c0, j0 + j, first, count, weights, acc)
                 for r in range(nr):
                     for c in range(3):
                         out[rb - r0 + r, j, c] = _clip8(acc[3 * r + c])
@@ -134,35 +139,19 @@ if numba is not None:
     @_jit
     def _vertical(src, offset, i0, first, count, weights, out):
         """out[i] = vertical pass at output row i0 + i; ``src`` (rows, M) starts at input row ``offset``."""
-        m = src.shape[1]
-        acc = np.empty(m, np.int32)
+        acc = np.empty(src.shape[1], np.int32)
         for i in range(out.shape[0]):
-            ii = i0 + i
-            for q in range(m):
-                acc[q] = 1 << (PRECISION_BITS - 1)
-            base = first[ii] - offset
-            for t in range(count[ii]):
-                k = weights[ii, t]
-                for q in range(m):
-                    acc[q] += np.int32(src[base + t, q]) * k
-            for q in range(m):
+            _weighted_rows(src, offset, i0 + i, first, count, weights, acc)
+            for q in range(src.shape[1]):
                 out[i, q] = _clip8(acc[q])
         return out
 
     @_jit
     def _vertical_lut(src, offset, i0, first, count, weights, lut, out):
         """As :func:`_vertical` for (S, S·3) pixels, but writes ``lut[c, pixel]`` into ``out`` (3, S, S)."""
-        m = src.shape[1]
-        acc = np.empty(m, np.int32)
+        acc = np.empty(src.shape[1], np.int32)
         for i in range(out.shape[1]):
-            ii = i0 + i
-            for q in range(m):
-                acc[q] = 1 << (PRECISION_BITS - 1)
-            base = first[ii] - offset
-            for t in range(count[ii]):
-                k = weights[ii, t]
-                for q in range(m):
-                    acc[q] += np.int32(src[base + t, q]) * k
+            _weighted_rows(src, offset, i0 + i, first, count, weights, acc)
             for x in range(out.shape[2]):
                 for c in range(3):
                     out[c, i, x] = lut[c, _clip8(acc[3 * x + c])]
