@@ -208,13 +208,12 @@ def resize_crop_array(rgb: np.ndarray, size: int, lut: np.ndarray | None = None,
     (fw, fh), (left, top) = resize_geometry(w, h, size)
     if numba is None or fh == h:  # no vertical pass: nothing to fuse the look-up into
         pixels = (np.asarray(resize_crop(Image.fromarray(rgb), size)) if numba is None else
-                  _horizontal_only(np.ascontiguousarray(rgb), top, left, fw, size))
+                  _horizontal_only(rgb, top, left, fw, size))
         if lut is None:
             return pixels
         for c in range(3):
             out[c] = lut[c][pixels[:, :, c]]
         return out
-    rgb = np.ascontiguousarray(rgb)
     yfirst, ycount, yweights = bicubic_coeffs(h, fh)
     r0 = int(yfirst[top])  # input rows that the kept output rows read
     r1 = int((yfirst[top:top + size] + ycount[top:top + size]).max())

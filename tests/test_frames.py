@@ -199,6 +199,19 @@ def test_exact_mode_non_rgb_images_convert_first(tmp_path, mode):
     assert torch.equal(preprocess_image(path), ref)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_jpeg_decoders_agree_with_pillow(tmp_path, monkeypatch, mode):
+    # colour JPEGs may be decoded by torchvision (when it matches Pillow here), others by Pillow: same tensors
+    from dataloaders import frames
+
+    path = tmp_path / "f.jpg"
+    natural_image(331, 247, seed=3).convert(mode).save(path, "JPEG", quality=85)
+    ref = original_transform()(Image.open(path).convert("RGB"))
+    assert torch.equal(preprocess_image(path), ref)
+    monkeypatch.setattr(frames, "_torch_jpeg_matches_pillow", lambda: False)  # Pillow only
+    assert torch.equal(preprocess_image(path), ref)
+
+
 def test_normalisation_table_covers_every_level(tmp_path):
     # every uint8 level in every channel, no resize: the look-up table alone against ToTensor + Normalize
     levels = np.arange(224 * 224 * 3) % 256
