@@ -111,8 +111,11 @@ if numba is not None:
         return acc
 
     @_jit
-    def _horizontal(src, r0, r1, j0, first, count, weights, out, block):
-        """out[r − r0, j] = horizontal pass of input row r at output column j0 + j (all three channels)."""
+    def _horizontal(src, planar, r0, r1, j0, first, count, weights, out, block):
+        """out[r − r0, j] = horizontal pass of input row r at output column j0 + j (all three channels).
+
+        ``src`` is (H, W, 3), or (3, H, W) when ``planar`` (a decoder's channels-first output, read as is).
+        """
         n = out.shape[1]
         c0 = first[j0]
         c1 = 0
@@ -123,12 +126,19 @@ if numba is not None:
         acc = np.empty(block * 3, np.int32)
         for rb in range(r0, r1, block):
             nr = min(block, r1 - rb)
-            for r in range(nr):  # scratch[x, 3r + c] = src[rb + r, c0 + x, c]
-                row = src[rb + r]
-                for x in range(ncol):
-                    scratch[x, 3 * r] = row[c0 + x, 0]
-                    scratch[x, 3 * r + 1] = row[c0 + x, 1]
-                    scratch[x, 3 * r + 2] = row[c0 + x, 2]
+            for r in range(nr):  # scratch[x, 3r + c] = pixel (rb + r, c0 + x, c)
+                if planar:  # three row streams, the same write pattern as below
+                    red, green, blue = src[0, rb + r], src[1, rb + r], src[2, rb + r]
+                    for x in range(ncol):
+                        scratch[x, 3 * r] = red[c0 + x]
+                        scratch[x, 3 * r + 1] = green[c0 + x]
+                        scratch[x, 3 * r + 2] = blue[c0 + x]
+                else:
+                    row = src[rb + r]
+                    for x in range(ncol):
+                        scratch[x, 3 * r] = row[c0 + x, 0]
+                        scratch[x, 3 * r + 1] = row[c0 + x, 1]
+                        scratch[x, 3 * r + 2] = row[c0 + x, 2]
             for j in range(n):  # the rows of the block are the lanes: the same axpy as the vertical pass
                 _weighted_rows(scratch, c0, j0 + j, first, count, weights, acc)
                 for r in range(nr):
@@ -198,6 +208,7 @@ def resize_crop_array(rgb: np.ndarray, size: int, lut: np.ndarray | None = None,
     """(H, W, 3) uint8 → (S, S, 3) uint8: PIL bicubic resize of the short side to S + centre crop, bit-exact.
 
     The same pixels as :func:`resize_crop` (torchvision's ``CenterCrop(S)(Resize(S, BICUBIC)(img))``).
+    ``rgb`` may be a view of a channels-first (3, H, W) buffer (``chw.transpose(1, 2, 0)``): it is read in place.
     With ``lut`` (3, 256) float32 and ``out`` (3, S, S) float32, the result is instead written to ``out`` as
     ``out[c, y, x] = lut[c, pixel[y, x, c]]`` (a per-channel normalisation computed once) and ``out`` is
     returned: one pass instead of a uint8 image, a transpose and three float operations.
@@ -219,7 +230,7 @@ def resize_crop_array(rgb: np.ndarray, size: int, lut: np.ndarray | None = None,
     r1 = int((yfirst[top:top + size] + ycount[top:top + size]).max())
     if fw != w:
         xfirst, xcount, xweights = bicubic_coeffs(w, fw)
-        mid = _horizontal(rgb, r0, r1, left, xfirst, xcount, xweights,
+        mid = _horizontal(*_source(rgb), r0, r1, left, xfirst, xcount, xweights,
                           np.empty((r1 - r0, size, 3), np.uint8), _ROW_BLOCK)
     else:
         mid = np.ascontiguousarray(rgb[r0:r1, left:left + size])
@@ -236,8 +247,16 @@ def _horizontal_only(rgb: np.ndarray, top: int, left: int, fw: int, size: int) -
     if fw == w:
         return rgb[top:top + size, left:left + size]
     xfirst, xcount, xweights = bicubic_coeffs(w, fw)
-    return _horizontal(rgb, top, top + size, left, xfirst, xcount, xweights, np.empty((size, size, 3), np.uint8),
-                       _ROW_BLOCK)
+    return _horizontal(*_source(rgb), top, top + size, left, xfirst, xcount, xweights,
+                       np.empty((size, size, 3), np.uint8), _ROW_BLOCK)
+
+
+def _source(rgb: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The horizontal kernel's input: a (3, H, W) array when ``rgb`` is a channels-first view, else (H, W, 3)."""
+    chw = rgb.transpose(2, 0, 1)
+    if chw.flags.c_contiguous:
+        return chw, True
+    return np.ascontiguousarray(rgb), False
 
 
 def accelerated() -> bool:
