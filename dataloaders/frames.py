@@ -11,6 +11,8 @@ Three steps, each reproducing a measured behaviour of the original ``RawFrameExt
    moves the similarities by 4e-3..1e-2 (fixture README), so the default ``mode="exact"`` keeps PIL's pixels
    bit for bit and only removes work around them:
 
+   * colour JPEGs are decoded by torchvision's libjpeg-turbo call when it returns Pillow's pixels (probed
+     once per process; else Pillow), straight into a planar buffer (:func:`_decode_rgb`);
    * the resize + crop is :func:`~dataloaders.resample.resize_crop_array`: Pillow's fixed-point bicubic
      arithmetic reimplemented as two vectorised kernels that compute only the pixels the centre crop keeps
      (3–5× faster than Pillow's ``resize``; bit-identical, checked against torchvision's ``Resize`` +
