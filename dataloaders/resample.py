@@ -90,7 +90,13 @@ def bicubic_coeffs(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray,
 
 
 if numba is not None:
-    _jit = numba.njit(cache=True, nogil=True)
+    def _jit(fn):
+        """Compiled once and cached on disk (``__pycache__``, else numba's user cache); without any writable
+        cache location, compiled once per process instead."""
+        try:
+            return numba.njit(cache=True, nogil=True)(fn)
+        except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+            return numba.njit(nogil=True)(fn)
 
     @_jit
     def _clip8(acc):
