@@ -19,7 +19,8 @@ horizontal first, each rounding to uint8):
 * Pixels: ``acc = 2²¹ + Σ u8 · k`` in int32 (never overflows: Σ|k| < 1.2 · 2²²), output
   ``clamp(acc >> 22, 0, 255)``.
 * Order: horizontal pass, then vertical, as in every Pillow up to 12 (the one the original ran). Pillow 13
-  runs the vertical pass first when it judges a tall image cheaper that way; in the ``Resize(S)`` geometry
+  runs the vertical pass first when the height is scaled down markedly more than the width (Pillow pull
+  request 9549; the exact threshold is Pillow's internal choice); in the ``Resize(S)`` geometry
   that happens for some portrait frames only (measured: 0 of 73 landscape, 23 of 77 portrait geometries),
   where the current Pillow's one-call ``resize`` then gives other pixels (226×1000 noise: up to 19 levels).
   We keep the original's order: the released checkpoints saw it, and it does not depend on the installed
