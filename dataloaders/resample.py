@@ -224,38 +224,35 @@ def resize_crop_array(rgb: np.ndarray, size: int, lut: np.ndarray | None = None,
         raise ValueError(f"expected an (H, W, 3) uint8 array, got {rgb.dtype} {tuple(rgb.shape)}")
     h, w = rgb.shape[:2]
     (fw, fh), (left, top) = resize_geometry(w, h, size)
-    if numba is None or fh == h:  # no vertical pass: nothing to fuse the look-up into
-        pixels = (np.asarray(resize_crop(Image.fromarray(rgb), size)) if numba is None else
-                  _horizontal_only(rgb, top, left, fw, size))
-        if lut is None:
-            return pixels
-        for c in range(3):
-            out[c] = lut[c][pixels[:, :, c]]
-        return out
-    yfirst, ycount, yweights = bicubic_coeffs(h, fh)
-    r0 = int(yfirst[top])  # input rows that the kept output rows read
-    r1 = int((yfirst[top:top + size] + ycount[top:top + size]).max())
-    if fw != w:
-        xfirst, xcount, xweights = bicubic_coeffs(w, fw)
-        mid = _horizontal(*_source(rgb), r0, r1, left, xfirst, xcount, xweights,
-                          np.empty((r1 - r0, size, 3), np.uint8), _ROW_BLOCK)
+    if numba is None:
+        pixels = np.asarray(resize_crop(Image.fromarray(rgb), size))
+    elif fh == h:  # no vertical pass
+        pixels = _horizontal_rows(rgb, top, top + size, left, fw, size)
     else:
-        mid = np.ascontiguousarray(rgb[r0:r1, left:left + size])
-    mid = mid.reshape(r1 - r0, size * 3)
-    if lut is not None:
-        return _vertical_lut(mid, r0, top, yfirst, ycount, yweights, lut, out)
-    pixels = _vertical(mid, r0, top, yfirst, ycount, yweights, np.empty((size, size * 3), np.uint8))
-    return pixels.reshape(size, size, 3)
+        yfirst, ycount, yweights = bicubic_coeffs(h, fh)
+        r0 = int(yfirst[top])  # input rows that the kept output rows read
+        r1 = int((yfirst[top:top + size] + ycount[top:top + size]).max())
+        mid = np.ascontiguousarray(_horizontal_rows(rgb, r0, r1, left, fw, size)).reshape(r1 - r0, size * 3)
+        if lut is not None:  # the look-up fused into the vertical pass
+            return _vertical_lut(mid, r0, top, yfirst, ycount, yweights, lut, out)
+        pixels = _vertical(mid, r0, top, yfirst, ycount, yweights, np.empty((size, size * 3), np.uint8))
+        pixels = pixels.reshape(size, size, 3)
+    if lut is None:
+        return pixels
+    for c in range(3):
+        out[c] = lut[c][pixels[:, :, c]]
+    return out
 
 
-def _horizontal_only(rgb: np.ndarray, top: int, left: int, fw: int, size: int) -> np.ndarray:
-    """Rows [top, top + S) after the horizontal pass (or a plain crop when there is none)."""
-    h, w = rgb.shape[:2]
+def _horizontal_rows(rgb: np.ndarray, r0: int, r1: int, left: int, fw: int, size: int) -> np.ndarray:
+    """Input rows [r0, r1) after the horizontal pass, kept columns only: (r1 − r0, S, 3) uint8 (a plain crop
+    view when the width is not resized)."""
+    w = rgb.shape[1]
     if fw == w:
-        return rgb[top:top + size, left:left + size]
+        return rgb[r0:r1, left:left + size]
     xfirst, xcount, xweights = bicubic_coeffs(w, fw)
-    return _horizontal(*_source(rgb), top, top + size, left, xfirst, xcount, xweights,
-                       np.empty((size, size, 3), np.uint8), _ROW_BLOCK)
+    return _horizontal(*_source(rgb), r0, r1, left, xfirst, xcount, xweights,
+                       np.empty((r1 - r0, size, 3), np.uint8), _ROW_BLOCK)
 
 
 def _source(rgb: np.ndarray) -> tuple[np.ndarray, bool]:
