@@ -21,94 +21,25 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
+
+from clip2video.cli import (
+    OneLineParser,
+    UsageError,
+    add_datatype_arg,
+    add_image_mode_arg,
+    add_model_args,
+    add_precision_arg,
+    check_paths,
+    model_fields,
+    model_flags_given,
+    output_paths,
+    parse_with_config,
+    run_main,
+)
 
 logger = logging.getLogger("clip2video.eval")
-
-MODEL_FLAGS = ("sim_type", "temporal_type", "temporal_proj", "center_type", "center_proj")
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit code 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (``prog: error: ...``) raised as ``UsageError``, not usage + exit."""
-
-    def error(self, message: str):
-        raise UsageError(message)
-
-
-# ----------------------------------------------------------------------------------------------- shared flags
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Model flags shared with train.py (the original's names, plus ``--variant`` and ``--mask_layout``)."""
-    from modules.model import FLAG_CHOICES, VARIANTS
-
-    g = p.add_argument_group("model")
-    g.add_argument("--variant", default=None, choices=list(VARIANTS),
-                   help="Table-1 row by name; overrides the raw flags below")
-    g.add_argument("--sim_type", default="meanP", choices=FLAG_CHOICES["sim_type"])
-    g.add_argument("--temporal_type", default="", choices=FLAG_CHOICES["temporal_type"])
-    g.add_argument("--temporal_proj", default="", choices=FLAG_CHOICES["temporal_proj"])
-    g.add_argument("--center_type", default="", choices=FLAG_CHOICES["center_type"])
-    g.add_argument("--center_proj", default="", choices=FLAG_CHOICES["center_proj"])
-    g.add_argument("--centerK", type=int, default=5)
-    g.add_argument("--center_weight", type=float, default=0.5)
-    g.add_argument("--cross_num_hidden_layers", type=int, default=4)
-    g.add_argument("--mask_layout", default=None, choices=["original", "per_video"],
-                   help="attention-mask layout of the temporal heads (default: original for released "
-                        "checkpoints, what the checkpoint says for ours)")
-    g.add_argument("--clip_path", default=None, help="OpenAI CLIP weights (ViT-B-32.pt or a state dict)")
-
-
-def model_fields(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """(variant, config fields) from parsed flags."""
-    from modules.model import VARIANTS, variant_of_flags
-
-    if args.variant:
-        name, fields = args.variant, dict(VARIANTS[args.variant])
-    else:
-        fields = {k: getattr(args, k) for k in MODEL_FLAGS}
-        name = variant_of_flags(**fields)
-    fields.update(center_k=args.centerK, center_weight=args.center_weight, cross_layers=args.cross_num_hidden_layers)
-    return name, fields
-
-
-def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """``--config file.yaml`` supplies defaults; flags on the command line override them (timm style)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            raise UsageError(f"--config {path}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"--config {path}: expected a mapping of flag: value")
-        valid = {a.dest for a in p._actions}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)}")
-        p.set_defaults(**data)
-    return p.parse_args(argv)
-
-
-def output_paths(output_dir: str | None) -> tuple[Path | None, Path | None]:
-    """(folder for outputs, log file). The original's scripts pass a log-file path as --output_dir."""
-    if not output_dir:
-        return None, None
-    p = Path(output_dir)
-    if p.suffix in (".log", ".txt") or p.is_file():
-        return p.parent, p
-    return p, p / "log.txt"
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -116,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of flag defaults")
     d = p.add_argument_group("data (the original's flags)")
-    d.add_argument("--datatype", default="msrvtt", help="msrvtt | msrvttfull | msvd | vatexEnglish | generic")
+    add_datatype_arg(d)
     d.add_argument("--val_csv", default=None, help="MSR-VTT test csv (JSFUSION 1k-A or *.full.csv)")
     d.add_argument("--data_path", default=None, help="MSRVTT_data.json, or the MSVD/VATEX annotation folder")
     d.add_argument("--features_path", default=None, help="folder of frame folders <video_id>/00000001.jpg")
@@ -126,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--feature_framerate", type=int, default=1)
     d.add_argument("--batch_size_val", type=int, default=16)
     d.add_argument("--num_thread_reader", type=int, default=2)
-    d.add_argument("--image_mode", default="exact", choices=["exact", "fast"],
-                   help="frame preprocessing: exact = the original's PIL path; fast = quicker, not bit-exact")
+    add_image_mode_arg(d)
     d.add_argument("--skip_missing", action="store_true", help="drop listed videos without frames (logged)")
     c = p.add_argument_group("checkpoint")
     c.add_argument("--checkpoint", default=None, help="folder of pytorch_model.bin.N, or a weight file")
@@ -142,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--save_sim", default=None, help="write the caption × video matrix here (.npy)")
     o.add_argument("--metrics_json", default=None, help="write {t2v: {...}, v2t: {...}} here")
     o.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    o.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_precision_arg(o)
     o.add_argument("--dsl", action="store_true", help="also report dual-softmax re-ranked metrics (labelled)")
     o.add_argument("--visualize", nargs=2, metavar=("N", "OUT.png"), default=None,
                    help="PNG grid of the top-5 videos for N queries, ground truth marked")
@@ -158,8 +88,8 @@ def load_for_eval(args: argparse.Namespace):
     Our checkpoints and exports carry their config (used unless model flags are given explicitly); a
     released ``pytorch_model.bin.N`` is described by the flags and evaluated with the original mask layout.
     """
-    from modules.checkpoint import load_clip_weights, load_model
-    from modules.model import create_model, make_config
+    from clip2video.modules.checkpoint import load_clip_weights, load_model
+    from clip2video.modules.model import create_model, make_config
 
     variant, fields = model_fields(args)
     ckpt = args.checkpoint or args.init_model
@@ -170,32 +100,21 @@ def load_for_eval(args: argparse.Namespace):
             raise UsageError("--zero_shot needs --clip_path")
         extra = {"mask_layout": args.mask_layout} if args.mask_layout else {}
         return create_model(variant, clip_state_dict=load_clip_weights(args.clip_path), **fields, **extra)
-    explicit = args.variant is not None or any(getattr(args, k) for k in MODEL_FLAGS[1:]) or args.sim_type != "meanP"
     return load_model(ckpt, make_config(variant, **fields), model_num=args.model_num, mask_layout=args.mask_layout,
-                      prefer_stored=not explicit)
+                      prefer_stored=not model_flags_given(args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    try:
-        args = parse_with_config(p, argv)
-        return run(args)
-    except UsageError as e:
-        print(f"infer_retrieval.py: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"infer_retrieval.py: error: {msg}", file=sys.stderr)
-        return 1
+    return run_main("infer_retrieval.py", lambda: run(parse_with_config(build_parser(), argv)))
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataloaders.annotations import load_eval_set
-    from dataloaders.dataset import VideoDataset
-    from modules.evaluation import evaluate
-    from modules.logging_utils import setup_logging
-    from modules.metrics import format_table, markdown_row
-    from modules.tokenizer import ClipTokenizer
+    from clip2video.dataloaders.annotations import load_eval_set
+    from clip2video.dataloaders.dataset import VideoDataset
+    from clip2video.modules.evaluation import evaluate
+    from clip2video.modules.logging_utils import setup_logging
+    from clip2video.modules.metrics import format_table, markdown_row
+    from clip2video.modules.tokenizer import ClipTokenizer
 
     out_dir, log_file = output_paths(args.output_dir)
     setup_logging(log_file)
@@ -206,8 +125,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--visualize N OUT.png: N must be an integer, got {args.visualize[0]!r}") from None
     if not args.features_path:
         raise UsageError("--features_path is required (folder of frame folders)")
-    if not Path(args.features_path).is_dir():
-        raise UsageError(f"--features_path {args.features_path}: no such folder")
+    check_paths(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
 
@@ -240,11 +158,11 @@ def run(args: argparse.Namespace) -> int:
     if res.dsl_metrics is not None:
         payload["dsl"] = res.dsl_metrics
     if args.metrics_json:
-        from modules.checkpoint import atomic_write_text
+        from clip2video.modules.checkpoint import atomic_write_text
 
         atomic_write_text(args.metrics_json, json.dumps(payload, indent=1))
     if out_dir is not None:
-        from modules.checkpoint import atomic_write_text
+        from clip2video.modules.checkpoint import atomic_write_text
 
         # next to the log: run/log.txt → run/metrics.json, run/msrvtt.log → run/msrvtt.metrics.json
         name = "metrics.json" if log_file.name == "log.txt" else f"{log_file.stem}.metrics.json"
@@ -252,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if args.visualize:
         import numpy as np
 
-        from modules.visualize import retrieval_grid
+        from clip2video.modules.visualize import retrieval_grid
 
         n, png = args.visualize
         rng = np.random.default_rng(args.seed)

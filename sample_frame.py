@@ -30,16 +30,13 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from dataloaders.video_io import DEFAULT_FALLBACK_FPS, FrameResampler, VideoReadError, quiet_backend
+from clip2video.cli import OneLineParser, UsageError
+from clip2video.dataloaders.video_io import DEFAULT_FALLBACK_FPS, FrameResampler, VideoReadError, quiet_backend
 
 DEFAULT_EXTS = ".mp4,.avi,.mkv,.webm,.mov,.m4v,.mpg,.mpeg,.wmv,.flv,.3gp,.ogv"
 TMP_PREFIX = ".tmp-"
 STALE_AFTER_S = 3600.0
 """A temp folder untouched this long is stale even if its pid is alive again (pid reuse)."""
-
-
-class UsageError(Exception):
-    """A bad command-line flag: reported as one line, exit status 2."""
 
 
 @dataclass
@@ -243,13 +240,8 @@ def _positive_float(flag: str, text: str) -> float:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message, and no sys.exit inside main()
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input_path", required=True, help="folder of video files (not searched recursively)")
     p.add_argument("--output_path", required=True, help="folder that receives one frame folder per video")
     p.add_argument("--fps", default="5", help="output frames per second (default 5, as the original)")

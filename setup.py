@@ -1,11 +1,52 @@
-from setuptools import find_packages, setup
+"""Installs one package, ``clip2video``, with the repository's folders as its subpackages.
+
+The repository keeps the layout researchers know (``modules/``, ``dataloaders/``, ``train.py``... at the
+top); installed, they become ``clip2video.modules``, ``clip2video.dataloaders``, ``clip2video.train`` and
+so on, plus the YAML configs under ``clip2video/configs``. Nothing else is put into site-packages.
+"""
+
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+ENTRY_POINTS = ("train", "infer_retrieval", "sample_frame", "search")
+
+
+class BuildPy(build_py):
+    """Also copies the top-level entry scripts and ``configs/`` into the built package."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # editable: clip2video/__init__.py finds them in the checkout
+        pkg = Path(self.build_lib) / "clip2video"
+        for name in ENTRY_POINTS:
+            src = ROOT / f"{name}.py"
+            if src.is_file():
+                self.copy_file(str(src), str(pkg / f"{name}.py"))
+        dst = pkg / "configs"
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(ROOT / "configs", dst)
+
 
 setup(
     name="clip2video",
-    version="0.1.0",
-    description="CLIP2Video text-video retrieval: exact reimplementation with training code",
-    packages=find_packages(include=["modules", "modules.*", "dataloaders", "dataloaders.*"]),
-    py_modules=["train", "infer_retrieval", "sample_frame"],
+    version="0.2.0",
+    description="CLIP2Video text-video retrieval: exact reimplementation with training, indexing and search",
+    packages=["clip2video", "clip2video.modules", "clip2video.dataloaders"],
+    package_dir={"clip2video": "clip2video", "clip2video.modules": "modules",
+                 "clip2video.dataloaders": "dataloaders"},
+    cmdclass={"build_py": BuildPy},
+    entry_points={"console_scripts": [
+        "clip2video-train = clip2video.train:main",
+        "clip2video-eval = clip2video.infer_retrieval:main",
+        "clip2video-extract = clip2video.sample_frame:main",
+        "clip2video-search = clip2video.search:main",
+    ]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<3",
@@ -16,6 +57,7 @@ setup(
         "numpy>=1.24",
         "opencv-python-headless>=4.8",
         "pillow>=10",
+        "numba>=0.59",
         "pandas>=2.0",
         "tqdm",
         "pyyaml>=6",

@@ -37,33 +37,37 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
 import yaml
 
-from infer_retrieval import OneLineParser, UsageError, parse_with_config  # shared CLI helpers
+from clip2video.cli import (
+    OneLineParser,
+    UsageError,
+    add_datatype_arg,
+    add_image_mode_arg,
+    add_model_args,
+    add_precision_arg,
+    check_paths,
+    model_fields,
+    model_flags_given,
+    parse_with_config,
+    run_main,
+)
 
 logger = logging.getLogger("clip2video.train")
 
 
 # ----------------------------------------------------------------------------------------------- flags
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The original's model flags + ``--variant`` / ``--mask_layout`` (shared with infer_retrieval.py)."""
-    from infer_retrieval import add_model_args as shared
-
-    shared(p)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of flag defaults (flags on the command line win)")
     p.add_argument("--do_train", action="store_true", help="accepted for CLIP4Clip compatibility (always trains)")
 
     d = p.add_argument_group("data")
-    d.add_argument("--datatype", default="msrvtt", help="msrvtt | msrvttfull | msvd | vatexEnglish | generic")
-    d.add_argument("--val_datatype", default=None, help="datatype of the validation set (default: --datatype)")
+    add_datatype_arg(d)
+    add_datatype_arg(d, "--val_datatype", default=None, help="datatype of the validation set (default: --datatype)")
     d.add_argument("--train_csv", default=None, help="MSR-VTT training video list (MSRVTT_train.9k.csv, ...)")
     d.add_argument("--val_csv", default=None,
                    help="validation csv (MSR-VTT); selects best.pt. Never pass the test csv here")
@@ -75,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max_words", type=int, default=32)
     d.add_argument("--max_frames", type=int, default=12)
     d.add_argument("--feature_framerate", type=int, default=1, help="decimation factor of the frame list")
-    d.add_argument("--image_mode", default="exact", choices=["exact", "fast"])
+    add_image_mode_arg(d)
     d.add_argument("--num_thread_reader", type=int, default=2, help="DataLoader workers per process")
     d.add_argument("--skip_missing", action="store_true", help="drop listed videos without a frame folder")
 
@@ -93,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micro-batches per step; NOT equivalent to a bigger contrastive batch")
     o.add_argument("--freeze_layer_num", type=int, default=0,
                    help="-1: train all of CLIP; k >= 0: freeze CLIP's embeddings and first k blocks (CLIP4Clip)")
-    o.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_precision_arg(o)
     o.add_argument("--grad_checkpointing", action="store_true", help="recompute CLIP activations in backward")
     o.add_argument("--seed", type=int, default=42)
 
@@ -150,23 +154,21 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--tiny_clip and --clip_path exclude each other")
     if not args.features_path:
         raise UsageError("--features_path is required (folder of frame folders)")
-    if not Path(args.features_path).is_dir():
-        raise UsageError(f"--features_path {args.features_path}: no such folder")
+    check_paths(args)
 
 
 # ----------------------------------------------------------------------------------------------- building
 def build_model(args: argparse.Namespace):
     """The model the flags describe: from --init_model, from CLIP weights, or a random tiny CLIP."""
-    from infer_retrieval import model_fields
-    from modules.backbone import ClipConfig
-    from modules.checkpoint import load_clip_weights, load_model
-    from modules.model import create_model, make_config
+    from clip2video.modules.backbone import ClipConfig
+    from clip2video.modules.checkpoint import load_clip_weights, load_model
+    from clip2video.modules.model import create_model, make_config
 
     variant, fields = model_fields(args)
     layout = args.mask_layout or "per_video"
     if args.init_model:
         model = load_model(args.init_model, make_config(variant, **fields), mask_layout=layout,
-                           prefer_stored=args.variant is None)
+                           prefer_stored=not model_flags_given(args))
         logger.info("initialised from %s", args.init_model)
         return model
     if args.tiny_clip:
@@ -176,10 +178,10 @@ def build_model(args: argparse.Namespace):
 
 def build_data(args: argparse.Namespace, image_size: int):
     """(training PairDataset, validation ValData or None) from the data flags."""
-    from dataloaders.annotations import load_eval_set, load_train_set
-    from dataloaders.dataset import PairDataset, VideoDataset
-    from modules.tokenizer import ClipTokenizer
-    from modules.training import ValData
+    from clip2video.dataloaders.annotations import load_eval_set, load_train_set
+    from clip2video.dataloaders.dataset import PairDataset, VideoDataset
+    from clip2video.modules.tokenizer import ClipTokenizer
+    from clip2video.modules.training import ValData
 
     tokenizer = ClipTokenizer(args.max_words)
     pairs = load_train_set(args.datatype, data_path=args.data_path, features_path=args.features_path,
@@ -200,8 +202,8 @@ def build_data(args: argparse.Namespace, image_size: int):
 
 
 def train_config(args: argparse.Namespace):
-    from modules.optim import OptimConfig
-    from modules.training import TrainConfig
+    from clip2video.modules.optim import OptimConfig
+    from clip2video.modules.training import TrainConfig
 
     return TrainConfig(
         output_dir=Path(args.output_dir), batch_size=args.batch_size, epochs=args.epochs,
@@ -217,7 +219,7 @@ def train_config(args: argparse.Namespace):
 
 def write_args(args: argparse.Namespace, out: Path) -> None:
     """``args.yaml`` + ``args.json`` next to the outputs (atomically)."""
-    from modules.checkpoint import atomic_write_text
+    from clip2video.modules.checkpoint import atomic_write_text
 
     data = {k: v for k, v in sorted(vars(args).items())}
     atomic_write_text(out / "args.yaml", yaml.safe_dump(data, sort_keys=True))
@@ -226,9 +228,9 @@ def write_args(args: argparse.Namespace, out: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> int:
-    from modules.distributed import cleanup_distributed, init_distributed
-    from modules.logging_utils import setup_logging
-    from modules.training import seed_everything, train
+    from clip2video.modules.distributed import cleanup_distributed, init_distributed
+    from clip2video.modules.logging_utils import setup_logging
+    from clip2video.modules.training import seed_everything, train
 
     info = init_distributed(args.device)
     out = Path(args.output_dir)
@@ -255,25 +257,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from modules.checkpoint import CheckpointError
-    from modules.training import NonFiniteLossError
+    from clip2video.modules.training import NonFiniteLossError
 
-    try:
-        args = parse_args(argv)
-        return run(args)
-    except UsageError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 3
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
-        logger.debug("traceback", exc_info=True)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"train.py: error: {msg}", file=sys.stderr)
-        return 1
+    return run_main("train.py", lambda: run(parse_args(argv)), codes=[(NonFiniteLossError, 3)])
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     sys.exit(main())

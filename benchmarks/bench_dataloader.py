@@ -30,10 +30,8 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataloaders.dataset import PairDataset  # noqa: E402
-from dataloaders.frames import (  # noqa: E402
+from clip2video.dataloaders.dataset import PairDataset
+from clip2video.dataloaders.frames import (
     CLIP_MEAN,
     CLIP_STD,
     _decode_rgb,
@@ -41,7 +39,7 @@ from dataloaders.frames import (  # noqa: E402
     load_video,
     sample_positions,
 )
-from modules.tokenizer import ClipTokenizer  # noqa: E402
+from clip2video.modules.tokenizer import ClipTokenizer
 
 
 def make_video(folder: Path, w: int, h: int, n: int, seed: int) -> None:

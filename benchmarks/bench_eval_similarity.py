@@ -20,20 +20,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.alignment import align_tokens  # noqa: E402
-from modules.backbone import ClipConfig  # noqa: E402
-from modules.evaluation import encode_video_heads, score  # noqa: E402
-from modules.model import TextEmbedding, create_model  # noqa: E402
-from modules.temporal import l2n  # noqa: E402
+from clip2video.modules.alignment import align_tokens
+from clip2video.modules.backbone import ClipConfig
+from clip2video.modules.evaluation import encode_video_heads, score
+from clip2video.modules.model import TextEmbedding, create_model
+from clip2video.modules.temporal import l2n
 
 
 def main() -> None:

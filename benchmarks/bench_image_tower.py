@@ -24,16 +24,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.backbone import ClipConfig, build_clip  # noqa: E402
-from modules.evaluation import autocast  # noqa: E402
+from clip2video.modules.backbone import ClipConfig, build_clip
+from clip2video.modules.precision import autocast
 
 
 def vit_flops(cfg: ClipConfig) -> float:

@@ -98,12 +98,11 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    sys.path.insert(0, str(ROOT))
-    from modules.backbone import ClipConfig
-    from modules.evaluation import autocast
-    from modules.loss import global_batch_loss
-    from modules.model import create_model
-    from modules.optim import OptimConfig, build_optimizer, clamp_logit_scale, param_groups
+    from clip2video.modules.backbone import ClipConfig
+    from clip2video.modules.loss import global_batch_loss
+    from clip2video.modules.model import create_model
+    from clip2video.modules.optim import OptimConfig, build_optimizer, clamp_logit_scale, param_groups
+    from clip2video.modules.precision import autocast
 
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -13,18 +13,14 @@ The blocked and dense results are checked to agree. The last line is the vip/per
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.backbone import ClipConfig  # noqa: E402
-from modules.model import create_model  # noqa: E402
-from modules.vip import VideoProxyEncoder  # noqa: E402
+from clip2video.modules.backbone import ClipConfig
+from clip2video.modules.model import create_model
+from clip2video.modules.vip import VideoProxyEncoder
 
 
 def dense_attention(self, attn, x, t, n, key_mask):

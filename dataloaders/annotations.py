@@ -39,7 +39,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 DATATYPES = ("msrvtt", "msrvttfull", "msvd", "vatexEnglish", "generic")
-_ALIASES = {"vatex": "vatexEnglish"}
+DATATYPE_ALIASES = {"vatex": "vatexEnglish"}
 MSVD_SPLITS = ("train", "val", "test")
 VATEX_SPLITS = ("train", "val", "test", "test1k5_sec")
 #: The original VATEX loader keeps only frame folders with MORE than this many files.
@@ -129,7 +129,7 @@ class PairSet:
 
 def normalize_datatype(datatype: str) -> str:
     """Canonical datatype name (``vatex`` → ``vatexEnglish``); ValueError listing the choices otherwise."""
-    dt = _ALIASES.get(datatype, datatype)
+    dt = DATATYPE_ALIASES.get(datatype, datatype)
     if dt not in DATATYPES:
         raise ValueError(f"--datatype {datatype!r} is not one of {', '.join(DATATYPES)} (or 'vatex')")
     return dt

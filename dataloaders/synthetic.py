@@ -37,7 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataloaders.video_io import read_frames, write_video
+from .video_io import read_frames, write_video
 
 COLOURS: dict[str, tuple[int, int, int]] = {  # BGR, all bright against the dark background
     "red": (40, 40, 230),

@@ -15,7 +15,6 @@ once per caption. Because a CLIP2Video score is one dot product of two vectors (
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -25,37 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from .metrics import RankAccumulator, dual_softmax, retrieval_metrics
 from .model import CLIP2Video, TextEmbedding, VideoEmbedding
+from .precision import autocast
 from .tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str, training: bool = False) -> contextlib.AbstractContextManager:
-    """torch.autocast for bf16/fp16, a no-op context for fp32.
-
-    With ``training`` on CPU, reduced-precision attention also uses SDPA's math backend: torch's CPU
-    flash-attention kernel is slow in bf16 forward + backward at CLIP's short sequences (50 image tokens,
-    32 text tokens: 27 vs 12 ms for 24 × 12 heads here; 15 % of a training step, see
-    ``benchmarks/bench_train_step.py``). In fp32, and for inference, the default kernel is as fast or faster.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
-    if training and device.type == "cpu":
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    return stack
-
 
 @dataclass
 class EvalResult:

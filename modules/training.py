@@ -26,6 +26,7 @@ so a run killed at any step and resumed ends with the same weights and the same 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -42,10 +43,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import atomic_save
 from .distributed import DistInfo, barrier, broadcast_object
-from .evaluation import PRECISIONS, autocast
 from .logging_utils import MetricLog
 from .loss import global_batch_loss
 from .optim import OptimConfig, build_optimizer, build_scheduler, clamp_logit_scale, freeze_clip_layers
+from .precision import autocast, check_precision
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.batch_size < 1 or self.epochs < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("--batch_size, --epochs and --gradient_accumulation_steps must be >= 1")
         if self.select_metric not in ("t2v_R1", "v2t_R1", "rsum"):
@@ -418,7 +418,7 @@ def train(
             micro_index = state.batch_in_epoch % accum
             last_micro = micro_index == accum - 1
             batch = _to(batch, device)
-            sync = ddp.no_sync() if (info.is_distributed and not last_micro) else _null()
+            sync = ddp.no_sync() if (info.is_distributed and not last_micro) else contextlib.nullcontext()
             with sync:
                 with autocast(device, cfg.precision, training=True):
                     o = ddp(batch["input_ids"], batch["attention_mask"], batch["frames"], batch["frame_mask"])
@@ -512,14 +512,6 @@ def train(
     log.close()
     barrier(info)
     return TrainResult(state, losses, last_metrics)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return False
 
 
 def _fmt(m: dict[str, float]) -> str:

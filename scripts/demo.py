@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 LABELS = {"meanP": "mean pooling", "tdb": "TDB", "tab_tdb": "TDB + TAB", "vip": "CLIP-ViP proxies",
           "seqTransf": "temporal transformer"}
@@ -51,12 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         a.videos, a.epochs = 40, 1
     variants = [v for v in a.variants.split(",") if v]
 
-    import infer_retrieval
-    import sample_frame
-    import train
-    from dataloaders.annotations import load_eval_set
-    from dataloaders.synthetic import direction_accuracy, make_synthetic_dataset
-    from modules.metrics import markdown_row
+    from clip2video import infer_retrieval, sample_frame, train
+    from clip2video.dataloaders.annotations import load_eval_set
+    from clip2video.dataloaders.synthetic import direction_accuracy, make_synthetic_dataset
+    from clip2video.modules.metrics import markdown_row
 
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from dataloaders.annotations import (
+from clip2video.dataloaders.annotations import (
     DATATYPES,
     PairSet,
     RetrievalSet,

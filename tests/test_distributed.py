@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from modules.distributed import DistInfo, init_distributed
-from modules.training import GlobalBatchSampler, train
+from clip2video.modules.distributed import DistInfo, init_distributed
+from clip2video.modules.training import GlobalBatchSampler, train
 
 STEPS = 10
 B = 8  # global batch
@@ -26,7 +26,7 @@ def _grads(model: torch.nn.Module, rank: int, world: int) -> dict[str, torch.Ten
     through DDP (which averages) and the gathered loss."""
     from test_training import ColourPairs
 
-    from modules.loss import global_batch_loss
+    from clip2video.modules.loss import global_batch_loss
 
     data = ColourPairs(B)
     per = B // world

@@ -12,7 +12,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageDraw
 
-from dataloaders.frames import (
+from clip2video.dataloaders.frames import (
     CLIP_MEAN,
     CLIP_STD,
     FAST_MODE_MEAN_LEVELS,
@@ -202,7 +202,7 @@ def test_exact_mode_non_rgb_images_convert_first(tmp_path, mode):
 @pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
 def test_jpeg_decoders_agree_with_pillow(tmp_path, monkeypatch, mode):
     # colour JPEGs may be decoded by torchvision (when it matches Pillow here), others by Pillow: same tensors
-    from dataloaders import frames
+    from clip2video.dataloaders import frames
 
     path = tmp_path / "f.jpg"
     natural_image(331, 247, seed=3).convert(mode).save(path, "JPEG", quality=85)
@@ -274,7 +274,7 @@ def test_resize_kernel_bit_identical_to_pillow(size):
 
 
 def test_resize_without_numba_falls_back_to_pillow(monkeypatch):
-    from dataloaders import resample
+    from clip2video.dataloaders import resample
 
     rgb = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
     kernel = resample.resize_crop_array(rgb, 224)

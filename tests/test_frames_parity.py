@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from dataloaders.frames import load_video
-from modules.checkpoint import load_model
-from modules.model import make_config
+from clip2video.dataloaders.frames import load_video
+from clip2video.modules.checkpoint import load_model
+from clip2video.modules.model import make_config
 
 from parity_utils import CENTER_K, DATASETS, checkpoint_of, commands, expected
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import infer_retrieval
-from dataloaders.synthetic import make_synthetic_dataset
-from modules.backbone import ClipConfig
-from modules.checkpoint import export_original
-from modules.model import create_model
+from clip2video import infer_retrieval
+from clip2video.dataloaders.synthetic import make_synthetic_dataset
+from clip2video.modules.backbone import ClipConfig
+from clip2video.modules.checkpoint import export_original
+from clip2video.modules.model import create_model
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_bad_input_is_one_line_and_nonzero(setup, capsys, edit, needle):
 def test_missing_frames_of_a_listed_video(setup, tmp_path, capsys):
     import shutil
 
-    from dataloaders.annotations import load_eval_set
+    from clip2video.dataloaders.annotations import load_eval_set
 
     root, ckpt, _ = setup
     frames = tmp_path / "frames"

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-import infer_retrieval
+from clip2video import infer_retrieval
 
 from parity_utils import DATASETS, commands
 from test_parity import BORDERLINE

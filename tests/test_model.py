@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modules.backbone import ClipConfig
-from modules.checkpoint import CheckpointError, atomic_save, export_original, load_into, load_model
-from modules.evaluation import autocast
-from modules.loss import global_batch_loss
-from modules.model import VARIANTS, CLIP2VideoConfig, create_model, make_config, variant_of_flags
+from clip2video.modules.backbone import ClipConfig
+from clip2video.modules.checkpoint import CheckpointError, atomic_save, export_original, load_into, load_model
+from clip2video.modules.loss import global_batch_loss
+from clip2video.modules.model import VARIANTS, CLIP2VideoConfig, create_model, make_config, variant_of_flags
+from clip2video.modules.precision import autocast
 
 T = 12
 
@@ -94,7 +94,7 @@ def test_original_layout_is_batch_dependent_with_short_videos():
 
 def test_original_layout_head_assignment():
     """Head h of video b uses the key mask of video (b·heads + h) mod B."""
-    from modules.temporal import NEG, TemporalTransformer
+    from clip2video.modules.temporal import NEG, TemporalTransformer
 
     tt = TemporalTransformer(128, 1, heads=2)
     key_mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
@@ -127,7 +127,7 @@ def test_text_start_token_excluded_from_alignment_end_token_included():
         tokens = model.text_tokens(ids)
     # swapping the start token's id changes every later token through attention, so check the rule on the
     # alignment function directly: dropping position 0 from the mask must leave the result unchanged.
-    from modules.alignment import align_tokens
+    from clip2video.modules.alignment import align_tokens
 
     m = tmask.clone()
     m[:, 0] = 0
@@ -254,7 +254,7 @@ def test_architecture_read_from_weights():
 
 
 def test_quick_gelu_forward_is_openai_and_backward_matches_autograd():
-    from modules.backbone import QuickGELU
+    from clip2video.modules.backbone import QuickGELU
 
     torch.manual_seed(0)
     x = (torch.randn(64, 256) * 4).requires_grad_()
@@ -271,7 +271,7 @@ def test_quick_gelu_forward_is_openai_and_backward_matches_autograd():
 
 
 def test_every_activation_is_the_fast_quick_gelu():
-    from modules.backbone import QuickGELU
+    from clip2video.modules.backbone import QuickGELU
 
     model = create_model("tab_tdb", clip_config=ClipConfig.tiny())
     acts = [m for m in model.modules() if type(m).__name__ == "QuickGELU"]

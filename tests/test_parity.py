@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.checkpoint import load_clip_weights, load_model
-from modules.model import VideoEmbedding, make_config
-from modules.temporal import ResidualBlock
+from clip2video.modules.checkpoint import load_clip_weights, load_model
+from clip2video.modules.model import VideoEmbedding, make_config
+from clip2video.modules.temporal import ResidualBlock
 
 from parity_utils import CENTER_K, DATASETS, checkpoint_of, expected
 

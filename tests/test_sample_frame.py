@@ -11,9 +11,15 @@ import cv2
 import numpy as np
 import pytest
 
-import sample_frame
-from dataloaders import video_io
-from dataloaders.video_io import FrameResampler, VideoReadError, expected_output_frames, read_frames, write_video
+from clip2video import sample_frame
+from clip2video.dataloaders import video_io
+from clip2video.dataloaders.video_io import (
+    FrameResampler,
+    VideoReadError,
+    expected_output_frames,
+    read_frames,
+    write_video,
+)
 
 SRC_FPS = 10
 N_SRC = 20  # 2 s at 10 fps

@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-import sample_frame
-from dataloaders.synthetic import (
+from clip2video import sample_frame
+from clip2video.dataloaders.synthetic import (
     COLOURS,
     DIRECTIONS,
     OPPOSITE,
@@ -22,7 +22,7 @@ from dataloaders.synthetic import (
     make_synthetic_dataset,
     render_pair,
 )
-from dataloaders.video_io import read_frames
+from clip2video.dataloaders.video_io import read_frames
 
 N_FRAMES = 8
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from modules.tokenizer import END_ID, PAD_ID, START_ID, ClipTokenizer
+from clip2video.modules.tokenizer import END_ID, PAD_ID, START_ID, ClipTokenizer
 
 
 def check_invariants(ids: np.ndarray, mask: np.ndarray, max_words: int) -> None:

@@ -20,11 +20,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from modules.backbone import ClipConfig
-from modules.logging_utils import read_log
-from modules.model import create_model
-from modules.optim import OptimConfig
-from modules.training import NonFiniteLossError, TrainConfig, ValData, train, validate
+from clip2video.modules.backbone import ClipConfig
+from clip2video.modules.logging_utils import read_log
+from clip2video.modules.model import create_model
+from clip2video.modules.optim import OptimConfig
+from clip2video.modules.training import NonFiniteLossError, TrainConfig, ValData, train, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 N_COLOURS = 8
@@ -163,7 +163,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path)
 
 
 def test_export_evaluates_like_the_in_memory_model(tmp_path):
-    from modules.checkpoint import load_model
+    from clip2video.modules.checkpoint import load_model
 
     model = micro_model()
     val = colour_val(8)

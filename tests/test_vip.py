@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modules.backbone import ClipConfig
-from modules.checkpoint import export_original, load_model
-from modules.model import create_model
+from clip2video.modules.backbone import ClipConfig
+from clip2video.modules.checkpoint import export_original, load_model
+from clip2video.modules.model import create_model
 
 
 def vip_model(**kw):
@@ -152,7 +152,7 @@ def to_hf_clipvip(model) -> dict:
 
 
 def test_released_clipvip_layout_maps_to_ours(tmp_path):
-    from modules.checkpoint import CheckpointError, atomic_save, clipvip_to_ours
+    from clip2video.modules.checkpoint import CheckpointError, atomic_save, clipvip_to_ours
 
     model = vip_model(vip_frames=6)
     with torch.no_grad():
