@@ -158,11 +158,11 @@ def run(args: argparse.Namespace) -> int:
     if res.dsl_metrics is not None:
         payload["dsl"] = res.dsl_metrics
     if args.metrics_json:
-        from clip2video.modules.checkpoint import atomic_write_text
+        from clip2video.fileio import atomic_write_text
 
         atomic_write_text(args.metrics_json, json.dumps(payload, indent=1))
     if out_dir is not None:
-        from clip2video.modules.checkpoint import atomic_write_text
+        from clip2video.fileio import atomic_write_text
 
         # next to the log: run/log.txt → run/metrics.json, run/msrvtt.log → run/msrvtt.metrics.json
         name = "metrics.json" if log_file.name == "log.txt" else f"{log_file.stem}.metrics.json"

@@ -16,7 +16,6 @@ with a reason at the end; the exit status is 1 if any failed, 2 for bad flags.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import shutil
@@ -32,9 +31,9 @@ from tqdm import tqdm
 
 from clip2video.cli import OneLineParser, UsageError
 from clip2video.dataloaders.video_io import DEFAULT_FALLBACK_FPS, FrameResampler, VideoReadError, quiet_backend
+from clip2video.fileio import TMP_PREFIX, atomic_dir
 
 DEFAULT_EXTS = ".mp4,.avi,.mkv,.webm,.mov,.m4v,.mpg,.mpeg,.wmv,.flv,.3gp,.ogv"
-TMP_PREFIX = ".tmp-"
 STALE_AFTER_S = 3600.0
 """A temp folder untouched this long is stale even if its pid is alive again (pid reuse)."""
 
@@ -52,14 +51,6 @@ class Outcome:
 
 
 # --------------------------------------------------------------------------------------------- one video
-
-
-def _tmp_name(video_id: str, pid: int) -> str:
-    # Keep the name under the usual 255-byte limit for long (or long-in-UTF-8) ids.
-    tag = video_id if len(video_id.encode("utf-8", "surrogateescape")) <= 200 else hashlib.sha1(
-        video_id.encode("utf-8", "surrogateescape")
-    ).hexdigest()[:16]
-    return f"{TMP_PREFIX}{tag}-{pid}"
 
 
 def _write_jpeg(path: Path, frame, quality: int) -> None:
@@ -83,13 +74,7 @@ def _extract(
     """``extract_video`` returning the warnings too (unknown source fps, kept truncated part)."""
     if out_dir.is_dir() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: already exists")  # before decoding, not after
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / _tmp_name(out_dir.name, os.getpid())
-    if tmp.exists():  # our own pid: a leftover of an earlier failed call in this process
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:  # no final folder unless the video is complete
         reader = FrameResampler(path, fps, fallback_fps=fallback_fps, allow_truncated=allow_truncated)
         n = 0
         for frame in reader:
@@ -97,17 +82,6 @@ def _extract(
             _write_jpeg(tmp / f"{n:08d}.jpg", frame, quality)
         if n == 0:  # the reader raises first; kept so that no code path can publish an empty folder
             raise VideoReadError(f"{path}: no frames written")
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # an empty folder left by hand is not a finished video
-        try:
-            os.rename(tmp, out_dir)
-        except OSError as e:
-            if out_dir.exists():
-                raise FileExistsError(f"{out_dir}: already exists (written by another run?)") from None
-            raise OSError(f"{out_dir}: cannot move finished frames into place ({e.strerror or e})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return n, reader.warnings
 
 

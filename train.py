@@ -219,7 +219,7 @@ def train_config(args: argparse.Namespace):
 
 def write_args(args: argparse.Namespace, out: Path) -> None:
     """``args.yaml`` + ``args.json`` next to the outputs (atomically)."""
-    from clip2video.modules.checkpoint import atomic_write_text
+    from clip2video.fileio import atomic_write_text
 
     data = {k: v for k, v in sorted(vars(args).items())}
     atomic_write_text(out / "args.yaml", yaml.safe_dump(data, sort_keys=True))

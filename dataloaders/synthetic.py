@@ -29,7 +29,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..fileio import atomic_dir
 from .video_io import read_frames, write_video
 
 COLOURS: dict[str, tuple[int, int, int]] = {  # BGR, all bright against the dark background
@@ -271,10 +271,7 @@ def make_synthetic_dataset(
         start += c
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         media = tmp / ("videos" if write == "mp4" else "frames")
         media.mkdir()
         meta: dict[str, dict] = {}
@@ -319,20 +316,6 @@ def make_synthetic_dataset(
         with open(tmp / "videos.json", "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
             f.write("\n")
-
-        if out.exists():
-            old = out.parent / f".old-{out.name}-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     per_split = {s: sum(1 for m in meta.values() if m["split"] == s) for s in SPLITS}
     return {

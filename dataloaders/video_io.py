@@ -23,6 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..fileio import atomic_path
+
 DEFAULT_FALLBACK_FPS = 25.0
 """Source rate assumed when the container reports none (0, negative, NaN or absurd): the PAL/web default."""
 
@@ -207,18 +209,12 @@ def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: floa
         if f.dtype != np.uint8 or f.shape != (h, w, 3):
             raise ValueError(f"{path}: frame {n} is {f.dtype} {f.shape}, expected uint8 {(h, w, 3)}")
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.stem}-{os.getpid()}{path.suffix}")
-    writer = cv2.VideoWriter(os.fspath(tmp), cv2.VideoWriter_fourcc(*fourcc), float(fps), (w, h))
-    if not writer.isOpened():
-        writer.release()
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"{path}: OpenCV cannot open a {fourcc!r} writer for this file type")
-    try:
-        for f in frames:
-            writer.write(np.ascontiguousarray(f))
-    except BaseException:
-        writer.release()
-        tmp.unlink(missing_ok=True)
-        raise
-    writer.release()
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        writer = cv2.VideoWriter(os.fspath(tmp), cv2.VideoWriter_fourcc(*fourcc), float(fps), (w, h))
+        try:
+            if not writer.isOpened():
+                raise OSError(f"{path}: OpenCV cannot open a {fourcc!r} writer for this file type")
+            for f in frames:
+                writer.write(np.ascontiguousarray(f))
+        finally:
+            writer.release()

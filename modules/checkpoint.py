@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fileio import atomic_path, atomic_write_text
 from .backbone import OPENAI_EXTRA_KEYS, ClipConfig
 
 logger = logging.getLogger(__name__)
@@ -199,24 +200,9 @@ def read_checkpoint(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary name in the same folder, then ``os.replace``: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """``torch.save`` through :func:`clip2video.fileio.atomic_path`: never a half-written file."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def export_original(model: nn.Module, path: str | os.PathLike) -> Path:

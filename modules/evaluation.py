@@ -15,17 +15,18 @@ once per caption. Because a CLIP2Video score is one dot product of two vectors (
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..fileio import atomic_path
 from .metrics import RankAccumulator, dual_softmax, retrieval_metrics
 from .model import CLIP2Video, TextEmbedding, VideoEmbedding
 from .precision import autocast
@@ -183,26 +184,23 @@ def score(
     scale = float(model.logit_scale.detach().exp())
     n_text, n_video = tv.shape[0], vv.shape[0]
     acc = RankAccumulator(caption_video, n_video)
-    out = None
-    tmp = None
-    if save_sim is not None:
-        save_sim = Path(save_sim)
-        save_sim.parent.mkdir(parents=True, exist_ok=True)
-        tmp = save_sim.with_name(f".{save_sim.stem}.tmp-{os.getpid()}.npy")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_text, n_video))
     kept = np.empty((n_text, n_video), dtype=np.float32) if keep_sim else None
     vv_t = vv.t().contiguous()
-    for start in range(0, n_text, chunk):
-        rows = (scale * (tv[start : start + chunk] @ vv_t)).numpy()
-        acc.add(start, rows)
+    with contextlib.ExitStack() as stack:
+        out = None
+        if save_sim is not None:
+            tmp = stack.enter_context(atomic_path(save_sim))
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_text, n_video))
+        for start in range(0, n_text, chunk):
+            rows = (scale * (tv[start : start + chunk] @ vv_t)).numpy()
+            acc.add(start, rows)
+            if out is not None:
+                out[start : start + len(rows)] = rows
+            if kept is not None:
+                kept[start : start + len(rows)] = rows
         if out is not None:
-            out[start : start + len(rows)] = rows
-        if kept is not None:
-            kept[start : start + len(rows)] = rows
-    if out is not None:
-        out.flush()
-        del out
-        os.replace(tmp, save_sim)
+            out.flush()
+            del out
     return acc.metrics(multi_caption), kept
 
 

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 
@@ -66,9 +68,7 @@ class MetricLog:
         if self.path is None or not self.path.is_file():
             return
         lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()][:records]
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(ln + "\n" for ln in lines))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in lines))
 
     def write(self, record: dict[str, Any], prefix: str = "train") -> None:
         """Append one record (must hold ``step``); scalars also go to TensorBoard as ``prefix/key``."""

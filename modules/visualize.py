@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..fileio import atomic_path
+
 THUMB = 96  # px, square thumbnails
 FRAMES_PER_CELL = 3
 TEXT_W = 260
@@ -76,8 +78,6 @@ def retrieval_grid(
             label = f"#{c + 1} {video_ids[v][:22]} {sim[q, v]:.2f}" + ("  GT" if hit else "")
             draw.text((x + PAD, y + THUMB + 2 * PAD), label, fill=color if hit else (60, 60, 60), font=font)
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp-{os.getpid()}.png")
-    canvas.save(tmp)
-    os.replace(tmp, out_png)
+    with atomic_path(out_png) as tmp:
+        canvas.save(tmp)
     return out_png
