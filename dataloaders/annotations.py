@@ -337,6 +337,172 @@ def _generic_rows(data_path, split: str | None) -> tuple[Path, list[tuple[str, s
     return path, [(r["video_id"].strip(), r["caption"]) for r in rows]
 
 
+# ------------------------------------------------------------------------------------------------- parsers
+
+
+class DatasetParser:
+    """The annotation format of one dataset, serving both the evaluation and the training side.
+
+    A subclass reads its files once in :meth:`videos` (the listed videos that pass the dataset's frame-folder
+    rule, in the original's column order, with their captions); :meth:`eval_set` and :meth:`train_set` only
+    arrange that listing, so the two sides can never disagree on which videos and captions a split holds.
+    Formats whose two sides read different files (MSR-VTT) override the methods instead.
+    """
+
+    datatype: str = ""
+
+    def videos(self, *, data_path, features_path, split: str, skip_missing: bool
+               ) -> tuple[str, list[str], dict[str, list[str]]]:
+        """(set name, video ids in column order, captions per video)."""
+        raise NotImplementedError
+
+    def eval_set(self, *, data_path, features_path=None, val_csv=None, split: str = "test",
+                 skip_missing: bool = False) -> RetrievalSet:
+        name, order, caps = self.videos(data_path=data_path, features_path=features_path, split=split,
+                                        skip_missing=skip_missing)
+        return _grouped(name, order, caps)
+
+    def train_set(self, *, data_path, features_path=None, train_csv=None, split: str = "train",
+                  skip_missing: bool = False) -> PairSet:
+        _, order, caps = self.videos(data_path=data_path, features_path=features_path, split=split,
+                                     skip_missing=skip_missing)
+        return PairSet([(v, c) for v in order for c in caps[v]])
+
+
+class MsrvttParser(DatasetParser):
+    """``msrvtt``: evaluation is the 1k-A protocol (``MSRVTT_JSFUSION_test.csv``, one caption per video);
+    training reads a video list (``MSRVTT_train.9k.csv`` ...) and the captions of ``MSRVTT_data.json``."""
+
+    datatype = "msrvtt"
+
+    def eval_set(self, *, data_path=None, features_path=None, val_csv=None, split: str = "test",
+                 skip_missing: bool = False) -> RetrievalSet:
+        csv_path = _need_file(val_csv, "--val_csv", "MSR-VTT 1k-A pairs, e.g. MSRVTT_JSFUSION_test.csv")
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        if "sentence" not in [h.strip() for h in header]:
+            raise ValueError(f"{csv_path}: missing column sentence (header: {','.join(header)}); --datatype msrvtt "
+                             f"expects MSRVTT_JSFUSION_test.csv, use --datatype msrvttfull for a video_id list")
+        rows = _read_csv(csv_path, ("video_id", "sentence"))
+        if not rows:
+            raise ValueError(f"{csv_path}: no rows")
+        vids = [r["video_id"].strip() for r in rows]
+        caps = [r["sentence"] for r in rows]
+        uniq = list(OrderedDict.fromkeys(vids))
+        keep = set(_filter_missing(uniq, features_path, skip_missing, "MSR-VTT 1k-A"))
+        if len(keep) < len(uniq):
+            pairs = [(v, c) for v, c in zip(vids, caps, strict=True) if v in keep]
+            vids, caps = [v for v, _ in pairs], [c for _, c in pairs]
+        return RetrievalSet(f"msrvtt:{csv_path.name}", vids, caps, np.arange(len(vids), dtype=np.int64), False)
+
+    @staticmethod
+    def _listed(csv_path: Path, json_path: Path, features_path, skip_missing: bool, what: str
+                ) -> tuple[OrderedDict[str, list[str]], set[str]]:
+        """(captions of the listed videos in json order, the listed videos that have frames)."""
+        listed = list(OrderedDict.fromkeys(r["video_id"].strip() for r in _read_csv(csv_path, ("video_id",))))
+        if not listed:
+            raise ValueError(f"{csv_path}: no video ids")
+        caps = _msrvtt_captions(json_path, set(listed))
+        _check_all_captioned(listed, caps, csv_path, json_path)
+        return caps, set(_filter_missing(listed, features_path, skip_missing, what))
+
+    def train_set(self, *, data_path, features_path=None, train_csv=None, split: str = "train",
+                  skip_missing: bool = False) -> PairSet:
+        csv_path = _need_file(train_csv, "--train_csv", "MSR-VTT training video list, e.g. MSRVTT_train.9k.csv")
+        json_path = _need_file(data_path, "--data_path", "MSRVTT_data.json")
+        _, keep = self._listed(csv_path, json_path, features_path, skip_missing, "MSR-VTT train")
+        # json sentence order, as CLIP4Clip's unfolded training loader
+        data = _load_json(json_path)
+        return PairSet([(s["video_id"], str(s["caption"])) for s in data["sentences"] if s["video_id"] in keep])
+
+
+class MsrvttFullParser(MsrvttParser):
+    """``msrvttfull``: evaluation on a video list (``MSRVTT_{test,val}.full.csv``) with every json caption
+    (multi-caption); training as ``msrvtt``."""
+
+    datatype = "msrvttfull"
+
+    def eval_set(self, *, data_path, features_path=None, val_csv=None, split: str = "test",
+                 skip_missing: bool = False) -> RetrievalSet:
+        csv_path = _need_file(val_csv, "--val_csv", "MSR-VTT video list, e.g. MSRVTT_test.full.csv")
+        json_path = _need_file(data_path, "--data_path", "MSRVTT_data.json")
+        caps, keep = self._listed(csv_path, json_path, features_path, skip_missing, "MSR-VTT full")
+        # columns: first appearance in the json sentences (not csv order), as the original's dict insertion
+        order = [v for v in caps if v in keep]
+        return _grouped(f"msrvttfull:{csv_path.name}", order, caps)
+
+
+class MsvdParser(DatasetParser):
+    """``msvd``: ``raw-captions.pkl`` + ``{split}_list.txt``; every listed video needs its frame folder."""
+
+    datatype = "msvd"
+
+    def videos(self, *, data_path, features_path, split, skip_missing):
+        folder = _need_dir(data_path, "--data_path", "MSVD folder with raw-captions.pkl and *_list.txt")
+        list_file = _split_file(folder, split, MSVD_SPLITS, "--data_path")
+        listed = list(OrderedDict.fromkeys(_read_list(list_file)))
+        pkl = _need_file(folder / "raw-captions.pkl", "--data_path", "MSVD captions")
+        caps = _msvd_captions(pkl)
+        _check_all_captioned(listed, caps, list_file, pkl)
+        order = _filter_missing(listed, features_path, skip_missing, f"MSVD {split}")
+        return f"msvd:{split}", order, caps
+
+
+class VatexParser(DatasetParser):
+    """``vatexEnglish``: ``vatex_data.json`` + ``{split}_list.txt``; the original's > 5 files rule drops
+    videos (logged) instead of requiring every folder."""
+
+    datatype = "vatexEnglish"
+
+    def videos(self, *, data_path, features_path, split, skip_missing):
+        folder = _need_dir(data_path, "--data_path", "VATEX folder with vatex_data.json and *_list.txt")
+        list_file = _split_file(folder, split, VATEX_SPLITS, "--data_path")
+        listed = list(OrderedDict.fromkeys(_read_list(list_file)))
+        order = _vatex_filter(listed, features_path, f"VATEX {split}")
+        cap_file = _need_file(folder / "vatex_data.json", "--data_path", "VATEX captions")
+        caps = _vatex_captions(cap_file)
+        _check_all_captioned(order, caps, list_file, cap_file)
+        return f"vatexEnglish:{split}", order, caps
+
+
+class GenericParser(DatasetParser):
+    """``generic``: one CSV/JSONL file of (video_id, caption[, split]) rows. Evaluation is single-caption
+    (rows in file order) when every video has one caption, multi-caption otherwise; training keeps file order."""
+
+    datatype = "generic"
+
+    def eval_set(self, *, data_path, features_path=None, val_csv=None, split: str = "test",
+                 skip_missing: bool = False) -> RetrievalSet:
+        path, pairs = _generic_rows(data_path, split)
+        grouped: OrderedDict[str, list[str]] = OrderedDict()
+        for v, c in pairs:
+            grouped.setdefault(v, []).append(c)
+        order = _filter_missing(list(grouped), features_path, skip_missing, f"{path.name}")
+        if all(len(c) == 1 for c in grouped.values()):
+            keep = set(order)
+            kept = [(v, c) for v, c in pairs if v in keep]
+            return RetrievalSet(f"generic:{path.name}", [v for v, _ in kept], [c for _, c in kept],
+                                np.arange(len(kept), dtype=np.int64), multi_caption=False)
+        return _grouped(f"generic:{path.name}", order, grouped)
+
+    def train_set(self, *, data_path, features_path=None, train_csv=None, split: str = "train",
+                  skip_missing: bool = False) -> PairSet:
+        path, pairs = _generic_rows(data_path, split)
+        keep = set(_filter_missing(list(OrderedDict.fromkeys(v for v, _ in pairs)), features_path, skip_missing,
+                                   path.name))
+        return PairSet([(v, c) for v, c in pairs if v in keep])
+
+
+#: One parser per datatype (:data:`DATATYPES`); look one up with :func:`parser_for`.
+PARSERS: dict[str, DatasetParser] = {p.datatype: p for p in (MsrvttParser(), MsrvttFullParser(), MsvdParser(),
+                                                               VatexParser(), GenericParser())}
+
+
+def parser_for(datatype: str) -> DatasetParser:
+    """The parser of a datatype (aliases accepted); ValueError listing the choices otherwise."""
+    return PARSERS[normalize_datatype(datatype)]
+
+
 # ------------------------------------------------------------------------------------------------- public API
 
 
@@ -366,71 +532,8 @@ def load_eval_set(
     Raises:
         ValueError / FileNotFoundError: one line naming the file or flag and the problem.
     """
-    dt = normalize_datatype(datatype)
-    if dt == "msrvtt":
-        csv_path = _need_file(val_csv, "--val_csv", "MSR-VTT 1k-A pairs, e.g. MSRVTT_JSFUSION_test.csv")
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-        if "sentence" not in [h.strip() for h in header]:
-            raise ValueError(f"{csv_path}: missing column sentence (header: {','.join(header)}); --datatype msrvtt "
-                             f"expects MSRVTT_JSFUSION_test.csv, use --datatype msrvttfull for a video_id list")
-        rows = _read_csv(csv_path, ("video_id", "sentence"))
-        if not rows:
-            raise ValueError(f"{csv_path}: no rows")
-        vids = [r["video_id"].strip() for r in rows]
-        caps = [r["sentence"] for r in rows]
-        uniq = list(OrderedDict.fromkeys(vids))
-        keep = set(_filter_missing(uniq, features_path, skip_missing, "MSR-VTT 1k-A"))
-        if len(keep) < len(uniq):
-            pairs = [(v, c) for v, c in zip(vids, caps, strict=True) if v in keep]
-            vids, caps = [v for v, _ in pairs], [c for _, c in pairs]
-        return RetrievalSet(f"msrvtt:{csv_path.name}", vids, caps, np.arange(len(vids), dtype=np.int64), False)
-
-    if dt == "msrvttfull":
-        csv_path = _need_file(val_csv, "--val_csv", "MSR-VTT video list, e.g. MSRVTT_test.full.csv")
-        json_path = _need_file(data_path, "--data_path", "MSRVTT_data.json")
-        listed = list(OrderedDict.fromkeys(r["video_id"].strip() for r in _read_csv(csv_path, ("video_id",))))
-        if not listed:
-            raise ValueError(f"{csv_path}: no video ids")
-        caps = _msrvtt_captions(json_path, set(listed))
-        _check_all_captioned(listed, caps, csv_path, json_path)
-        keep = set(_filter_missing(listed, features_path, skip_missing, "MSR-VTT full"))
-        # columns: first appearance in the json sentences (not csv order), as the original's dict insertion
-        order = [v for v in caps if v in keep]
-        return _grouped(f"msrvttfull:{csv_path.name}", order, caps)
-
-    if dt == "msvd":
-        folder = _need_dir(data_path, "--data_path", "MSVD folder with raw-captions.pkl and *_list.txt")
-        list_file = _split_file(folder, split, MSVD_SPLITS, "--data_path")
-        listed = list(OrderedDict.fromkeys(_read_list(list_file)))
-        pkl = _need_file(folder / "raw-captions.pkl", "--data_path", "MSVD captions")
-        caps = _msvd_captions(pkl)
-        _check_all_captioned(listed, caps, list_file, pkl)
-        order = _filter_missing(listed, features_path, skip_missing, f"MSVD {split}")
-        return _grouped(f"msvd:{split}", order, caps)
-
-    if dt == "vatexEnglish":
-        folder = _need_dir(data_path, "--data_path", "VATEX folder with vatex_data.json and *_list.txt")
-        list_file = _split_file(folder, split, VATEX_SPLITS, "--data_path")
-        listed = list(OrderedDict.fromkeys(_read_list(list_file)))
-        order = _vatex_filter(listed, features_path, f"VATEX {split}")
-        cap_file = _need_file(folder / "vatex_data.json", "--data_path", "VATEX captions")
-        caps = _vatex_captions(cap_file)
-        _check_all_captioned(order, caps, list_file, cap_file)
-        return _grouped(f"vatexEnglish:{split}", order, caps)
-
-    # generic
-    path, pairs = _generic_rows(data_path, split)
-    grouped: OrderedDict[str, list[str]] = OrderedDict()
-    for v, c in pairs:
-        grouped.setdefault(v, []).append(c)
-    order = _filter_missing(list(grouped), features_path, skip_missing, f"{path.name}")
-    if all(len(c) == 1 for c in grouped.values()):
-        keep = set(order)
-        kept = [(v, c) for v, c in pairs if v in keep]
-        return RetrievalSet(f"generic:{path.name}", [v for v, _ in kept], [c for _, c in kept],
-                            np.arange(len(kept), dtype=np.int64), multi_caption=False)
-    return _grouped(f"generic:{path.name}", order, grouped)
+    return parser_for(datatype).eval_set(data_path=data_path, features_path=features_path, val_csv=val_csv,
+                                         split=split, skip_missing=skip_missing)
 
 
 def load_train_set(
@@ -453,46 +556,14 @@ def load_train_set(
         split: list to read for MSVD/VATEX, ``split`` column value for generic files.
         skip_missing: drop (and log) videos without a frame folder instead of raising.
     """
-    dt = normalize_datatype(datatype)
-    if dt in ("msrvtt", "msrvttfull"):
-        csv_path = _need_file(train_csv, "--train_csv", "MSR-VTT training video list, e.g. MSRVTT_train.9k.csv")
-        json_path = _need_file(data_path, "--data_path", "MSRVTT_data.json")
-        listed = list(OrderedDict.fromkeys(r["video_id"].strip() for r in _read_csv(csv_path, ("video_id",))))
-        if not listed:
-            raise ValueError(f"{csv_path}: no video ids")
-        caps = _msrvtt_captions(json_path, set(listed))
-        _check_all_captioned(listed, caps, csv_path, json_path)
-        keep = set(_filter_missing(listed, features_path, skip_missing, "MSR-VTT train"))
-        # json sentence order, as CLIP4Clip's unfolded training loader
-        data = _load_json(json_path)
-        pairs = [(s["video_id"], str(s["caption"])) for s in data["sentences"] if s["video_id"] in keep]
-        return PairSet(pairs)
-    if dt == "msvd":
-        folder = _need_dir(data_path, "--data_path", "MSVD folder with raw-captions.pkl and *_list.txt")
-        list_file = _split_file(folder, split, MSVD_SPLITS, "--data_path")
-        listed = list(OrderedDict.fromkeys(_read_list(list_file)))
-        pkl = _need_file(folder / "raw-captions.pkl", "--data_path", "MSVD captions")
-        caps = _msvd_captions(pkl)
-        _check_all_captioned(listed, caps, list_file, pkl)
-        order = _filter_missing(listed, features_path, skip_missing, f"MSVD {split}")
-        return PairSet([(v, c) for v in order for c in caps[v]])
-    if dt == "vatexEnglish":
-        folder = _need_dir(data_path, "--data_path", "VATEX folder with vatex_data.json and *_list.txt")
-        list_file = _split_file(folder, split, VATEX_SPLITS, "--data_path")
-        listed = list(OrderedDict.fromkeys(_read_list(list_file)))
-        order = _vatex_filter(listed, features_path, f"VATEX {split}")
-        cap_file = _need_file(folder / "vatex_data.json", "--data_path", "VATEX captions")
-        caps = _vatex_captions(cap_file)
-        _check_all_captioned(order, caps, list_file, cap_file)
-        return PairSet([(v, c) for v in order for c in caps[v]])
-    path, pairs = _generic_rows(data_path, split)
-    keep = set(_filter_missing(list(OrderedDict.fromkeys(v for v, _ in pairs)), features_path, skip_missing,
-                               path.name))
-    return PairSet([(v, c) for v, c in pairs if v in keep])
+    return parser_for(datatype).train_set(data_path=data_path, features_path=features_path, train_csv=train_csv,
+                                          split=split, skip_missing=skip_missing)
 
 
 __all__ = [
     "DATATYPES",
+    "PARSERS",
+    "DatasetParser",
     "MSVD_SPLITS",
     "PairSet",
     "RetrievalSet",
@@ -500,4 +571,5 @@ __all__ = [
     "load_eval_set",
     "load_train_set",
     "normalize_datatype",
+    "parser_for",
 ]

@@ -11,11 +11,13 @@ import pytest
 
 from clip2video.dataloaders.annotations import (
     DATATYPES,
+    PARSERS,
     PairSet,
     RetrievalSet,
     load_eval_set,
     load_train_set,
     normalize_datatype,
+    parser_for,
 )
 
 DATASETS = ("msrvtt", "msrvttfull", "msvd", "vatex")
@@ -192,6 +194,17 @@ def test_datatypes_and_alias():
     assert normalize_datatype("vatex") == "vatexEnglish"
     with pytest.raises(ValueError, match="'youcook'.*msrvtt"):
         normalize_datatype("youcook")
+
+
+def test_one_parser_per_datatype_serves_both_sides(tmp_path):
+    assert tuple(PARSERS) == DATATYPES and parser_for("vatex") is PARSERS["vatexEnglish"]
+    (tmp_path / "val_list.txt").write_text("x2\nx1\n")
+    (tmp_path / "raw-captions.pkl").write_bytes(pickle.dumps({"x1": [["a", "b"]], "x2": [["c"], ["d", "e"]]}))
+    (tmp_path / "vatex_data.json").write_text(json.dumps({"x1": {"enCap": ["p", "q"]}, "x2": {"enCap": ["r"]}}))
+    for dt in ("msvd", "vatexEnglish"):  # the same split read for training and for evaluation: the same rows
+        ev = parser_for(dt).eval_set(data_path=tmp_path, split="val")
+        tr = parser_for(dt).train_set(data_path=tmp_path, split="val")
+        assert ev.rows() == tr.pairs and ev.video_ids == tr.video_ids == ["x2", "x1"], dt
 
 
 # --------------------------------------------------------------------------------------------------- errors
