@@ -306,6 +306,103 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+@dataclass
+class _Run:
+    """What the parts of the loop share: the model being trained, its optimiser state, the log."""
+
+    raw: nn.Module  # the model itself (never the DDP wrapper): what is saved, exported and validated
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    state: TrainState
+    cfg: TrainConfig
+    info: DistInfo
+    log: MetricLog
+    run_config: dict[str, Any]
+
+    def save(self, name: str, metric: dict[str, Any] | None = None) -> None:
+        if self.info.is_main:
+            save_checkpoint(self.cfg.output_dir / name, checkpoint_dict(self.raw, self.optimizer, self.scheduler,
+                                                                        self.scaler, self.state, self.run_config,
+                                                                        metric))
+
+    def write(self, rec: dict[str, Any], prefix: str = "train") -> None:
+        if self.info.is_main:
+            self.log.write(rec, prefix)
+            self.state.log_records += 1
+
+
+def optimizer_step(run: _Run, epoch: int) -> dict[str, float]:
+    """One optimiser step on the accumulated gradients: unscale (fp16), clip, refuse a non-finite norm, step,
+    advance the schedule, clamp the logit scale, count the step.
+
+    Returns ``grad_norm`` and the learning rates this step used (``lr`` heads, ``lr_clip``) for the log.
+
+    Raises:
+        NonFiniteLossError: gradient norm NaN/inf (without a GradScaler, which skips such steps itself).
+    """
+    cfg, optimizer, scheduler, scaler, raw = run.cfg, run.optimizer, run.scheduler, run.scaler, run.raw
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in raw.parameters() if p.grad is not None]
+    if cfg.optim.max_grad_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+    else:
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    if scaler is None and not math.isfinite(grad_norm):
+        raise NonFiniteLossError(
+            f"gradient norm is {grad_norm} at step {run.state.step + 1} (epoch {epoch}); stopping. The last "
+            f"good checkpoint is {cfg.output_dir / 'latest.pt'} (not overwritten)"
+        )
+    factor = scheduler.get_last_lr()[0] / scheduler.base_lrs[0]  # schedule value used by this step
+    lr_heads, lr_clip = cfg.optim.lr * factor, cfg.optim.lr * cfg.optim.coef_lr * factor
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    clamp_logit_scale(raw)
+    run.state.step += 1
+    return {"grad_norm": grad_norm, "lr": lr_heads, "lr_clip": lr_clip}
+
+
+def end_of_epoch(run: _Run, epoch: int, *, stop: bool, steps_per_epoch: int, val: ValData | None
+                 ) -> dict[str, Any] | None:
+    """Close epoch ``epoch`` (or the step budget within it): advance the epoch counter if the epoch is
+    complete, export ``pytorch_model.bin.<epoch>``, validate when due (a better metric saves ``best.pt``),
+    save ``latest.pt``. Returns the validation metrics (main process, when validated), else None.
+    """
+    cfg, info, state, raw = run.cfg, run.info, run.state, run.raw
+    out = cfg.output_dir
+    finished_epoch = not stop or state.batch_in_epoch >= steps_per_epoch * cfg.gradient_accumulation_steps
+    if finished_epoch:
+        state.epoch += 1
+        state.batch_in_epoch = 0
+    if info.is_main and cfg.export:
+        from .checkpoint import export_original
+
+        path = export_original(raw, out / f"pytorch_model.bin.{epoch}")
+        logger.info("exported %s", path)
+    metric = None
+    do_eval = val is not None and ((cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or stop
+                                   or state.epoch >= cfg.epochs)
+    if do_eval:
+        if info.is_main:
+            metric = validate(raw, val, device=info.device, precision=cfg.precision)
+            value = selection_value(metric, cfg.select_metric)
+            logger.info("epoch %d validation: t2v %s | v2t %s", epoch, _fmt(metric["t2v"]), _fmt(metric["v2t"]))
+            run.write({"step": state.step, "epoch": epoch, "val": metric, cfg.select_metric: value}, prefix="val")
+            if value > state.best_metric:
+                state.best_metric = value
+                run.save("best.pt", metric)
+        barrier(info)
+        raw.train()
+    run.save("latest.pt", metric)
+    return metric
+
+
 def train(
     model: nn.Module,
     train_dataset: Dataset,
@@ -384,14 +481,7 @@ def train(
                 "%d steps/epoch, %d steps total, precision %s", len(train_dataset), cfg.batch_size, sampler.micro,
                 info.world_size, cfg.gradient_accumulation_steps, sampler.steps_per_epoch, total, cfg.precision)
 
-    def save(name: str, metric: dict[str, Any] | None = None) -> None:
-        if info.is_main:
-            save_checkpoint(out / name, checkpoint_dict(raw, optimizer, scheduler, scaler, state, run_config, metric))
-
-    def write(rec: dict[str, Any], prefix: str = "train") -> None:
-        if info.is_main:
-            log.write(rec, prefix)
-            state.log_records += 1
+    run = _Run(raw, optimizer, scheduler, scaler, state, cfg, info, log, run_config)
 
     losses: list[float] = []
     last_metrics: dict[str, Any] | None = None
@@ -439,76 +529,30 @@ def train(
             if not last_micro:
                 continue
 
-            # ---- optimiser step
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            params = [p for p in raw.parameters() if p.grad is not None]
-            if cfg.optim.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-            if scaler is None and not math.isfinite(grad_norm):
-                raise NonFiniteLossError(
-                    f"gradient norm is {grad_norm} at step {state.step + 1} (epoch {epoch}); stopping. The last "
-                    f"good checkpoint is {out / 'latest.pt'} (not overwritten)"
-                )
-            factor = scheduler.get_last_lr()[0] / scheduler.base_lrs[0]  # schedule value used by this step
-            lr_heads, lr_clip = cfg.optim.lr * factor, cfg.optim.lr * cfg.optim.coef_lr * factor
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            clamp_logit_scale(raw)
-            state.step += 1
+            step = optimizer_step(run, epoch)
             losses.append(step_loss)
             if state.step % cfg.log_every == 0:
                 dt = time.perf_counter() - t0
                 rec = {"step": state.step, "epoch": epoch, "loss": step_loss, **step_terms,
-                       "lr": lr_heads, "lr_clip": lr_clip,
-                       "logit_scale": float(raw.clip.logit_scale.detach().exp()), "grad_norm": grad_norm,
+                       "lr": step["lr"], "lr_clip": step["lr_clip"],
+                       "logit_scale": float(raw.clip.logit_scale.detach().exp()), "grad_norm": step["grad_norm"],
                        "samples_per_s": cfg.batch_size / max(dt, 1e-9)}
-                write(rec)
+                run.write(rec)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}")
             step_loss, step_terms, t0 = 0.0, {}, time.perf_counter()
             if cfg.save_every_steps and state.step % cfg.save_every_steps == 0:
-                save("latest.pt")
+                run.save("latest.pt")
             if cfg.max_steps and state.step >= cfg.max_steps:
                 stop = True
                 break
         if bar is not None:
             bar.close()
 
-        # ---- end of epoch (or of the step budget)
-        finished_epoch = not stop or state.batch_in_epoch >= sampler.steps_per_epoch * accum
-        if finished_epoch:
-            state.epoch += 1
-            state.batch_in_epoch = 0
-        if info.is_main and cfg.export:
-            from .checkpoint import export_original
-
-            path = export_original(raw, out / f"pytorch_model.bin.{epoch}")
-            logger.info("exported %s", path)
-        metric = None
-        do_eval = val is not None and ((cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or stop
-                                       or state.epoch >= cfg.epochs)
-        if do_eval:
-            if info.is_main:
-                metric = validate(raw, val, device=device, precision=cfg.precision)
-                value = selection_value(metric, cfg.select_metric)
-                logger.info("epoch %d validation: t2v %s | v2t %s", epoch, _fmt(metric["t2v"]), _fmt(metric["v2t"]))
-                write({"step": state.step, "epoch": epoch, "val": metric, cfg.select_metric: value}, prefix="val")
-                last_metrics = metric
-                if value > state.best_metric:
-                    state.best_metric = value
-                    save("best.pt", metric)
-            barrier(info)
-            raw.train()
-        save("latest.pt", metric)
+        metric = end_of_epoch(run, epoch, stop=stop, steps_per_epoch=sampler.steps_per_epoch, val=val)
+        if metric is not None:
+            last_metrics = metric
     log.close()
     barrier(info)
     return TrainResult(state, losses, last_metrics)
