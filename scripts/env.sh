@@ -2,6 +2,11 @@
 # Uses the active virtualenv/conda env if there is one, else ./.venv; installs requirements.txt and the
 # project itself (editable, so `import clip2video` and the console scripts work from anywhere) when either
 # changed since the last install.
+# CLIP2VIDEO_USE_CURRENT_PYTHON=1 skips all of this and uses the python on PATH as it is (an environment
+# managed otherwise; the tests, which must not reinstall anything).
+if [[ "${CLIP2VIDEO_USE_CURRENT_PYTHON:-}" == 1 ]]; then
+  return 0
+fi
 if [[ -z "${VIRTUAL_ENV:-}" && -z "${CONDA_PREFIX:-}" ]]; then
   if [[ ! -x .venv/bin/python ]]; then
     echo "[env] creating .venv"

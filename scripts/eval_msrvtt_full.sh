@@ -1,14 +1,3 @@
 #!/usr/bin/env bash
-# Evaluate a CLIP2Video checkpoint on the msrvtt_full protocol with the paper's flags (configs/eval/msrvtt_full.yaml).
-# Paths come from the environment:
-#   DATA      annotation files (see data/README.md)       FEATURES  frame folders (sample_frame.py output)
-#   CKPT      folder holding pytorch_model.bin.N           MODEL_NUM N (default 2)
-#   OUT       output folder (default runs/eval_msrvtt_full)         extra flags are passed through, e.g. --precision bf16
-set -euo pipefail
-cd "$(dirname "$0")/.."
-: "${DATA:?set DATA}" "${FEATURES:?set FEATURES}" "${CKPT:?set CKPT}"
-OUT=${OUT:-runs/eval_msrvtt_full}
-mkdir -p "$OUT"
-python infer_retrieval.py --config configs/eval/msrvtt_full.yaml --val_csv "$DATA/MSRVTT_test.full.csv" --data_path "$DATA/MSRVTT_data.json" \
-  --features_path "$FEATURES" --checkpoint "$CKPT" --model_num "${MODEL_NUM:-2}" --do_eval \
-  --output_dir "$OUT/eval.log" --metrics_json "$OUT/metrics.json" "$@"
+# Evaluate on the msrvtt_full protocol (configs/eval/msrvtt_full.yaml); environment and flags as in scripts/eval.sh.
+exec bash "$(dirname "$0")/eval.sh" msrvtt_full "$@"

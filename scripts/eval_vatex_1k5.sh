@@ -1,14 +1,3 @@
 #!/usr/bin/env bash
-# Evaluate a CLIP2Video checkpoint on the vatex_1k5 protocol with the paper's flags (configs/eval/vatex_1k5.yaml).
-# Paths come from the environment:
-#   DATA      annotation files (see data/README.md)       FEATURES  frame folders (sample_frame.py output)
-#   CKPT      folder holding pytorch_model.bin.N           MODEL_NUM N (default 22)
-#   OUT       output folder (default runs/eval_vatex_1k5)         extra flags are passed through, e.g. --precision bf16
-set -euo pipefail
-cd "$(dirname "$0")/.."
-: "${DATA:?set DATA}" "${FEATURES:?set FEATURES}" "${CKPT:?set CKPT}"
-OUT=${OUT:-runs/eval_vatex_1k5}
-mkdir -p "$OUT"
-python infer_retrieval.py --config configs/eval/vatex_1k5.yaml --data_path "$DATA" \
-  --features_path "$FEATURES" --checkpoint "$CKPT" --model_num "${MODEL_NUM:-22}" --do_eval \
-  --output_dir "$OUT/eval.log" --metrics_json "$OUT/metrics.json" "$@"
+# Evaluate on the vatex_1k5 protocol (configs/eval/vatex_1k5.yaml); environment and flags as in scripts/eval.sh.
+exec bash "$(dirname "$0")/eval.sh" vatex_1k5 "$@"

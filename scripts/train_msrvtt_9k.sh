@@ -1,20 +1,3 @@
 #!/usr/bin/env bash
-# Train CLIP2Video: MSR-VTT 9k training split (configs/train/msrvtt_9k.yaml), with torchrun.
-# Paths and launch come from the environment:
-#   DATA      annotation files (see data/README.md)      FEATURES  frame folders (sample_frame.py output)
-#   CLIP      OpenAI ViT-B-32.pt                          OUT       output folder (default runs/train_msrvtt_9k)
-#   NPROC     processes on this node (default: number of GPUs, else 1); --batch_size 128 is the GLOBAL batch
-#   NNODES, RDZV  multi-node: set NNODES=M and RDZV=HOST:PORT and run this same script on every node
-#   (torchrun --nnodes M --rdzv_backend c10d --rdzv_endpoint HOST:PORT; OUT on a shared file system).
-#   VAL_CSV   optional held-out MSR-VTT video list (video_id column) for best.pt; never the test split
-# Extra flags are passed through, e.g. --precision bf16 --grad_checkpointing --resume latest.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/env.sh
-: "${DATA:?set DATA}" "${FEATURES:?set FEATURES}" "${CLIP:?set CLIP}"
-OUT=${OUT:-runs/train_msrvtt_9k}
-source scripts/launch.sh
-"${LAUNCH[@]}" train.py --config configs/train/msrvtt_9k.yaml --do_train \
-  --train_csv "$DATA/MSRVTT_train.9k.csv" --data_path "$DATA/MSRVTT_data.json" \
-  ${VAL_CSV:+--val_csv "$VAL_CSV" --val_datatype msrvttfull} \
-  --features_path "$FEATURES" --clip_path "$CLIP" --output_dir "$OUT" "$@"
+# Train with configs/train/msrvtt_9k.yaml; environment and flags as in scripts/train.sh.
+exec bash "$(dirname "$0")/train.sh" msrvtt_9k "$@"

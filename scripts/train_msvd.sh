@@ -1,17 +1,3 @@
 #!/usr/bin/env bash
-# Train CLIP2Video: MSVD (configs/train/msvd.yaml), with torchrun.
-# Paths and launch come from the environment:
-#   DATA      annotation files (see data/README.md)      FEATURES  frame folders (sample_frame.py output)
-#   CLIP      OpenAI ViT-B-32.pt                          OUT       output folder (default runs/train_msvd)
-#   NPROC     processes on this node (default: number of GPUs, else 1); --batch_size 128 is the GLOBAL batch
-#   NNODES, RDZV  multi-node: set NNODES=M and RDZV=HOST:PORT and run this same script on every node
-#   (torchrun --nnodes M --rdzv_backend c10d --rdzv_endpoint HOST:PORT; OUT on a shared file system).
-# Extra flags are passed through, e.g. --precision bf16 --grad_checkpointing --resume latest.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/env.sh
-: "${DATA:?set DATA}" "${FEATURES:?set FEATURES}" "${CLIP:?set CLIP}"
-OUT=${OUT:-runs/train_msvd}
-source scripts/launch.sh
-"${LAUNCH[@]}" train.py --config configs/train/msvd.yaml --do_train --data_path "$DATA" \
-  --features_path "$FEATURES" --clip_path "$CLIP" --output_dir "$OUT" "$@"
+# Train with configs/train/msvd.yaml; environment and flags as in scripts/train.sh.
+exec bash "$(dirname "$0")/train.sh" msvd "$@"
