@@ -156,7 +156,7 @@ def test_train_bad_validation_video_one_line(data, tmp_path, capsys):
     """Validation runs its own DataLoader (workers too): a broken validation video is named the same way."""
     val_video = load_eval_set("generic", data_path=str(data["csv"]), split="val").video_ids[0]
     frames, _, file = break_video(data, tmp_path, val_video, "corrupt")
-    rc = train.main(train_argv(data, frames, tmp_path / "out", "--val_split", "val"))
+    rc = train.main(train_argv(data, frames, tmp_path / "out", "--val_split", "val", "--max_steps", "1"))
     line = the_error_line(capsys.readouterr().err, "train.py")
     assert rc == 1 and f"'{val_video}'" in line and f"{val_video}/{file}" in line, line
 
