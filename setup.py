@@ -13,6 +13,9 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 ENTRY_POINTS = ("train", "infer_retrieval", "sample_frame", "search")
+# console script → entry module; a script is installed only when its module is in the tree, never a dead command
+CONSOLE_SCRIPTS = {"clip2video-train": "train", "clip2video-eval": "infer_retrieval",
+                   "clip2video-extract": "sample_frame", "clip2video-search": "search"}
 
 
 class BuildPy(build_py):
@@ -41,12 +44,8 @@ setup(
     package_dir={"clip2video": "clip2video", "clip2video.modules": "modules",
                  "clip2video.dataloaders": "dataloaders"},
     cmdclass={"build_py": BuildPy},
-    entry_points={"console_scripts": [
-        "clip2video-train = clip2video.train:main",
-        "clip2video-eval = clip2video.infer_retrieval:main",
-        "clip2video-extract = clip2video.sample_frame:main",
-        "clip2video-search = clip2video.search:main",
-    ]},
+    entry_points={"console_scripts": [f"{cmd} = clip2video.{mod}:main" for cmd, mod in CONSOLE_SCRIPTS.items()
+                                      if (ROOT / f"{mod}.py").is_file()]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<3",

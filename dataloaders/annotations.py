@@ -1,8 +1,9 @@
 """Annotation parsers: one per dataset format, all producing the same two small structures.
 
 * :class:`RetrievalSet` — an evaluation set: caption rows × video columns, in exactly the order the original
-  CLIP2Video evaluation used (DESIGN §2 "Evaluation protocols"), plus the original's grouping of videos into
-  evaluation batches (:meth:`RetrievalSet.video_batches`), which matters under the ``original`` mask layout.
+  CLIP2Video evaluation used (docs/original-behaviours.md, "Evaluation protocols"), plus the original's
+  grouping of videos into evaluation batches (:meth:`RetrievalSet.video_batches`), which matters under the
+  ``original`` mask layout.
 * :class:`PairSet` — a training set: (video_id, caption) pairs.
 
 One parser per annotation format feeding one generic dataset follows timm's ``create_dataset`` split of
@@ -91,8 +92,9 @@ class RetrievalSet:
 
         Single caption: chunks of ``batch_size_val`` pairs in csv order. Multi-caption: the original iterated
         captions in chunks of ``batch_size_val`` and encoded, per chunk, the videos whose LAST caption falls in
-        it. Under the ``original`` mask layout a video's vector depends on its batch-mates (DESIGN §2), so
-        these groups are needed to reproduce the released numbers. Chunks without such a video are omitted.
+        it. Under the ``original`` mask layout a video's vector depends on its batch-mates
+        (docs/original-behaviours.md, "Mask layout"), so these groups are needed to reproduce the released
+        numbers. Chunks without such a video are omitted.
         """
         if batch_size_val < 1:
             raise ValueError(f"batch_size_val must be >= 1, got {batch_size_val}")

@@ -1,22 +1,23 @@
 """Frame folders → sampled, preprocessed frame tensors, exactly as the original CLIP2Video read them.
 
 A video is a folder of image files (``FRAMES/<video_id>/00000001.jpg ...`` as written by ``sample_frame.py``).
-Three steps, each reproducing a measured behaviour of the original ``RawFrameExtractor`` (DESIGN §2 "Frames"):
+Three steps, each reproducing a measured behaviour of the original ``RawFrameExtractor`` (docs/original-behaviours.md,
+"Frames"):
 
 1. :func:`list_frame_files`: every file of the folder, sorted by name, no extension filter.
 2. :func:`sample_positions`: ``feature_framerate`` is a *decimation factor* on that list, then at most
    ``max_frames`` evenly spaced positions; :func:`jitter_positions` adds the training-time jitter.
 3. :func:`preprocess_image`: PIL RGB → bicubic resize of the short side → centre crop → [0, 1] → CLIP
    normalisation. The released checkpoints saw PIL's antialiased bicubic pixels, and OpenCV/torch resizing
-   moves the similarities by 4e-3..1e-2 (fixture README), so the default ``mode="exact"`` keeps PIL's pixels
-   bit for bit and only removes work around them:
+   moves the similarities beyond the parity bound, so the default ``mode="exact"`` keeps PIL's pixels bit for
+   bit and only removes work around them:
 
    * colour JPEGs are decoded by torchvision's libjpeg-turbo call when it returns Pillow's pixels (probed
      once per process; else Pillow), straight into a planar buffer (:func:`_decode_rgb`);
    * the resize + crop is :func:`~dataloaders.resample.resize_crop_array`: Pillow's fixed-point bicubic
      arithmetic reimplemented as two vectorised kernels that compute only the pixels the centre crop keeps
-     (3–5× faster than Pillow's ``resize``; bit-identical, checked against torchvision's ``Resize`` +
-     ``CenterCrop`` in the tests; Pillow itself when numba is missing);
+     (bit-identical, checked against torchvision's ``Resize`` + ``CenterCrop`` in the tests; Pillow itself
+     when numba is missing; speed in benchmarks/README.md);
    * ``ToTensor`` + ``Normalize`` become a (3, 256) look-up table computed once with their own float32
      operations (so the values are identical), applied by the resize kernel as it writes each pixel
      straight into the video buffer;
@@ -195,10 +196,9 @@ def _decode_rgb(path: str, image_size: int, mode: str) -> np.ndarray:
 
     Colour JPEGs are decoded by torchvision's libjpeg-turbo call when it gives Pillow's pixels
     (:func:`_torch_jpeg_matches_pillow`): it writes planar pixels directly, where Pillow decodes to 4-byte
-    pixels and then copies them out (measured here: ~0.25 vs ~0.45 ms at 320×240, ~2.4 vs ~3.2 ms at
-    1280×720). Anything else, or anything torchvision cannot decode, goes
-    through Pillow, whose errors name the problem. In ``fast`` mode, JPEGs with a short side ≥ 2·S use
-    libjpeg's DCT scaling through Pillow's ``draft``.
+    pixels and then copies them out, so it does less work per frame. Anything else, or anything torchvision
+    cannot decode, goes through Pillow, whose errors name the problem. In ``fast`` mode, JPEGs with a short
+    side ≥ 2·S use libjpeg's DCT scaling through Pillow's ``draft``.
     """
     with open(path, "rb") as f:
         data = f.read()

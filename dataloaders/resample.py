@@ -3,9 +3,9 @@
 The released CLIP2Video checkpoints saw frames resized by PIL (``Resize(S, BICUBIC)`` + ``CenterCrop(S)`` on
 PIL images), so the ``exact`` loader must return Pillow's uint8 pixels. Pillow's resampler is scalar C;
 this module reimplements its *arithmetic* (not its code) as two small vectorisable kernels compiled with
-numba, and only for the output pixels that survive the crop. Measured 3.3–4.7× faster than Pillow's
-``resize`` on 320×240 … 1280×720 frames on one core, with identical pixels (``tests/test_frames.py``
-compares them on many sizes, including upscaling and portrait frames).
+numba, and only for the output pixels that survive the crop, with identical pixels (``tests/test_frames.py``
+compares them on many sizes, including upscaling and portrait frames; ``benchmarks/bench_dataloader.py``
+measures the speed against Pillow).
 
 What has to match, from Pillow's documented algorithm (``libImaging/Resample.c``: separable passes,
 horizontal first, each rounding to uint8):

@@ -113,10 +113,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over ``param_groups`` (the ``param_names`` key is kept for inspection; AdamW ignores it).
 
     Uses torch's fused AdamW kernel where it exists (CPU and CUDA): one pass over each parameter instead of
-    the ~10 ``_foreach`` passes of the default implementation and no parameter-sized temporaries. On the
-    151 M parameters of ViT-B/32 CLIP2Video it is 4.7× faster per step on this project's 2-core CPU
-    (0.46 → 0.10 s); the update is the same AdamW formula (agreement with ``foreach`` within fp32 rounding,
-    tests/test_optim.py). Build the optimiser after moving the model to its device.
+    the ~10 ``_foreach`` passes of the default implementation and no parameter-sized temporaries, which
+    matters at the 151 M parameters of ViT-B/32 CLIP2Video (the step time is in benchmarks/README.md); the
+    update is the same AdamW formula (agreement with ``foreach`` within fp32 rounding, tests/test_optim.py).
+    Build the optimiser after moving the model to its device.
     """
     groups = param_groups(model, cfg)
     if not groups:

@@ -85,7 +85,7 @@ def make_folder(path, n: int, size=(64, 48)) -> None:
 
 
 def test_sample_positions_design_example():
-    # DESIGN §2: 58 files, framerate 2 -> 1-based files 1,5,11,15,21,25,31,35,41,45,51,58
+    # the original's rule on 58 files, framerate 2 -> 1-based files 1,5,11,15,21,25,31,35,41,45,51,58
     pos = sample_positions(58, 2, 12)
     assert (pos + 1).tolist() == [1, 5, 11, 15, 21, 25, 31, 35, 41, 45, 51, 58]
     assert pos.dtype == np.int64
