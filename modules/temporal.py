@@ -1,8 +1,8 @@
 """Temporal transformers and the Temporal Difference Block (TDB) of CLIP2Video.
 
-The blocks are CLIP residual attention blocks (pre-LN, QuickGELU MLP ×4) with parameter names identical to
-the original's ``transformerClip`` / ``frame2t_attention`` / ``actionClip`` modules, so a released state dict
-loads without renaming.
+The blocks are CLIP-style residual attention blocks (pre-LN with the original's ε = 1e-12 ``TemporalLayerNorm``,
+QuickGELU MLP ×4) with parameter names identical to the original's ``transformerClip`` / ``frame2t_attention`` /
+``actionClip`` modules, so a released state dict loads without renaming.
 
 Attention-mask layout (a property of the model, see ``MASK_LAYOUTS``): the original repeated the (B, L, L)
 key mask ``heads`` times along dim 0 (``mask.repeat(heads, 1, 1)``), but ``nn.MultiheadAttention`` reads a
@@ -25,19 +25,40 @@ MASK_LAYOUTS = ("original", "per_video")
 NEG = -1000000.0  # the original's additive mask value; kept because it changes fp32 rounding of scores
 
 
+class TemporalLayerNorm(nn.LayerNorm):
+    """The LayerNorm of the original's temporal blocks: BERT/TF style, ε = 1e-12 inside the square root.
+
+    The original's temporal transformers are not built from CLIP's blocks but from its ``module_cross`` ones,
+    whose LayerNorm is ``(x − mean) / sqrt(var + 1e-12) · w + b`` rather than torch's ε = 1e-5. The
+    difference is ~1e-6 relative per token, but it decides how scores round in heads whose keys are all masked
+    (a score s − 1e6 in fp32 keeps s only on a 0.0625 grid), and there it moves video vectors by up to 1e-4.
+    Computed in float32 whatever the input dtype, like CLIP's own LayerNorm under reduced precision.
+    """
+
+    def __init__(self, width: int):
+        super().__init__(width, eps=1e-12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        mean = h.mean(-1, keepdim=True)
+        var = (h - mean).pow(2).mean(-1, keepdim=True)
+        h = (h - mean) / torch.sqrt(var + self.eps)
+        return (self.weight.float() * h + self.bias.float()).to(x.dtype)
+
+
 class ResidualBlock(nn.Module):
     """Pre-LN transformer block; names (attn, ln_1, mlp.c_fc, mlp.c_proj, ln_2) follow OpenAI CLIP."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.attn = nn.MultiheadAttention(width, heads)  # sequence-first, like the original
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = TemporalLayerNorm(width)
         self.mlp = nn.Sequential(
             OrderedDict(
                 [("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))]
             )
         )
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = TemporalLayerNorm(width)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         # x: (L, B, D) ; attn_mask: (B·heads, L, L) additive
