@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.model import create_model
+from clip2video.modules.factory import create_model
 from clip2video.modules.vip import VideoProxyEncoder
 
 

@@ -14,7 +14,7 @@ Parameter names are the original's (``clip.*``, ``frame_position_embeddings``, `
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -197,7 +197,7 @@ def symmetric_ce(logits: torch.Tensor) -> torch.Tensor:
 
 
 class CLIP2Video(nn.Module):
-    """The CLIP2Video dual encoder. Build with ``create_model``.
+    """The CLIP2Video dual encoder. Build with ``factory.create_model`` (or ``factory.load_model``).
 
     Args:
         config: resolved configuration.
@@ -446,35 +446,3 @@ class CLIP2Video(nn.Module):
         text = self.encode_text(input_ids, attention_mask)
         video = self.encode_video(frames, frame_mask)
         return ModelOutput(text, video, self.logit_scale.exp())
-
-
-def create_model(
-    variant: str | CLIP2VideoConfig = "tab_tdb",
-    *,
-    clip_state_dict: dict[str, torch.Tensor] | None = None,
-    clip_config: ClipConfig | None = None,
-    **overrides: Any,
-) -> CLIP2Video:
-    """Build a CLIP2Video model by variant name (or from a config).
-
-    Args:
-        variant: a ``VARIANTS`` name or a full ``CLIP2VideoConfig``.
-        clip_state_dict: OpenAI-layout CLIP weights; the architecture is read from them, the towers are loaded
-            from them and the heads are initialised from them as the original did.
-        clip_config: architecture of a randomly initialised CLIP (tests, the synthetic demo); heads are then
-            initialised from that random CLIP the same way.
-        **overrides: config fields (center_k, center_weight, cross_layers, mask_layout, ...).
-    """
-    from .checkpoint import load_into
-
-    if isinstance(variant, CLIP2VideoConfig):
-        config = replace(variant, **overrides) if overrides else variant
-    else:
-        if clip_state_dict is not None:
-            clip_config = ClipConfig.from_state_dict(clip_state_dict)
-        config = make_config(variant, clip_config, **overrides)
-    model = CLIP2Video(config)
-    if clip_state_dict is not None:
-        load_into(model.clip, clip_state_dict, what="CLIP weights")
-    model.init_from_clip()
-    return model

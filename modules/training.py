@@ -489,7 +489,7 @@ def train(
             state.epoch += 1
             state.batch_in_epoch = 0
         if info.is_main and cfg.export:
-            from .checkpoint import export_original
+            from .release import export_original
 
             path = export_original(raw, out / f"pytorch_model.bin.{epoch}")
             logger.info("exported %s", path)

@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip2video.modules.checkpoint import load_clip_weights, load_model
+from clip2video.modules.checkpoint import load_clip_weights
+from clip2video.modules.factory import load_model
 from clip2video.modules.model import VideoEmbedding, make_config
 from clip2video.modules.temporal import TemporalLayerNorm
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.checkpoint import export_original, load_model
-from clip2video.modules.model import create_model
+from clip2video.modules.factory import create_model, load_model
+from clip2video.modules.release import export_original
 
 
 def vip_model(**kw):
@@ -114,7 +114,7 @@ def test_vip_configs_parse(tmp_path):
 
 
 def to_hf_clipvip(model) -> dict:
-    """Inverse of checkpoint.clipvip_to_ours, written independently: our vip model in the CLIP-ViP release
+    """Inverse of release.clipvip_to_ours, written independently: our vip model in the CLIP-ViP release
     layout (Hugging Face CLIP names under ``clipmodel.``)."""
     sd = model.state_dict()
     out = {"clipmodel.logit_scale": sd["clip.logit_scale"],
@@ -152,7 +152,8 @@ def to_hf_clipvip(model) -> dict:
 
 
 def test_released_clipvip_layout_maps_to_ours(tmp_path):
-    from clip2video.modules.checkpoint import CheckpointError, atomic_save, clipvip_to_ours
+    from clip2video.modules.checkpoint import CheckpointError, atomic_save
+    from clip2video.modules.release import clipvip_to_ours
 
     model = vip_model(vip_frames=6)
     with torch.no_grad():
