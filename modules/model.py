@@ -1,6 +1,6 @@
 """CLIP2Video: CLIP towers + temporal heads, every row of the paper's Table 1 as a named configuration.
 
-Data flow (DESIGN §1)::
+Data flow::
 
     ids (B,L) ─text tower→ tokens (B,L,D) ─┬─ end token ─────────────→ t_g
                                             └─ TAB(tokens, mask)──────→ t_a
@@ -261,7 +261,9 @@ class CLIP2Video(nn.Module):
 
     @torch.no_grad()
     def init_from_clip(self) -> None:
-        """Copy CLIP weights into the heads as the original did when training started from CLIP (DESIGN §2).
+        """Copy CLIP weights into the heads as the original did when training started from CLIP.
+
+        This is one of the original's behaviours listed in ``docs/original-behaviours.md``.
 
         Temporal transformer ← the first ``cross_layers`` text blocks; difference attention and the TAB
         transformer ← text block 0; frame positions ← CLIP's positional table; types ← its first 2 rows; the
