@@ -20,7 +20,7 @@ def test_reduces_to_clip_with_one_frame_and_one_proxy():
     assert model.vip.added_cls.shape[0] == 0
     frames = torch.randn(3, 1, 3, 32, 32)
     with torch.no_grad():
-        got = model.vip(frames, torch.ones(3, 1))
+        got = model.vip(model.clip.visual, frames, torch.ones(3, 1))
         want = model.clip.visual(frames[:, 0])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -33,7 +33,7 @@ def test_attention_pattern_patches_see_only_proxies_and_their_frame():
     outputs = {}
 
     def run(x):
-        tokens, n = vip.embed(x)
+        tokens, n = vip.embed(model.clip.visual, x)
         h = model.clip.visual.ln_pre(tokens)
         key_mask = torch.ones(1, tokens.shape[1], dtype=torch.bool)
         block = model.clip.visual.transformer.resblocks[0]
@@ -45,7 +45,8 @@ def test_attention_pattern_patches_see_only_proxies_and_their_frame():
         changed[0, 2] += torch.randn_like(changed[0, 2])
         outputs, _ = run(changed)
         # also the full encoder output changes
-        assert (model.vip(frames, mask) - model.vip(changed, mask)).abs().max() > 1e-4
+        vis = model.clip.visual
+        assert (model.vip(vis, frames, mask) - model.vip(vis, changed, mask)).abs().max() > 1e-4
     diff = (outputs - base).abs().amax(dim=-1)[0]  # per token, after one block
     p = vip.num_proxies
     frame_of = [-1] * p + [i // n for i in range(4 * n)]
