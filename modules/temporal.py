@@ -31,8 +31,8 @@ class TemporalLayerNorm(nn.LayerNorm):
 
     The original's temporal transformers are not built from CLIP's blocks but from its ``module_cross`` ones,
     whose LayerNorm is ``(x − mean) / sqrt(var + 1e-12) · w + b`` rather than torch's ε = 1e-5. The
-    difference is ~1e-6 relative per token, but it decides how scores round in heads whose keys are all masked
-    (a score s − 1e6 in fp32 keeps s only on a 0.0625 grid), and there it moves video vectors by up to 1e-4.
+    difference is small per token, but it decides how scores round in heads whose keys are all masked (a score
+    s − 1e6 in fp32 keeps s only on a 0.0625 grid), and there it moves video vectors by orders more.
     Computed in float32 whatever the input dtype, like CLIP's own LayerNorm under reduced precision.
     """
 
