@@ -88,8 +88,9 @@ def load_for_eval(args: argparse.Namespace):
     Our checkpoints and exports carry their config (used unless model flags are given explicitly); a
     released ``pytorch_model.bin.N`` is described by the flags and evaluated with the original mask layout.
     """
-    from clip2video.modules.checkpoint import load_clip_weights, load_model
-    from clip2video.modules.model import create_model, make_config
+    from clip2video.modules.checkpoint import load_clip_weights
+    from clip2video.modules.factory import create_model, load_model
+    from clip2video.modules.model import make_config
 
     variant, fields = model_fields(args)
     ckpt = args.checkpoint or args.init_model

@@ -161,8 +161,9 @@ def check_args(args: argparse.Namespace) -> None:
 def build_model(args: argparse.Namespace):
     """The model the flags describe: from --init_model, from CLIP weights, or a random tiny CLIP."""
     from clip2video.modules.backbone import ClipConfig
-    from clip2video.modules.checkpoint import load_clip_weights, load_model
-    from clip2video.modules.model import create_model, make_config
+    from clip2video.modules.checkpoint import load_clip_weights
+    from clip2video.modules.factory import create_model, load_model
+    from clip2video.modules.model import make_config
 
     variant, fields = model_fields(args)
     layout = args.mask_layout or "per_video"

@@ -99,8 +99,8 @@ def child(args: argparse.Namespace) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from clip2video.modules.backbone import ClipConfig
+    from clip2video.modules.factory import create_model
     from clip2video.modules.loss import global_batch_loss
-    from clip2video.modules.model import create_model
     from clip2video.modules.optim import OptimConfig, build_optimizer, clamp_logit_scale, param_groups
     from clip2video.modules.precision import autocast
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.model import create_model
+from clip2video.modules.factory import create_model
 from clip2video.modules.vip import VideoProxyEncoder
 
 
@@ -60,11 +60,11 @@ def main() -> None:
     frames = torch.randn(a.videos, a.frames, 3, 224, 224)
     mask = torch.ones(a.videos, a.frames)
     per_frame, _ = timed(lambda: model.clip.visual(frames.flatten(0, 1)), a.repeats)
-    blocked, vb = timed(lambda: model.vip(frames, mask), a.repeats)
+    blocked, vb = timed(lambda: model.vip(model.clip.visual, frames, mask), a.repeats)
     original = VideoProxyEncoder.attention
     VideoProxyEncoder.attention = dense_attention
     try:
-        dense, vd = timed(lambda: model.vip(frames, mask), a.repeats)
+        dense, vd = timed(lambda: model.vip(model.clip.visual, frames, mask), a.repeats)
     finally:
         VideoProxyEncoder.attention = original
     err = (vb - vd).abs().max().item()

@@ -1,7 +1,7 @@
 """Evaluation: encode every caption once and every video once, score with chunked matrix products.
 
 The original re-ran the temporal heads for every (caption batch, video batch) pair and decoded each video
-once per caption. Because a CLIP2Video score is one dot product of two vectors (DESIGN §1), we:
+once per caption. Because a CLIP2Video score is one dot product of two vectors (see ``model.py``), we:
 
 1. encode the captions (batches of ``batch_size_val``) → one vector per caption;
 2. decode each video once and run the image tower once per real frame → raw frame features (N, T, D);

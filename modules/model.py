@@ -1,6 +1,6 @@
 """CLIP2Video: CLIP towers + temporal heads, every row of the paper's Table 1 as a named configuration.
 
-Data flow (DESIGN §1)::
+Data flow::
 
     ids (B,L) ─text tower→ tokens (B,L,D) ─┬─ end token ─────────────→ t_g
                                             └─ TAB(tokens, mask)──────→ t_a
@@ -14,7 +14,7 @@ Parameter names are the original's (``clip.*``, ``frame_position_embeddings``, `
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 from .alignment import align_tokens
 from .backbone import ClipConfig, build_clip, frame_features, text_tokens
-from .temporal import MASK_LAYOUTS, DifferenceBlock, TemporalTransformer, l2n, masked_mean
+from .temporal import MASK_LAYOUTS, TemporalTransformer, difference_tokens, l2n, masked_mean
 
 # The paper's Table 1 rows → the original's flags. TDB-All and TAB-Base are described in the paper but not in
 # the released code; their meaning here is documented on CLIP2VideoConfig.
@@ -197,7 +197,7 @@ def symmetric_ce(logits: torch.Tensor) -> torch.Tensor:
 
 
 class CLIP2Video(nn.Module):
-    """The CLIP2Video dual encoder. Build with ``create_model``.
+    """The CLIP2Video dual encoder. Build with ``factory.create_model`` (or ``factory.load_model``).
 
     Args:
         config: resolved configuration.
@@ -219,7 +219,6 @@ class CLIP2Video(nn.Module):
             self.frame2t_attention = TemporalTransformer(dim, 1, heads)
         if c.temporal_type == "TDB":
             self.type_position_embeddings = nn.Embedding(2, dim)
-            self.tdb = DifferenceBlock(self)
         if c.temporal_proj in ("sigmoid_mlp", "sigmoid_selfA"):
             self.trans_layernorm = nn.LayerNorm(dim)
         if c.use_tab:
@@ -230,7 +229,8 @@ class CLIP2Video(nn.Module):
         if c.video_encoder == "vip":
             from .vip import VideoProxyEncoder
 
-            self.vip = VideoProxyEncoder(self.clip.visual, c.vip_proxies, c.vip_frames)
+            self.vip = VideoProxyEncoder(self.clip.visual.class_embedding.shape[0], c.vip_proxies, c.vip_frames)
+            self.vip.reset_parameters(self.clip.visual.class_embedding)
         self._zero_frame_cache: tuple[int, torch.Tensor] | None = None
         self.reset_heads()
 
@@ -257,11 +257,13 @@ class CLIP2Video(nn.Module):
             if hasattr(self, name):
                 nn.init.normal_(getattr(self, name), std=64**-0.5)
         if hasattr(self, "vip"):
-            self.vip.reset_parameters()
+            self.vip.reset_parameters(self.clip.visual.class_embedding)
 
     @torch.no_grad()
     def init_from_clip(self) -> None:
-        """Copy CLIP weights into the heads as the original did when training started from CLIP (DESIGN §2).
+        """Copy CLIP weights into the heads as the original did when training started from CLIP.
+
+        This is one of the original's behaviours listed in ``docs/original-behaviours.md``.
 
         Temporal transformer ← the first ``cross_layers`` text blocks; difference attention and the TAB
         transformer ← text block 0; frame positions ← CLIP's positional table; types ← its first 2 rows; the
@@ -291,7 +293,8 @@ class CLIP2Video(nn.Module):
         if hasattr(self, "frame2t_projection") and clip.visual.proj.shape[0] >= dim:
             self.frame2t_projection.copy_(clip.visual.proj[:dim])
         if hasattr(self, "vip"):
-            self.vip.reset_parameters()  # proxies start from the (now loaded) class embedding
+            # proxies start from the (now loaded) class embedding
+            self.vip.reset_parameters(self.clip.visual.class_embedding)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the CLIP towers' activations in backward (the heads are small)."""
@@ -322,7 +325,7 @@ class CLIP2Video(nn.Module):
         """CLIP's feature of the all-zero (post-normalisation) frame that fills padded slots, (D,).
 
         The original ran padded slots through CLIP; their feature is a constant that reaches the scores via the
-        TDB (see temporal.DifferenceBlock). It is computed once per weight version instead of per slot.
+        TDB (see temporal.difference_tokens). It is computed once per weight version instead of per slot.
         """
         size = self.config.clip.image_size
         if torch.is_grad_enabled() and self.training:
@@ -351,6 +354,22 @@ class CLIP2Video(nn.Module):
         out = pad.expand(b * t, -1).clone()
         out = out.index_put((keep.nonzero(as_tuple=True)[0],), real) if real.shape[0] else out
         return out.view(b, t, -1)
+
+    def encode_differences(self, d: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """TDB's difference encoder: (B, T−1, D) raw differences + their (B, T−1) key mask → (B, T−1, D)."""
+        c = self.config
+        if c.temporal_proj == "sigmoid_mlp":
+            return 2 * torch.sigmoid(self.trans_layernorm(d @ self.frame2t_projection)) - 1
+        if c.temporal_proj == "sigmoid_selfA":
+            pos = self.frame_position_embeddings.weight[1 : d.shape[1] + 1]  # d_i takes P[i] in this attention
+            d = self.frame2t_attention(d + pos, mask, c.mask_layout)
+            return 2 * torch.sigmoid(self.trans_layernorm(d)) - 1
+        return d  # TDB-sub: the plain subtraction
+
+    def tdb(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The TDB on (B, T, D) frames with this model's tables and difference encoder."""
+        return difference_tokens(frames, mask, self.frame_position_embeddings.weight,
+                                 self.type_position_embeddings.weight, self.encode_differences)
 
     def video_global(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T, D) raw frame features → (B, D) normalised global video vector."""
@@ -401,7 +420,7 @@ class CLIP2Video(nn.Module):
     def encode_video(self, frames: torch.Tensor, mask: torch.Tensor) -> VideoEmbedding:
         """(B, T, 3, H, W) frames + (B, T) mask → normalised video vectors."""
         if self.config.video_encoder == "vip":
-            return VideoEmbedding(l2n(self.vip(frames, mask)))
+            return VideoEmbedding(l2n(self.vip(self.clip.visual, frames, mask)))
         return self.encode_video_features(self.encode_frames(frames, mask), mask)
 
     # ------------------------------------------------------------------ retrieval and loss
@@ -446,35 +465,3 @@ class CLIP2Video(nn.Module):
         text = self.encode_text(input_ids, attention_mask)
         video = self.encode_video(frames, frame_mask)
         return ModelOutput(text, video, self.logit_scale.exp())
-
-
-def create_model(
-    variant: str | CLIP2VideoConfig = "tab_tdb",
-    *,
-    clip_state_dict: dict[str, torch.Tensor] | None = None,
-    clip_config: ClipConfig | None = None,
-    **overrides: Any,
-) -> CLIP2Video:
-    """Build a CLIP2Video model by variant name (or from a config).
-
-    Args:
-        variant: a ``VARIANTS`` name or a full ``CLIP2VideoConfig``.
-        clip_state_dict: OpenAI-layout CLIP weights; the architecture is read from them, the towers are loaded
-            from them and the heads are initialised from them as the original did.
-        clip_config: architecture of a randomly initialised CLIP (tests, the synthetic demo); heads are then
-            initialised from that random CLIP the same way.
-        **overrides: config fields (center_k, center_weight, cross_layers, mask_layout, ...).
-    """
-    from .checkpoint import load_into
-
-    if isinstance(variant, CLIP2VideoConfig):
-        config = replace(variant, **overrides) if overrides else variant
-    else:
-        if clip_state_dict is not None:
-            clip_config = ClipConfig.from_state_dict(clip_state_dict)
-        config = make_config(variant, clip_config, **overrides)
-    model = CLIP2Video(config)
-    if clip_state_dict is not None:
-        load_into(model.clip, clip_state_dict, what="CLIP weights")
-    model.init_from_clip()
-    return model

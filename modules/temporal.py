@@ -1,8 +1,8 @@
 """Temporal transformers and the Temporal Difference Block (TDB) of CLIP2Video.
 
-The blocks are CLIP residual attention blocks (pre-LN, QuickGELU MLP ×4) with parameter names identical to
-the original's ``transformerClip`` / ``frame2t_attention`` / ``actionClip`` modules, so a released state dict
-loads without renaming.
+The blocks are CLIP-style residual attention blocks (pre-LN with the original's ε = 1e-12 ``TemporalLayerNorm``,
+QuickGELU MLP ×4) with parameter names identical to the original's ``transformerClip`` / ``frame2t_attention`` /
+``actionClip`` modules, so a released state dict loads without renaming.
 
 Attention-mask layout (a property of the model, see ``MASK_LAYOUTS``): the original repeated the (B, L, L)
 key mask ``heads`` times along dim 0 (``mask.repeat(heads, 1, 1)``), but ``nn.MultiheadAttention`` reads a
@@ -15,6 +15,7 @@ that video alone).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,19 +26,40 @@ MASK_LAYOUTS = ("original", "per_video")
 NEG = -1000000.0  # the original's additive mask value; kept because it changes fp32 rounding of scores
 
 
+class TemporalLayerNorm(nn.LayerNorm):
+    """The LayerNorm of the original's temporal blocks: BERT/TF style, ε = 1e-12 inside the square root.
+
+    The original's temporal transformers are not built from CLIP's blocks but from its ``module_cross`` ones,
+    whose LayerNorm is ``(x − mean) / sqrt(var + 1e-12) · w + b`` rather than torch's ε = 1e-5. The
+    difference is small per token, but it decides how scores round in heads whose keys are all masked (a score
+    s − 1e6 in fp32 keeps s only on a 0.0625 grid), and there it moves video vectors by orders more.
+    Computed in float32 whatever the input dtype, like CLIP's own LayerNorm under reduced precision.
+    """
+
+    def __init__(self, width: int):
+        super().__init__(width, eps=1e-12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        mean = h.mean(-1, keepdim=True)
+        var = (h - mean).pow(2).mean(-1, keepdim=True)
+        h = (h - mean) / torch.sqrt(var + self.eps)
+        return (self.weight.float() * h + self.bias.float()).to(x.dtype)
+
+
 class ResidualBlock(nn.Module):
     """Pre-LN transformer block; names (attn, ln_1, mlp.c_fc, mlp.c_proj, ln_2) follow OpenAI CLIP."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.attn = nn.MultiheadAttention(width, heads)  # sequence-first, like the original
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = TemporalLayerNorm(width)
         self.mlp = nn.Sequential(
             OrderedDict(
                 [("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))]
             )
         )
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = TemporalLayerNorm(width)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         # x: (L, B, D) ; attn_mask: (B·heads, L, L) additive
@@ -104,54 +126,43 @@ def interleave(frames: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class DifferenceBlock(nn.Module):
+def difference_tokens(
+    frames: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    types: torch.Tensor,
+    encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TDB: difference tokens between adjacent frames, interleaved with the frame tokens.
 
-    This module holds no parameters of its own; it borrows the model's tables (``frame_position_embeddings``,
-    ``type_position_embeddings``) and difference encoders (``frame2t_attention`` or ``frame2t_projection``,
-    ``trans_layernorm``) so that the state dict keeps the original's flat names. The same block serves the
-    global branch (12 frames) and the TAB branch (the 6 even frames).
+    A function of the tables and the difference encoder it is given rather than a module: the parameters it
+    uses stay the model's own attributes (``frame_position_embeddings``, ``type_position_embeddings``,
+    ``frame2t_attention`` / ``frame2t_projection``, ``trans_layernorm``), so ``state_dict()`` keeps the
+    original's flat names, which is the release format, with no name map; and the position table is shared
+    with the temporal transformer's plain (no-TDB) path, so a TDB module could not own it anyway. The same
+    function serves the global branch (12 frames) and the TAB branch (the 6 even frames).
+
+    Args:
+        frames: (B, T, D) frame features.
+        mask: (B, T) frame mask.
+        positions: (≥ T, D) frame position table.
+        types: (2, D) type table; row 1 marks frame tokens, row 0 difference tokens.
+        encode: raw differences d_i = f_i − f_{i−1} (B, T−1, D) and their key mask (B, T−1) (that of frame i)
+            → encoded differences (B, T−1, D).
+
+    Returns:
+        x: (B, 2T−1, D) tokens + positions + types, ready for a temporal transformer.
+        token_mask: (B, 2T−1) key mask.
+        raw: (B, 2T−1, D) tokens before positions/types (TDB-All pools over them as residuals).
     """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self._model = [model]  # list: do not register the parent as a submodule
-
-    def differences(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) frame features → (B, T−1, D) encoded differences d_i = f_i − f_{i−1}."""
-        m = self._model[0]
-        cfg = m.config
-        t = frames.shape[1]
-        d = frames[:, 1:] - frames[:, :-1]  # (B, T-1, D)
-        if cfg.temporal_proj == "sigmoid_mlp":
-            d = 2 * torch.sigmoid(m.trans_layernorm(d @ m.frame2t_projection)) - 1
-        elif cfg.temporal_proj == "sigmoid_selfA":
-            pos = m.frame_position_embeddings.weight[1:t]  # d_i takes P[i] inside the difference attention
-            d = m.frame2t_attention(d + pos, mask[:, 1:], cfg.mask_layout)  # key mask m_i of frame i
-            d = 2 * torch.sigmoid(m.trans_layernorm(d)) - 1
-        return d
-
-    def forward(
-        self, frames: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Interleaved tokens with position + type embeddings added, their mask, and the raw tokens.
-
-        Returns:
-            x: (B, 2T−1, D) tokens + positions + types, ready for a temporal transformer.
-            token_mask: (B, 2T−1) key mask.
-            raw: (B, 2T−1, D) tokens before positions/types (TDB-All pools over them as residuals).
-        """
-        m = self._model[0]
-        t = frames.shape[1]
-        diffs = self.differences(frames, mask)
-        raw = interleave(frames, diffs)  # (B, 2T-1, D)
-        table = m.frame_position_embeddings.weight
-        # Difference d_i sits between f_{i-1} and f_i and takes position P[i-1] and mask m_{i-1} (not m_i):
-        # so the difference after a video's last real frame is attended to, and through it CLIP's embedding
-        # of the all-zero padding frame leaks into the result. Kept: the released weights expect it.
-        pos = interleave(table[None, :t], table[None, : t - 1])  # (1, 2T-1, D)
-        types = m.type_position_embeddings.weight  # row 1: frame token, row 0: difference token
-        typ = interleave(types[None, 1:2].expand(1, t, -1), types[None, 0:1].expand(1, t - 1, -1))  # (1, 2T-1, D)
-        token_mask = interleave(mask, mask[:, :-1])  # (B, 2T-1)
-        x = raw + pos + typ
-        return x, token_mask, raw
+    t = frames.shape[1]
+    diffs = encode(frames[:, 1:] - frames[:, :-1], mask[:, 1:])  # (B, T-1, D)
+    raw = interleave(frames, diffs)  # (B, 2T-1, D)
+    # Difference d_i sits between f_{i-1} and f_i and takes position P[i-1] and mask m_{i-1} (not m_i):
+    # so the difference after a video's last real frame is attended to, and through it CLIP's embedding
+    # of the all-zero padding frame leaks into the result. Kept: the released weights expect it.
+    pos = interleave(positions[None, :t], positions[None, : t - 1])  # (1, 2T-1, D)
+    typ = interleave(types[None, 1:2].expand(1, t, -1), types[None, 0:1].expand(1, t - 1, -1))  # (1, 2T-1, D)
+    token_mask = interleave(mask, mask[:, :-1])  # (B, 2T-1)
+    x = raw + pos + typ
+    return x, token_mask, raw

@@ -381,7 +381,7 @@ def end_of_epoch(run: _Run, epoch: int, *, stop: bool, steps_per_epoch: int, val
         state.epoch += 1
         state.batch_in_epoch = 0
     if info.is_main and cfg.export:
-        from .checkpoint import export_original
+        from .release import export_original
 
         path = export_original(raw, out / f"pytorch_model.bin.{epoch}")
         logger.info("exported %s", path)

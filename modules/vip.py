@@ -38,36 +38,34 @@ def temporal_rows(table: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 class VideoProxyEncoder(nn.Module):
-    """Proxy-guided ViT over a video, sharing the weights of an open_clip ``VisionTransformer``.
+    """Proxy-guided ViT over a video, run with the weights of an open_clip ``VisionTransformer``.
+
+    It owns only what CLIP-ViP adds (``added_cls``, ``temporal_embedding``); the image tower is an argument of
+    each call. So the tower's parameters stay under ``clip.visual.*`` (the keys of the release format), with
+    no name map and no reference from this module to the tower.
 
     Args:
-        visual: the CLIP image tower (its parameters are used, not copied).
+        width: the image tower's width.
         num_proxies: P (4 in CLIP-ViP).
         num_frames: length of the temporal embedding table.
     """
 
-    def __init__(self, visual: nn.Module, num_proxies: int = 4, num_frames: int = 12):
+    def __init__(self, width: int, num_proxies: int = 4, num_frames: int = 12):
         super().__init__()
-        self._visual = [visual]  # borrowed: its parameters live under clip.visual.*
-        width = visual.class_embedding.shape[0]
         self.added_cls = nn.Parameter(torch.zeros(max(num_proxies - 1, 0), width))
         self.temporal_embedding = nn.Parameter(torch.zeros(num_frames, width))
         self.num_proxies = num_proxies
-        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        cls = self._visual[0].class_embedding
+    def reset_parameters(self, class_embedding: torch.Tensor) -> None:
+        """Proxies ← CLIP's class embedding + N(0, 0.02) noise; temporal embedding ← 0 (module docstring)."""
+        cls = class_embedding.to(self.added_cls)
         self.added_cls.copy_(cls.expand_as(self.added_cls) + 0.02 * torch.randn_like(self.added_cls))
         self.temporal_embedding.zero_()
 
-    @property
-    def visual(self) -> nn.Module:
-        return self._visual[0]
-
-    def embed(self, frames: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def embed(self, visual: nn.Module, frames: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(B, T, 3, H, W) → tokens (B, P + T·N, W) before ln_pre, and N (patches per frame)."""
-        vis = self.visual
+        vis = visual
         b, t = frames.shape[:2]
         x = vis.conv1(frames.flatten(0, 1))  # (B·T, W, g, g)
         x = x.flatten(2).transpose(1, 2)  # (B·T, N, W)
@@ -109,11 +107,12 @@ class VideoProxyEncoder(nn.Module):
         x = x + block.ls_1(self.attention(block.attn, block.ln_1(x), t, n, key_mask))
         return x + block.ls_2(block.mlp(block.ln_2(x)))
 
-    def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) frames + (B, T) mask → (B, D) projected proxy-0 feature (not normalised)."""
-        vis = self.visual
+    def forward(self, visual: nn.Module, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """CLIP image tower, (B, T, 3, H, W) frames + (B, T) mask → (B, D) projected proxy-0 feature (not
+        normalised)."""
+        vis = visual
         b, t = mask.shape
-        x, n = self.embed(frames)
+        x, n = self.embed(vis, frames)
         x = vis.ln_pre(x)
         p = self.num_proxies
         key_mask = torch.cat([torch.ones(b, p, dtype=torch.bool, device=mask.device),

@@ -18,8 +18,8 @@ from clip2video.dataloaders.annotations import load_eval_set, load_train_set
 from clip2video.dataloaders.frames import FrameError
 from clip2video.dataloaders.synthetic import make_synthetic_dataset
 from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.checkpoint import export_original
-from clip2video.modules.model import create_model
+from clip2video.modules.factory import create_model
+from clip2video.modules.release import export_original
 
 
 # ----------------------------------------------------------------------------------------------- one_line

@@ -21,7 +21,7 @@ from clip2video.dataloaders.annotations import load_eval_set
 from clip2video.dataloaders.frames import load_video
 from clip2video.dataloaders.synthetic import direction_accuracy
 from clip2video.modules import visualize
-from clip2video.modules.checkpoint import load_model
+from clip2video.modules.factory import load_model
 from clip2video.modules.metrics import markdown_row, retrieval_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

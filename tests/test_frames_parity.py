@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clip2video.dataloaders.frames import load_video
-from clip2video.modules.checkpoint import load_model
+from clip2video.modules.factory import load_model
 from clip2video.modules.model import make_config
 
 from parity_utils import CENTER_K, DATASETS, checkpoint_of, commands, expected

@@ -12,8 +12,8 @@ from PIL import Image
 from clip2video import infer_retrieval
 from clip2video.dataloaders.synthetic import make_synthetic_dataset
 from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.checkpoint import export_original
-from clip2video.modules.model import create_model
+from clip2video.modules.factory import create_model
+from clip2video.modules.release import export_original
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.checkpoint import CheckpointError, atomic_save, export_original, load_into, load_model
+from clip2video.modules.checkpoint import CheckpointError, atomic_save, load_into
+from clip2video.modules.factory import create_model, load_model
 from clip2video.modules.loss import global_batch_loss
-from clip2video.modules.model import VARIANTS, CLIP2VideoConfig, create_model, make_config, variant_of_flags
+from clip2video.modules.model import VARIANTS, CLIP2VideoConfig, make_config, variant_of_flags
 from clip2video.modules.precision import autocast
+from clip2video.modules.release import export_original
 
 T = 12
 
@@ -295,3 +297,58 @@ def test_bf16_autocast_training_step_close_to_fp32():
     cos = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
     assert cos > 0.98, f"bf16 gradient direction off: cosine {cos:.4f}"
     assert not torch.equal(grads["fp32"], grads["bf16"])  # autocast really ran in bf16
+
+
+def _torchscript_archive(sd: dict, path) -> None:
+    """A TorchScript file holding ``sd`` under its state-dict names (the shape of OpenAI's ``ViT-B-32.pt``)."""
+    import warnings
+
+    root = torch.nn.Module()
+    for key, t in sd.items():
+        *mods, leaf = key.split(".")
+        m = root
+        for name in mods:
+            if name not in m._modules:
+                m.add_module(name, torch.nn.Module())
+            m = m._modules[name]
+        if t.is_floating_point():
+            m.register_parameter(leaf, torch.nn.Parameter(t.clone(), requires_grad=False))
+        else:
+            m.register_buffer(leaf, t.clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # writing it is not under test
+        torch.jit.script(root).save(str(path))
+
+
+def test_torchscript_clip_loads_without_future_warning(tmp_path):
+    import warnings
+
+    from clip2video.modules.checkpoint import is_torchscript, load_clip_weights
+
+    sd = tiny("meanP").clip.state_dict()
+    path = tmp_path / "ViT-tiny.pt"
+    _torchscript_archive(sd, path)
+    assert is_torchscript(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_clip_weights(path)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+    assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_temporal_layernorm_is_the_originals():
+    """ε = 1e-12 inside the square root (the original's temporal blocks), computed in fp32 for any input dtype."""
+    from clip2video.modules.temporal import TemporalLayerNorm
+
+    torch.manual_seed(0)
+    ln = TemporalLayerNorm(64)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = 1e-3 * torch.randn(5, 64)  # variance ~1e-6: torch's default ε = 1e-5 would shrink the output ~3×
+    ref = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-12)
+    torch.testing.assert_close(ln(x), ln.weight * ref + ln.bias, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ln(x), torch.nn.functional.layer_norm(x, (64,), ln.weight, ln.bias), atol=1e-2)
+    y = ln(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ln(x.bfloat16().float()), rtol=1e-2, atol=1e-2)

@@ -84,8 +84,8 @@ def test_eval_script_on_tiny_msvd_data(tmp_path):
     from clip2video import infer_retrieval
     from clip2video.dataloaders.synthetic import make_synthetic_dataset
     from clip2video.modules.backbone import ClipConfig
-    from clip2video.modules.checkpoint import export_original
-    from clip2video.modules.model import create_model
+    from clip2video.modules.factory import create_model
+    from clip2video.modules.release import export_original
 
     synth = make_synthetic_dataset(tmp_path / "synth", n_videos=6, seed=2, size=32, n_frames=4, write="frames")
     meta = json.loads(Path(synth["videos_json"]).read_text())

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset
 
 from clip2video.modules.backbone import ClipConfig
+from clip2video.modules.factory import create_model
 from clip2video.modules.logging_utils import read_log
-from clip2video.modules.model import create_model
 from clip2video.modules.optim import OptimConfig
 from clip2video.modules.training import NonFiniteLossError, TrainConfig, ValData, train, validate
 
@@ -163,7 +163,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path)
 
 
 def test_export_evaluates_like_the_in_memory_model(tmp_path):
-    from clip2video.modules.checkpoint import load_model
+    from clip2video.modules.factory import load_model
 
     model = micro_model()
     val = colour_val(8)

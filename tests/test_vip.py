@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.checkpoint import export_original, load_model
-from clip2video.modules.model import create_model
+from clip2video.modules.factory import create_model, load_model
+from clip2video.modules.release import export_original
 
 
 def vip_model(**kw):
@@ -20,7 +20,7 @@ def test_reduces_to_clip_with_one_frame_and_one_proxy():
     assert model.vip.added_cls.shape[0] == 0
     frames = torch.randn(3, 1, 3, 32, 32)
     with torch.no_grad():
-        got = model.vip(frames, torch.ones(3, 1))
+        got = model.vip(model.clip.visual, frames, torch.ones(3, 1))
         want = model.clip.visual(frames[:, 0])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -33,7 +33,7 @@ def test_attention_pattern_patches_see_only_proxies_and_their_frame():
     outputs = {}
 
     def run(x):
-        tokens, n = vip.embed(x)
+        tokens, n = vip.embed(model.clip.visual, x)
         h = model.clip.visual.ln_pre(tokens)
         key_mask = torch.ones(1, tokens.shape[1], dtype=torch.bool)
         block = model.clip.visual.transformer.resblocks[0]
@@ -45,7 +45,8 @@ def test_attention_pattern_patches_see_only_proxies_and_their_frame():
         changed[0, 2] += torch.randn_like(changed[0, 2])
         outputs, _ = run(changed)
         # also the full encoder output changes
-        assert (model.vip(frames, mask) - model.vip(changed, mask)).abs().max() > 1e-4
+        vis = model.clip.visual
+        assert (model.vip(vis, frames, mask) - model.vip(vis, changed, mask)).abs().max() > 1e-4
     diff = (outputs - base).abs().amax(dim=-1)[0]  # per token, after one block
     p = vip.num_proxies
     frame_of = [-1] * p + [i // n for i in range(4 * n)]
@@ -114,7 +115,7 @@ def test_vip_configs_parse(tmp_path):
 
 
 def to_hf_clipvip(model) -> dict:
-    """Inverse of checkpoint.clipvip_to_ours, written independently: our vip model in the CLIP-ViP release
+    """Inverse of release.clipvip_to_ours, written independently: our vip model in the CLIP-ViP release
     layout (Hugging Face CLIP names under ``clipmodel.``)."""
     sd = model.state_dict()
     out = {"clipmodel.logit_scale": sd["clip.logit_scale"],
@@ -152,7 +153,8 @@ def to_hf_clipvip(model) -> dict:
 
 
 def test_released_clipvip_layout_maps_to_ours(tmp_path):
-    from clip2video.modules.checkpoint import CheckpointError, atomic_save, clipvip_to_ours
+    from clip2video.modules.checkpoint import CheckpointError, atomic_save
+    from clip2video.modules.release import clipvip_to_ours
 
     model = vip_model(vip_frames=6)
     with torch.no_grad():
