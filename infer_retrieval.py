@@ -88,7 +88,8 @@ def load_for_eval(args: argparse.Namespace):
     Our checkpoints and exports carry their config (used unless model flags are given explicitly); a
     released ``pytorch_model.bin.N`` is described by the flags and evaluated with the original mask layout.
     """
-    from clip2video.modules.checkpoint import load_clip_weights, load_model
+    from clip2video.modules.checkpoint import load_model
+    from clip2video.modules.clip_weights import load_clip
     from clip2video.modules.model import create_model, make_config
 
     variant, fields = model_fields(args)
@@ -99,7 +100,10 @@ def load_for_eval(args: argparse.Namespace):
         if not args.clip_path:
             raise UsageError("--zero_shot needs --clip_path")
         extra = {"mask_layout": args.mask_layout} if args.mask_layout else {}
-        return create_model(variant, clip_state_dict=load_clip_weights(args.clip_path), **fields, **extra)
+        sd, clip_cfg = load_clip(args.clip_path, args.clip_model)
+        return create_model(make_config(variant, clip_cfg, **fields, **extra), clip_state_dict=sd)
+    if args.clip_model:
+        logger.info("--clip_model ignored: a checkpoint's backbone is read from the checkpoint")
     return load_model(ckpt, make_config(variant, **fields), model_num=args.model_num, mask_layout=args.mask_layout,
                       prefer_stored=not model_flags_given(args))
 
@@ -137,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
     logger.info("model: variant %s, mask layout %s, %s", model.config.variant, model.config.mask_layout,
                 "TAB on" if model.config.use_tab else "no TAB")
     dataset = VideoDataset(rset.video_ids, args.features_path, max_frames=args.max_frames,
-                           framerate=args.feature_framerate, image_size=model.config.clip.image_size,
-                           mode=args.image_mode)
+                           framerate=args.feature_framerate, mode=args.image_mode,
+                           **model.config.clip.frame_options())  # resolution and normalisation of the backbone
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_val, shuffle=False,
                                          num_workers=args.num_thread_reader, pin_memory=device.type == "cuda")
     t0 = time.perf_counter()

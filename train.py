@@ -152,6 +152,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("give --clip_path (OpenAI ViT-B-32.pt), --init_model or --tiny_clip")
     if args.tiny_clip and args.clip_path:
         raise UsageError("--tiny_clip and --clip_path exclude each other")
+    if args.clip_model and not args.clip_path:
+        raise UsageError("--clip_model names the architecture of --clip_path: give both (a checkpoint records "
+                         "its backbone)")
     if not args.features_path:
         raise UsageError("--features_path is required (folder of frame folders)")
     check_paths(args)
@@ -161,7 +164,8 @@ def check_args(args: argparse.Namespace) -> None:
 def build_model(args: argparse.Namespace):
     """The model the flags describe: from --init_model, from CLIP weights, or a random tiny CLIP."""
     from clip2video.modules.backbone import ClipConfig
-    from clip2video.modules.checkpoint import load_clip_weights, load_model
+    from clip2video.modules.checkpoint import load_model
+    from clip2video.modules.clip_weights import load_clip
     from clip2video.modules.model import create_model, make_config
 
     variant, fields = model_fields(args)
@@ -173,11 +177,14 @@ def build_model(args: argparse.Namespace):
         return model
     if args.tiny_clip:
         return create_model(variant, clip_config=ClipConfig.tiny(), mask_layout=layout, **fields)
-    return create_model(variant, clip_state_dict=load_clip_weights(args.clip_path), mask_layout=layout, **fields)
+    sd, clip_cfg = load_clip(args.clip_path, args.clip_model)  # the backbone, recorded in every checkpoint
+    return create_model(make_config(variant, clip_cfg, mask_layout=layout, **fields), clip_state_dict=sd)
 
 
-def build_data(args: argparse.Namespace, image_size: int):
-    """(training PairDataset, validation ValData or None) from the data flags."""
+def build_data(args: argparse.Namespace, image_size: int, mean=None, std=None):
+    """(training PairDataset, validation ValData or None) from the data flags; frames as the backbone wants
+    them (``image_size``, ``mean``/``std``: ``ClipConfig.frame_options``; None: OpenAI's)."""
+    norm = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     from clip2video.dataloaders.annotations import load_eval_set, load_train_set
     from clip2video.dataloaders.dataset import PairDataset, VideoDataset
     from clip2video.modules.tokenizer import ClipTokenizer
@@ -188,14 +195,15 @@ def build_data(args: argparse.Namespace, image_size: int):
                            train_csv=args.train_csv, split=args.train_split, skip_missing=args.skip_missing)
     train_set = PairDataset(pairs.pairs, args.features_path, tokenizer, max_frames=args.max_frames,
                             framerate=args.feature_framerate, image_size=image_size, mode=args.image_mode,
-                            seed=args.seed, jitter=True)
+                            seed=args.seed, jitter=True, **norm)
     val = None
     if args.val_csv or args.val_split:
         rset = load_eval_set(args.val_datatype or args.datatype, data_path=args.data_path,
                              features_path=args.features_path, val_csv=args.val_csv,
                              split=args.val_split or "val", skip_missing=args.skip_missing)
         videos = VideoDataset(rset.video_ids, args.features_path, max_frames=args.max_frames,
-                              framerate=args.feature_framerate, image_size=image_size, mode=args.image_mode)
+                              framerate=args.feature_framerate, image_size=image_size, mode=args.image_mode,
+                              **norm)
         val = ValData(rset, videos, tokenizer, batch_size_val=args.batch_size_val,
                       num_workers=args.num_thread_reader)
     return train_set, val
@@ -242,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
             write_args(args, out)
         seed_everything(args.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
         model = build_model(args)
-        train_set, val = build_data(args, model.config.clip.image_size)
+        train_set, val = build_data(args, **model.config.clip.frame_options())
         logger.info("model %s (mask layout %s), %d training pairs, validation: %s", model.config.variant,
                     model.config.mask_layout, len(train_set),
                     f"{len(val.rset.captions)} captions" if val else "none (no best.pt)")

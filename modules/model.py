@@ -207,16 +207,18 @@ class CLIP2Video(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        dim = c.clip.embed_dim
-        heads = max(1, dim // 64)
+        dim = c.clip.embed_dim  # every head is as wide as the embedding: 512 for ViT-B, 768 for ViT-L/14
+        # heads as CLIP's text blocks have them when those initialise the temporal blocks (same width)
+        heads = c.clip.text_heads if c.clip.text_width == dim else max(1, dim // 64)
+        act = c.clip.activation
         self.clip = build_clip(c.clip)
         if c.sim_type == "seqTransf":
             self.frame_position_embeddings = nn.Embedding(c.clip.context_length, dim)
-            self.transformerClip = TemporalTransformer(dim, c.cross_layers, heads)
+            self.transformerClip = TemporalTransformer(dim, c.cross_layers, heads, act)
         if c.temporal_proj == "sigmoid_mlp":
             self.frame2t_projection = nn.Parameter(torch.empty(dim, dim))
         elif c.temporal_proj == "sigmoid_selfA":
-            self.frame2t_attention = TemporalTransformer(dim, 1, heads)
+            self.frame2t_attention = TemporalTransformer(dim, 1, heads, act)
         if c.temporal_type == "TDB":
             self.type_position_embeddings = nn.Embedding(2, dim)
             self.tdb = DifferenceBlock(self)
@@ -226,7 +228,7 @@ class CLIP2Video(nn.Module):
             self.weight_center = nn.Parameter(torch.empty(c.center_k, dim))
             self.emb_center = nn.Parameter(torch.empty(c.center_k, dim))
             if c.center_proj in ("TAB", "TAB_TDB"):
-                self.actionClip = TemporalTransformer(dim, 1, heads)
+                self.actionClip = TemporalTransformer(dim, 1, heads, act)
         if c.video_encoder == "vip":
             from .vip import VideoProxyEncoder
 
@@ -280,7 +282,7 @@ class CLIP2Video(nn.Module):
             self.frame_position_embeddings.weight.copy_(clip.positional_embedding)
         if hasattr(self, "type_position_embeddings") and same_width:
             self.type_position_embeddings.weight.copy_(clip.positional_embedding[:2])
-        if same_width:
+        if same_width and not self.config.clip.text_mlp_width:  # blocks copy only with the usual 4× MLP
             if hasattr(self, "transformerClip"):
                 for i, block in enumerate(self.transformerClip.resblocks):
                     if i < len(text_blocks):
