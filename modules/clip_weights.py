@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,9 @@ def read_clip_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], st
 
             raw, fmt = load_file(str(path)), "open_clip safetensors"
         elif _is_torchscript(path):
-            raw, fmt = torch.jit.load(str(path), map_location="cpu").state_dict(), "OpenAI TorchScript"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript; OpenAI ships it
+                raw, fmt = torch.jit.load(str(path), map_location="cpu").state_dict(), "OpenAI TorchScript"
         else:
             raw, fmt = torch.load(path, map_location="cpu", weights_only=True), "state dict"
     except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear line
