@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_for_eval(args).to(device).eval()
     logger.info("model: variant %s, mask layout %s, %s", model.config.variant, model.config.mask_layout,
                 "TAB on" if model.config.use_tab else "no TAB")
+    logger.info("backbone: %s", model.config.clip.describe())
     dataset = VideoDataset(rset.video_ids, args.features_path, max_frames=args.max_frames,
                            framerate=args.feature_framerate, mode=args.image_mode,
                            **model.config.clip.frame_options())  # resolution and normalisation of the backbone

@@ -52,6 +52,7 @@ setup(
         "torch>=2.4,<3",
         "torchvision>=0.19",
         "open_clip_torch>=2.24",
+        "safetensors>=0.4",
         "ftfy",
         "regex",
         "numpy>=1.24",

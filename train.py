@@ -251,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(args.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
         model = build_model(args)
         train_set, val = build_data(args, **model.config.clip.frame_options())
+        logger.info("backbone: %s", model.config.clip.describe())
         logger.info("model %s (mask layout %s), %d training pairs, validation: %s", model.config.variant,
                     model.config.mask_layout, len(train_set),
                     f"{len(val.rset.captions)} captions" if val else "none (no best.pt)")

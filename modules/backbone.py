@@ -83,6 +83,12 @@ class ClipConfig:
     def quick_gelu(self) -> bool:
         return self.activation == "quick_gelu"
 
+    def describe(self) -> str:
+        """One line for logs: ``ViT-B-16 (GELU, 224 px, embedding 512)``."""
+        act = "QuickGELU" if self.quick_gelu else "GELU"
+        name = self.model_name or f"custom ViT/{self.patch_size}"
+        return f"{name} ({act}, {self.image_size} px, embedding {self.embed_dim})"
+
     def frame_options(self) -> dict:
         """What frame preprocessing must follow (``image_size``, ``mean``, ``std``: the dataset arguments)."""
         return {"image_size": self.image_size, "mean": self.image_mean, "std": self.image_std}

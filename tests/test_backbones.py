@@ -363,7 +363,7 @@ END_TO_END = [
 
 
 @pytest.mark.parametrize("family, quick, fmt", END_TO_END)
-def test_train_a_step_evaluate_and_rebuild_without_flags(family, quick, fmt, tmp_path):
+def test_train_a_step_evaluate_and_rebuild_without_flags(family, quick, fmt, tmp_path, capsys):
     """train.py from the CLIP file (one step + validation + export), then infer_retrieval.py on the export
     with no backbone flag: the same backbone comes back, and the metrics match the validation's."""
     from clip2video import infer_retrieval, train
@@ -388,9 +388,23 @@ def test_train_a_step_evaluate_and_rebuild_without_flags(family, quick, fmt, tmp
                                  "--data_path", str(csv), "--split", "val", "--features_path", str(feats),
                                  "--max_frames", "4", "--max_words", "8", "--batch_size_val", "4",
                                  "--num_thread_reader", "0", "--metrics_json", str(metrics)]) == 0
+    act = "QuickGELU" if quick else "GELU"
+    assert f"backbone: {arch(family, quick)} ({act}, {FAMILIES[family][3]} px" in capsys.readouterr().out
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     val = [r["val"] for r in logged if "val" in r][-1]
     got = json.loads(metrics.read_text())
     for direction in ("t2v", "v2t"):
         for k, v in val[direction].items():
             assert got[direction][k] == pytest.approx(v, abs=1e-6)
+
+
+@pytest.mark.parametrize("name, centres", [("msrvtt_9k_b16", 5), ("vatex_b16", 7), ("msvd_b16", 5)])
+def test_b16_configs_extend_their_base(name, centres, tmp_path):
+    from clip2video.train import parse_args
+
+    (tmp_path / "f").mkdir()
+    root = Path(__file__).resolve().parents[1]
+    args = parse_args(["--config", str(root / "configs" / "train" / f"{name}.yaml"), "--tiny_clip",
+                       "--features_path", str(tmp_path / "f"), "--output_dir", str(tmp_path / "o")])
+    assert (args.batch_size, args.max_frames, args.max_words, args.centerK) == (128, 12, 32, centres)
+    assert args.grad_checkpointing and args.variant == "tab_tdb"
