@@ -237,7 +237,8 @@ def load_clip(path: str | os.PathLike, model_name: str | None = None) -> tuple[d
                               "tokenizer are supported")
     sd = _lift_text_tower(sd, path)
     openai = fmt.startswith("OpenAI")
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS}
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()
+          if k not in OPENAI_EXTRA_KEYS and not k.endswith("attn_mask")}  # the causal mask is rebuilt
     try:
         shapes = ClipConfig.from_state_dict(sd)
     except KeyError as e:
