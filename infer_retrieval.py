@@ -142,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
                 "TAB on" if model.config.use_tab else "no TAB")
     logger.info("backbone: %s", model.config.clip.describe())
     dataset = VideoDataset(rset.video_ids, args.features_path, max_frames=args.max_frames,
-                           framerate=args.feature_framerate, mode=args.image_mode,
-                           **model.config.clip.frame_options())  # resolution and normalisation of the backbone
+                           framerate=args.feature_framerate, image_size=model.config.clip.image_size,
+                           mode=args.image_mode)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_val, shuffle=False,
                                          num_workers=args.num_thread_reader, pin_memory=device.type == "cuda")
     t0 = time.perf_counter()

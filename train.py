@@ -181,10 +181,8 @@ def build_model(args: argparse.Namespace):
     return create_model(make_config(variant, clip_cfg, mask_layout=layout, **fields), clip_state_dict=sd)
 
 
-def build_data(args: argparse.Namespace, image_size: int, mean=None, std=None):
-    """(training PairDataset, validation ValData or None) from the data flags; frames as the backbone wants
-    them (``image_size``, ``mean``/``std``: ``ClipConfig.frame_options``; None: OpenAI's)."""
-    norm = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+def build_data(args: argparse.Namespace, image_size: int):
+    """(training PairDataset, validation ValData or None) from the data flags."""
     from clip2video.dataloaders.annotations import load_eval_set, load_train_set
     from clip2video.dataloaders.dataset import PairDataset, VideoDataset
     from clip2video.modules.tokenizer import ClipTokenizer
@@ -195,15 +193,14 @@ def build_data(args: argparse.Namespace, image_size: int, mean=None, std=None):
                            train_csv=args.train_csv, split=args.train_split, skip_missing=args.skip_missing)
     train_set = PairDataset(pairs.pairs, args.features_path, tokenizer, max_frames=args.max_frames,
                             framerate=args.feature_framerate, image_size=image_size, mode=args.image_mode,
-                            seed=args.seed, jitter=True, **norm)
+                            seed=args.seed, jitter=True)
     val = None
     if args.val_csv or args.val_split:
         rset = load_eval_set(args.val_datatype or args.datatype, data_path=args.data_path,
                              features_path=args.features_path, val_csv=args.val_csv,
                              split=args.val_split or "val", skip_missing=args.skip_missing)
         videos = VideoDataset(rset.video_ids, args.features_path, max_frames=args.max_frames,
-                              framerate=args.feature_framerate, image_size=image_size, mode=args.image_mode,
-                              **norm)
+                              framerate=args.feature_framerate, image_size=image_size, mode=args.image_mode)
         val = ValData(rset, videos, tokenizer, batch_size_val=args.batch_size_val,
                       num_workers=args.num_thread_reader)
     return train_set, val
@@ -250,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
             write_args(args, out)
         seed_everything(args.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
         model = build_model(args)
-        train_set, val = build_data(args, **model.config.clip.frame_options())
+        train_set, val = build_data(args, model.config.clip.image_size)
         logger.info("backbone: %s", model.config.clip.describe())
         logger.info("model %s (mask layout %s), %d training pairs, validation: %s", model.config.variant,
                     model.config.mask_layout, len(train_set),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .frames import CLIP_MEAN, CLIP_STD, MODES, FrameError, check_video, load_video
+from .frames import MODES, FrameError, check_video, load_video
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,8 @@ class VideoDataset(Dataset):
         features_path: folder of frame folders.
         max_frames: T (the original's ``--max_frames``).
         framerate: the original's ``--feature_framerate`` (decimation factor on the file list).
-        image_size: S (the backbone's input resolution, ``ClipConfig.image_size``).
+        image_size: S.
         mode: ``"exact"`` (the original's pixels) or ``"fast"`` (see :mod:`dataloaders.frames`).
-        mean / std: the backbone's normalisation (``ClipConfig.image_mean`` / ``image_std``).
         skip_bad: check every folder at construction (:meth:`validate`) and drop bad ones with a logged count;
             without it a bad video raises :class:`FrameError` when read. Never a silent zero tensor.
     """
@@ -66,13 +65,10 @@ class VideoDataset(Dataset):
         image_size: int = 224,
         mode: str = "exact",
         skip_bad: bool = False,
-        mean: tuple[float, ...] = CLIP_MEAN,
-        std: tuple[float, ...] = CLIP_STD,
     ) -> None:
         self.root = _check_common(features_path, max_frames, framerate, mode)
         self.video_ids = list(video_ids)
         self.max_frames, self.framerate, self.image_size, self.mode = max_frames, framerate, image_size, mode
-        self.mean, self.std = tuple(mean), tuple(std)
         self.indices = list(range(len(self.video_ids)))
         if skip_bad:
             bad = dict(self.validate())
@@ -99,8 +95,7 @@ class VideoDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
         idx = self.indices[i]
         frames, mask, _ = load_video(self.root / self.video_ids[idx], max_frames=self.max_frames,
-                                     framerate=self.framerate, image_size=self.image_size, mode=self.mode,
-                                     mean=self.mean, std=self.std)
+                                     framerate=self.framerate, image_size=self.image_size, mode=self.mode)
         return {"frames": frames, "mask": mask, "index": idx}
 
 
@@ -114,7 +109,7 @@ class PairDataset(Dataset):
         pairs: (video_id, caption) samples (e.g. :class:`dataloaders.annotations.PairSet` ``.pairs``).
         features_path: folder of frame folders.
         tokenizer: caption → (ids, mask) int64 arrays, e.g. ``modules.tokenizer.ClipTokenizer``.
-        max_frames, framerate, image_size, mode, mean, std: as in :class:`VideoDataset`.
+        max_frames, framerate, image_size, mode: as in :class:`VideoDataset`.
         seed: base seed of the temporal jitter.
         jitter: apply the original's training-time jitter of frame positions.
 
@@ -134,8 +129,6 @@ class PairDataset(Dataset):
         mode: str = "exact",
         seed: int = 0,
         jitter: bool = True,
-        mean: tuple[float, ...] = CLIP_MEAN,
-        std: tuple[float, ...] = CLIP_STD,
     ) -> None:
         self.root = _check_common(features_path, max_frames, framerate, mode)
         self.pairs = [(str(v), str(c)) for v, c in pairs]
@@ -144,7 +137,6 @@ class PairDataset(Dataset):
         self.tokenizer = tokenizer
         self.max_frames, self.framerate, self.image_size, self.mode = max_frames, framerate, image_size, mode
         self.seed, self.jitter, self.epoch = int(seed), bool(jitter), 0
-        self.mean, self.std = tuple(mean), tuple(std)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose jitter to draw.
@@ -167,7 +159,7 @@ class PairDataset(Dataset):
         try:
             frames, frame_mask, _ = load_video(self.root / video_id, max_frames=self.max_frames,
                                                framerate=self.framerate, image_size=self.image_size,
-                                               mode=self.mode, rng=self.rng(i), mean=self.mean, std=self.std)
+                                               mode=self.mode, rng=self.rng(i))
         except FrameError as e:
             raise FrameError(f"video {video_id!r}: {e}") from None
         return {

@@ -220,9 +220,8 @@ def _decode_rgb(path: str, image_size: int, mode: str) -> np.ndarray:
 
 
 def preprocess_image(path: str | os.PathLike, image_size: int = 224, mode: str = "exact",
-                     out: torch.Tensor | None = None, *, mean: tuple[float, ...] = CLIP_MEAN,
-                     std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:
-    """One frame file → (3, S, S) float32, normalised as the backbone expects.
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """One frame file → (3, S, S) float32, normalised as CLIP expects.
 
     Args:
         path: image file.
@@ -230,8 +229,6 @@ def preprocess_image(path: str | os.PathLike, image_size: int = 224, mode: str =
         mode: ``"exact"`` reproduces the original's pixels bit for bit; ``"fast"`` decodes large JPEGs at a
             reduced DCT scale first (slightly different pixels, see module doc).
         out: optional contiguous (3, S, S) float32 tensor to write into (returned).
-        mean / std: per-channel normalisation of the backbone (OpenAI CLIP's by default; ``ClipConfig``'s
-            ``image_mean`` / ``image_std``).
 
     Raises:
         FrameError: the file is missing or not a readable image.
@@ -243,7 +240,7 @@ def preprocess_image(path: str | os.PathLike, image_size: int = 224, mode: str =
         rgb = _decode_rgb(path, image_size, mode)
         if out is None:
             out = torch.empty((3, image_size, image_size), dtype=torch.float32)
-        resize_crop_array(rgb, image_size, lut=_normalise_lut(tuple(mean), tuple(std)), out=out.numpy())
+        resize_crop_array(rgb, image_size, lut=_normalise_lut(), out=out.numpy())
     except FileNotFoundError:
         raise FrameError(f"{path}: frame file does not exist") from None
     except UnidentifiedImageError:
@@ -262,14 +259,11 @@ def load_video(
     image_size: int = 224,
     mode: str = "exact",
     rng: np.random.Generator | None = None,
-    mean: tuple[float, ...] = CLIP_MEAN,
-    std: tuple[float, ...] = CLIP_STD,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A frame folder → (frames (T, 3, S, S) float32, mask (T,) int64, sampled file names).
 
     ``T = max_frames``. Slots after the sampled frames are all-zero tensors with mask 0 (the original's
-    padding, which its model still encoded). With ``rng`` the positions are jittered (training). ``mean`` /
-    ``std``: the backbone's normalisation (see :func:`preprocess_image`).
+    padding, which its model still encoded). With ``rng`` the positions are jittered (training).
 
     Raises:
         FrameError: missing or empty folder, too few files for ``framerate``, unreadable image; the message
@@ -291,7 +285,7 @@ def load_video(
     mask = torch.zeros(max_frames, dtype=torch.int64)
     mask[: len(chosen)] = 1
     for slot, name in enumerate(chosen):
-        preprocess_image(os.path.join(folder, name), image_size, mode, out=frames[slot], mean=mean, std=std)
+        preprocess_image(os.path.join(folder, name), image_size, mode, out=frames[slot])
     return frames, mask, chosen
 
 

@@ -41,7 +41,8 @@ class ClipConfig:
         vision_head_width / text_head_width: width of one attention head (64 in OpenAI's and open_clip's
             ViT CLIPs); a tower narrower than that has one head.
         activation: ``quick_gelu`` (OpenAI weights; the temporal heads use it too) or ``gelu``.
-        image_mean / image_std: per-channel normalisation of the frames.
+        image_mean / image_std: per-channel normalisation the weights were trained with (frames arrive in
+            OpenAI's and are converted by :func:`to_backbone_normalisation`).
         model_name: open_clip architecture name when known (``ViT-B-16``, ...), else empty.
     """
 
@@ -88,10 +89,6 @@ class ClipConfig:
         act = "QuickGELU" if self.quick_gelu else "GELU"
         name = self.model_name or f"custom ViT/{self.patch_size}"
         return f"{name} ({act}, {self.image_size} px, embedding {self.embed_dim})"
-
-    def frame_options(self) -> dict:
-        """What frame preprocessing must follow (``image_size``, ``mean``, ``std``: the dataset arguments)."""
-        return {"image_size": self.image_size, "mean": self.image_mean, "std": self.image_std}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -261,6 +258,23 @@ def text_tokens(clip: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     x = clip.transformer(x, attn_mask=mask)  # open_clip transformers are batch-first
     x = clip.ln_final(x)
     return x @ clip.text_projection  # (B, L, D)
+
+
+def to_backbone_normalisation(images: torch.Tensor, cfg: ClipConfig) -> torch.Tensor:
+    """Frames normalised with OpenAI CLIP's mean/std → normalised with the backbone's (per-channel affine).
+
+    Every frame source of this codebase (frame folders, video files, the search index) delivers OpenAI's
+    normalisation, the original's and that of nearly all open_clip weights; a backbone trained with another
+    (``image_mean`` / ``image_std``) converts here, once, where frames enter the image tower, so no reader can
+    be left behind. ``(x·σ_o + μ_o − μ_b) / σ_b``; the identity (and skipped) for OpenAI's constants.
+    """
+    if cfg.image_mean == OPENAI_MEAN and cfg.image_std == OPENAI_STD:
+        return images
+    so, mo = torch.tensor(OPENAI_STD), torch.tensor(OPENAI_MEAN)
+    sb, mb = torch.tensor(cfg.image_std), torch.tensor(cfg.image_mean)
+    scale = (so / sb).to(images).view(3, 1, 1)
+    shift = ((mo - mb) / sb).to(images).view(3, 1, 1)
+    return images * scale + shift
 
 
 def frame_features(clip: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .alignment import align_tokens
-from .backbone import ClipConfig, build_clip, frame_features, text_tokens
+from .backbone import ClipConfig, build_clip, frame_features, text_tokens, to_backbone_normalisation
 from .temporal import MASK_LAYOUTS, DifferenceBlock, TemporalTransformer, l2n, masked_mean
 
 # The paper's Table 1 rows → the original's flags. TDB-All and TAB-Base are described in the paper but not in
@@ -348,7 +348,7 @@ class CLIP2Video(nn.Module):
         b, t = mask.shape
         keep = mask.reshape(-1).bool()
         flat = frames.reshape(b * t, *frames.shape[2:])  # (B·T, 3, H, W)
-        real = frame_features(self.clip, flat[keep])  # (N_real, D)
+        real = frame_features(self.clip, to_backbone_normalisation(flat[keep], self.config.clip))  # (N_real, D)
         pad = self.zero_frame_feature(frames.device, flat.dtype).to(real.dtype)
         out = pad.expand(b * t, -1).clone()
         out = out.index_put((keep.nonzero(as_tuple=True)[0],), real) if real.shape[0] else out
@@ -403,7 +403,7 @@ class CLIP2Video(nn.Module):
     def encode_video(self, frames: torch.Tensor, mask: torch.Tensor) -> VideoEmbedding:
         """(B, T, 3, H, W) frames + (B, T) mask → normalised video vectors."""
         if self.config.video_encoder == "vip":
-            return VideoEmbedding(l2n(self.vip(frames, mask)))
+            return VideoEmbedding(l2n(self.vip(to_backbone_normalisation(frames, self.config.clip), mask)))
         return self.encode_video_features(self.encode_frames(frames, mask), mask)
 
     # ------------------------------------------------------------------ retrieval and loss

@@ -188,7 +188,7 @@ def test_every_format_gives_open_clips_features(fmt, family, tmp_path, caplog):
     dim, width, patch, size = FAMILIES[family]
     assert (cfg.embed_dim, cfg.vision_width, cfg.patch_size, cfg.image_size) == (dim, width, patch, size)
     expected_norm = (0.5, 0.5, 0.5) if fmt == "open_clip_bin_with_config" else OPENAI_MEAN
-    assert cfg.image_mean == expected_norm and cfg.frame_options()["image_size"] == size
+    assert cfg.image_mean == expected_norm
 
     model = create_model(make_config("tab_tdb", cfg), clip_state_dict=sd).eval()
     ref = reference_with_file_weights(ref, sd)
@@ -322,16 +322,33 @@ def test_mlp_width_other_than_4x_is_read_and_built():
     assert ClipConfig.from_state_dict(sd) == cfg
 
 
-def test_normalisation_reaches_the_frames(tmp_path):
-    from clip2video.dataloaders.frames import CLIP_MEAN, CLIP_STD, preprocess_image
+def test_frames_reach_the_tower_in_the_backbones_normalisation(tmp_path):
+    """Frame readers deliver OpenAI's normalisation; a backbone published with mean = std = 0.5 must see
+    (pixels − 0.5) / 0.5, computed here independently from Pillow's own resize."""
+    from clip2video.dataloaders.frames import CLIP_MEAN, CLIP_STD, load_video
+    from clip2video.dataloaders.resample import resize_crop
 
-    assert CLIP_MEAN == OPENAI_MEAN and CLIP_STD == ClipConfig().image_std
+    assert CLIP_MEAN == OPENAI_MEAN and CLIP_STD == ClipConfig().image_std  # the data side's one convention
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "f.png")
-    a = preprocess_image(tmp_path / "f.png", 32)
-    b = preprocess_image(tmp_path / "f.png", 32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    pixels = (a * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1))
-    assert torch.allclose(b, (pixels - 0.5) / 0.5, atol=1e-5)
+    folder = tmp_path / "video"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (180, 260, 3), dtype=np.uint8)).save(folder / f"{i + 1:08d}.png")
+    ref = reference("B-16", False)
+    path, _ = write("open_clip_bin_with_config", ref, tmp_path / "clip", "B-16", False)
+    sd, cfg = load_clip(path)
+    assert cfg.image_mean == cfg.image_std == (0.5, 0.5, 0.5)
+    model = create_model(make_config("meanP", cfg), clip_state_dict=sd).eval()
+    frames, mask, names = load_video(folder, max_frames=2, image_size=224)
+    pixels = [np.asarray(resize_crop(Image.open(folder / n).convert("RGB"), 224), dtype=np.float32) / 255
+              for n in names]
+    want_input = (torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) - 0.5) / 0.5
+    with torch.no_grad():
+        ours = model.encode_frames(frames[None], mask[None])[0]
+        want = ref.encode_image(want_input)
+        openai_normalised = ref.encode_image(frames)
+    assert (ours - want).abs().max() <= 1e-5
+    assert (openai_normalised - want).abs().max() > 1e-3  # without the conversion the features would differ
 
 
 # ----------------------------------------------------------------------------------------------- end to end
