@@ -425,3 +425,32 @@ def test_b16_configs_extend_their_base(name, centres, tmp_path):
                        "--features_path", str(tmp_path / "f"), "--output_dir", str(tmp_path / "o")])
     assert (args.batch_size, args.max_frames, args.max_words, args.centerK) == (128, 12, 32, centres)
     assert args.grad_checkpointing and args.variant == "tab_tdb"
+
+
+def test_checkpoint_backbone_comes_from_its_recorded_config():
+    """Shapes from the tensors, activation/normalisation/name from the recorded config; a released
+    checkpoint records none and is an OpenAI CLIP."""
+    cfg = ClipConfig(embed_dim=64, image_size=32, patch_size=16, vision_width=64, vision_layers=1, text_width=64,
+                     text_layers=1, activation="gelu", image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+                     model_name="x")
+    model = create_model("tab_tdb", clip_config=cfg)
+    sd = model.state_dict()
+    released = ClipConfig.from_checkpoint(sd, None)
+    assert released.activation == "quick_gelu" and released.image_mean == OPENAI_MEAN and released.model_name == ""
+    recorded = model.config.to_dict()["clip"]
+    assert ClipConfig.from_checkpoint(sd, recorded) == cfg
+    assert ClipConfig.from_checkpoint(sd, {**recorded, "vision_width": 999}).vision_width == 64  # tensors win
+
+
+def test_vip_proxies_on_an_l14_336_gelu_backbone(tmp_path):
+    ref = reference("L-14-336", False)
+    path, name = write("open_clip_safetensors", ref, tmp_path, "L-14-336", False)
+    sd, cfg = load_clip(path, name)
+    model = create_model(make_config("vip", cfg, vip_frames=2), clip_state_dict=sd).eval()
+    assert model.vip.added_cls.shape[1] == 192
+    frames = torch.randn(1, 2, 3, 336, 336)
+    with torch.no_grad():
+        video = model.encode_video(frames, torch.ones(1, 2, dtype=torch.long)).global_
+        masked = model.encode_video(frames, torch.tensor([[1, 0]])).global_
+    assert video.shape == (1, 128) and torch.isfinite(video).all()
+    assert (video - masked).abs().max() > 1e-4  # the second frame takes part unless masked
