@@ -108,6 +108,9 @@ def load_model_from_meta(meta: dict[str, Any], device: str | None = None):
     from .modules.checkpoint import load_clip_weights, load_model
     from .modules.model import CLIP2VideoConfig, create_model
 
+    if not meta.get("config") or not (meta.get("checkpoint") or meta.get("clip_path")):
+        raise ValueError("the index records no model file (built from vectors without one): text queries need "
+                         "the model; rebuild with --checkpoint or use --like")
     cfg = CLIP2VideoConfig.from_dict(meta["config"])
     if meta.get("checkpoint"):
         model = load_model(meta["checkpoint"], cfg, prefer_stored=False, mask_layout="per_video")
