@@ -405,3 +405,38 @@ def test_approximate_index_keeps_exact_scores(tmp_path, capsys):
     assert search.main(["query", "--index", str(approx), "--like", "v3", "-k", "3"]) == 0
     err = one_line_error(capsys, ["query", "--index", str(approx), "a dog"], code=1)
     assert "records no model" in err
+
+
+# ----------------------------------------------------------------------------------------------- demo step
+def test_demo_search_step(setup, tmp_path, capsys):
+    import importlib.util
+
+    from clip2video.dataloaders.annotations import load_eval_set
+
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    root = setup["root"]
+    run = tmp_path / "runs" / "tab_tdb"
+    run.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = create_model("tab_tdb", clip_config=ClipConfig.tiny(), center_k=3)
+    torch.save({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, run / "best.pt")
+    frames = root / "synth" / "frames"
+    rset = load_eval_set("generic", data_path=str(root / "synth" / "annotations.csv"), features_path=str(frames),
+                         split="test")
+    capsys.readouterr()
+    assert demo.search_step(tmp_path, frames, rset, 0) == 0
+    out = capsys.readouterr().out
+    assert out.count("query: ") == 3 and out.count("  5. ") == 3
+    assert f"search.py serve --index {tmp_path / 'index'}" in out
+    assert len(SearchIndex.open(tmp_path / "index")) == len(rset.video_ids)
+    # each printed top-5 is the index's answer to that caption, ground truth marked where it appears
+    ix = SearchIndex.open(tmp_path / "index")
+    for block in out.split("query: ")[1:]:
+        q = block.split(" (ground truth ")[0].strip("'\"")
+        truth = block.split(" (ground truth ")[1].split(")")[0]
+        lines = [ln for ln in block.splitlines()[1:6]]
+        hits = ix.query([q], 5)[0]
+        assert [ln.split()[2] for ln in lines] == [h.video_id for h in hits]
+        assert [ln.endswith("<- ground truth") for ln in lines] == [h.video_id == truth for h in hits]
