@@ -115,7 +115,11 @@ def build_faiss(vectors: np.ndarray, factory: str, *, seed: int = 0, train_size:
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise ValueError(f"--index_type {factory}: not a FAISS index_factory description (e.g. Flat, IVF1024,SQ8, "
+                         "HNSW32)") from None
     if not index.is_trained:
         if n == 0:
             raise ValueError(f"index type {factory} needs training vectors; the collection is empty")
@@ -124,6 +128,10 @@ def build_faiss(vectors: np.ndarray, factory: str, *, seed: int = 0, train_size:
                 ivf = faiss.extract_index_ivf(index)
                 ivf.cp.seed = seed
                 ivf.cp.niter = 10
+                # unit-norm centroids: with inner products, k-means' unnormalised centroids of different
+                # norms pull most vectors into a few lists (unbalanced lists, low recall)
+                ivf.cp.spherical = True
+                ivf.cp.max_points_per_centroid = 64  # k-means on at most 64 vectors per list
             except RuntimeError:
                 pass
         m = train_size or n

@@ -440,3 +440,31 @@ def test_demo_search_step(setup, tmp_path, capsys):
         hits = ix.query([q], 5)[0]
         assert [ln.split()[2] for ln in lines] == [h.video_id for h in hits]
         assert [ln.endswith("<- ground truth") for ln in lines] == [h.video_id == truth for h in hits]
+
+
+# ----------------------------------------------------------------------------------------------- video files
+def test_video_files_through_the_direct_decoder(setup, tmp_path, capsys):
+    from clip2video.index_build import _video_file_reader
+
+    if _video_file_reader() is None:
+        pytest.skip("this installation has no direct video decoder (dataloaders.frames.load_video_file)")
+    make_synthetic_dataset(tmp_path / "synth", n_videos=6, seed=4, size=32, n_frames=12, fps=10, write="mp4",
+                           splits=(0.0, 0.0, 1.0))
+    videos = tmp_path / "synth" / "videos"
+    (videos / "broken.mp4").write_bytes(b"not a video")
+    ckpt = setup["ckpt"]
+    argv = ["--datatype", "generic", "--data_path", str(tmp_path / "synth" / "annotations.csv"), "--split", "test",
+            "--features_path", str(videos), "--checkpoint", str(ckpt.parent), "--model_num", "1", "--max_words",
+            "16", "--max_frames", "6", "--num_thread_reader", "0", "--device", "cpu", "--video_fps", "10",
+            "--save_sim", str(tmp_path / "sim.npy"), "--save_embeddings", str(tmp_path / "emb")]
+    assert infer_retrieval.main(argv) == 0
+    capsys.readouterr()
+    rc = search.main(build_argv(videos, tmp_path / "ix", ckpt, "--video_fps", "10"))
+    assert rc == 1 and "broken" in capsys.readouterr().err  # listed, skipped, the rest indexed
+    captions = json.loads((tmp_path / "emb" / "text_ids.json").read_text())
+    res = query_json(capsys, tmp_path / "ix", *captions)
+    assert_matches_sim(res, np.load(tmp_path / "sim.npy"), captions,
+                       json.loads((tmp_path / "emb" / "video_ids.json").read_text()))
+    rec = SearchIndex.open(tmp_path / "ix").record(res[0]["results"][0]["video_id"])
+    assert rec.kind == "file" and rec.path.suffix == ".mp4" and abs(rec.duration - 1.2) < 1e-6
+    assert len(rec.thumbnails) == 3 and all(t.is_file() for t in rec.thumbnails)
