@@ -231,6 +231,18 @@ def test_bad_build_input(setup, tmp_path, capsys):
     (busy / "notes.txt").write_text("mine")
     err = one_line_error(capsys, build_argv(setup["root"] / "synth" / "frames", busy, ckpt), code=1)
     assert "refusing" in err and (busy / "notes.txt").exists()
+    err = one_line_error(capsys, ["build", "--from_embeddings", str(setup["emb"]), "--index", str(tmp_path / "j"),
+                                  "--index_type", "IVFxx,Nope"], code=1)
+    assert "--index_type IVFxx,Nope" in err
+    # a second build of the same index while one holds its lock is refused, and leaves the index as it was
+    import fcntl
+
+    ix = tmp_path / "locked"
+    assert search.main(["build", "--from_embeddings", str(setup["emb"]), "--index", str(ix)]) == 0
+    with open(ix / ".build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        err = one_line_error(capsys, ["build", "--from_embeddings", str(setup["emb"]), "--index", str(ix)], code=1)
+    assert "another build" in err and len(SearchIndex.open(ix)) == N_VIDEOS
 
 
 def test_unreadable_video_is_listed_and_skipped(setup, tmp_path, capsys):
