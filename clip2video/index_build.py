@@ -106,7 +106,8 @@ def load_model_for(args):
 
 def load_model_from_meta(meta: dict[str, Any], device: str | None = None):
     """Rebuild the model an index or export recorded, and check it is still the same model."""
-    from .modules.checkpoint import load_clip_weights, load_model
+    from .modules.checkpoint import load_model
+    from .modules.clip_weights import load_clip_tensors
     from .modules.model import CLIP2VideoConfig, create_model
 
     if not meta.get("config") or not (meta.get("checkpoint") or meta.get("clip_path")):
@@ -116,7 +117,9 @@ def load_model_from_meta(meta: dict[str, Any], device: str | None = None):
     if meta.get("checkpoint"):
         model = load_model(meta["checkpoint"], cfg, prefer_stored=False, mask_layout="per_video")
     elif meta.get("zero_shot") and meta.get("clip_path"):
-        model = create_model(cfg, clip_state_dict=load_clip_weights(meta["clip_path"]), mask_layout="per_video")
+        # the recorded config carries the backbone (activation, normalisation); the file gives the tensors
+        sd = load_clip_tensors(meta["clip_path"])[0]
+        model = create_model(cfg, clip_state_dict=sd, mask_layout="per_video")
     else:
         raise ValueError("the index records no model file (built from vectors without one): text queries need "
                          "the model; rebuild with --checkpoint or use --like")

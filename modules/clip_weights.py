@@ -218,6 +218,29 @@ def matching_architectures(shapes: ClipConfig) -> list[tuple[str, bool]]:
 
 
 # ----------------------------------------------------------------------------------------------- loading
+def load_clip_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, ClipConfig]:
+    """(float32 OpenAI-layout state dict, format name, shapes) of a CLIP weight file, with unsupported towers
+    and tokenizers rejected. The shapes lack what tensors cannot tell (activation, normalisation): use
+    :func:`load_clip`, or a config recorded when the model was built (an index rebuilding its model)."""
+    path = Path(path)
+    sd, fmt = read_clip_file(path)
+    what = _unsupported_keys(sd)
+    if what:
+        raise CheckpointError(f"{path}: unsupported CLIP: {what}; only CLIP-style ViT towers with OpenAI's BPE "
+                              "tokenizer are supported")
+    sd = _lift_text_tower(sd, path)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()
+          if k not in OPENAI_EXTRA_KEYS and not k.endswith("attn_mask")}  # the causal mask is rebuilt
+    try:
+        shapes = ClipConfig.from_state_dict(sd)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: {e.args[0]}") from None
+    if shapes.vocab_size != BPE_VOCAB:
+        raise CheckpointError(f"{path}: unsupported tokenizer: a {shapes.vocab_size}-token vocabulary is not OpenAI "
+                              f"CLIP's BPE ({BPE_VOCAB}); multilingual and SigLIP text towers are not supported")
+    return sd, fmt, shapes
+
+
 def load_clip(path: str | os.PathLike, model_name: str | None = None) -> tuple[dict[str, torch.Tensor], ClipConfig]:
     """(float32 OpenAI-layout state dict, ClipConfig) of a CLIP weight file; see the module doc for the rules.
 
@@ -230,22 +253,8 @@ def load_clip(path: str | os.PathLike, model_name: str | None = None) -> tuple[d
             ``model_name``, an activation that the rules cannot decide or that two sources disagree on.
     """
     path = Path(path)
-    sd, fmt = read_clip_file(path)
-    what = _unsupported_keys(sd)
-    if what:
-        raise CheckpointError(f"{path}: unsupported CLIP: {what}; only CLIP-style ViT towers with OpenAI's BPE "
-                              "tokenizer are supported")
-    sd = _lift_text_tower(sd, path)
+    sd, fmt, shapes = load_clip_tensors(path)
     openai = fmt.startswith("OpenAI")
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()
-          if k not in OPENAI_EXTRA_KEYS and not k.endswith("attn_mask")}  # the causal mask is rebuilt
-    try:
-        shapes = ClipConfig.from_state_dict(sd)
-    except KeyError as e:
-        raise CheckpointError(f"{path}: {e.args[0]}") from None
-    if shapes.vocab_size != BPE_VOCAB:
-        raise CheckpointError(f"{path}: unsupported tokenizer: a {shapes.vocab_size}-token vocabulary is not OpenAI "
-                              f"CLIP's BPE ({BPE_VOCAB}); multilingual and SigLIP text towers are not supported")
 
     votes: list[tuple[bool, str]] = []  # (quick_gelu, source)
     arch_cfgs: list[tuple[dict[str, Any], str]] = []

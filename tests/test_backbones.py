@@ -400,11 +400,12 @@ def test_train_a_step_evaluate_and_rebuild_without_flags(family, quick, fmt, tmp
     model = load_model(out / "pytorch_model.bin.0")  # export + sidecar: no flags at all
     assert model.config.clip == ClipConfig.from_dict(trained)
     assert isinstance(model.actionClip.resblocks[0].mlp.gelu, QuickGELU if quick else nn.GELU)
-    metrics = tmp_path / "m.json"
+    metrics, sim = tmp_path / "m.json", tmp_path / "sim.npy"
     assert infer_retrieval.main(["--checkpoint", str(out), "--model_num", "0", "--datatype", "generic",
                                  "--data_path", str(csv), "--split", "val", "--features_path", str(feats),
                                  "--max_frames", "4", "--max_words", "8", "--batch_size_val", "4",
-                                 "--num_thread_reader", "0", "--metrics_json", str(metrics)]) == 0
+                                 "--num_thread_reader", "0", "--metrics_json", str(metrics),
+                                 "--save_sim", str(sim)]) == 0
     act = "QuickGELU" if quick else "GELU"
     assert f"backbone: {arch(family, quick)} ({act}, {FAMILIES[family][3]} px" in capsys.readouterr().out
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -413,6 +414,46 @@ def test_train_a_step_evaluate_and_rebuild_without_flags(family, quick, fmt, tmp
     for direction in ("t2v", "v2t"):
         for k, v in val[direction].items():
             assert got[direction][k] == pytest.approx(v, abs=1e-6)
+    # index the videos with the export (no backbone flag) and query: the evaluation's scores come back
+    assert search_scores(out, feats, tmp_path / "ix", capsys) == pytest.approx(np.load(sim), abs=1e-4)
+
+
+def search_scores(ckpt_dir: Path, feats: Path, ix: Path, capsys, *source: str) -> np.ndarray:
+    """search.py build (checkpoint export, or ``source`` flags) + query of the validation captions → the
+    (caption × validation video) scores, in infer_retrieval.py's order."""
+    from clip2video import search
+
+    source = source or ("--checkpoint", str(ckpt_dir), "--model_num", "0")
+    assert search.main(["build", "--features_path", str(feats), "--index", str(ix), *source, "--max_words", "8",
+                        "--max_frames", "4", "--num_thread_reader", "0", "--device", "cpu", "--no_progress"]) == 0
+    captions = [f"a video that is {c}" for c in ("red", "green", "blue", "yellow")]
+    capsys.readouterr()
+    assert search.main(["query", "--index", str(ix), "--json", "-k", "8", *captions]) == 0
+    results = json.loads(capsys.readouterr().out)
+    val_ids = [f"video{v}" for v in range(4, 8)]
+    out = np.zeros((4, 4))
+    for row, res in enumerate(results):
+        scores = {r["video_id"]: r["score"] for r in res["results"]}
+        out[row] = [scores[v] for v in val_ids]
+    return out
+
+
+def test_zero_shot_index_from_an_open_clip_file_rebuilds_its_backbone(tmp_path, capsys):
+    """An index built straight from a GELU open_clip safetensors file records the backbone; querying it
+    rebuilds the model from that record and the file's tensors, and gives infer_retrieval's zero-shot scores."""
+    from clip2video import infer_retrieval
+
+    csv, feats = make_data(tmp_path)
+    path, name = write("open_clip_safetensors", reference("B-16", False), tmp_path / "clip", "B-16", False)
+    # meanP: no randomly initialised heads, so the rebuilt model is the same model (fingerprint checked)
+    flags = ["--zero_shot", "--clip_path", str(path), "--clip_model", name, "--variant", "meanP",
+             "--mask_layout", "per_video"]
+    sim = tmp_path / "sim.npy"
+    assert infer_retrieval.main([*flags, "--datatype", "generic", "--data_path", str(csv), "--split", "val",
+                                 "--features_path", str(feats), "--max_frames", "4", "--max_words", "8",
+                                 "--batch_size_val", "4", "--num_thread_reader", "0", "--save_sim", str(sim)]) == 0
+    got = search_scores(None, feats, tmp_path / "ix", capsys, *flags)
+    assert got == pytest.approx(np.load(sim), abs=1e-4)
 
 
 @pytest.mark.parametrize("name, centres", [("msrvtt_9k_b16", 5), ("vatex_b16", 7), ("msvd_b16", 5)])
