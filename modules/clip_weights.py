@@ -21,7 +21,7 @@ third-party weights, so the activation is decided by these rules, and sources th
 2. ``open_clip_config.json`` beside the weights (as open_clip publishes them) → its ``quick_gelu``, and its
    ``preprocess_cfg`` mean/std;
 3. ``--clip_model NAME[:TAG]`` → open_clip's config for NAME (``ViT-B-16`` is GELU, ``ViT-B-16-quickgelu``
-   QuickGELU); the pretrained TAG (``ViT-L-14:dfn2b_s39b``) adds its activation and normalisation;
+   QuickGELU); the pretrained TAG (``ViT-L-14:laion2b_s32b_b82k``) adds its activation and normalisation;
 4. none of them → an error asking for ``--clip_model`` (and naming the architectures the shapes match).
 
 Only CLIP-style towers are supported: a ViT image tower with a class token, a causal text transformer read
@@ -325,7 +325,8 @@ def load_clip(path: str | os.PathLike, model_name: str | None = None) -> tuple[d
 
 
 def _warn_if_tags_differ(arch: str) -> None:
-    """open_clip's pretrained tags of one architecture may normalise differently (e.g. ViT-L-14 dfn2b_s39b)."""
+    """open_clip's pretrained tags of one architecture may normalise differently (ViT-L-14 laion2b_s32b_b82k
+    uses mean = std = 0.5): say so when the tag is not given."""
     from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 
     odd = [t for t in list_pretrained_tags_by_model(arch)

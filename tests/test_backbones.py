@@ -495,3 +495,18 @@ def test_vip_proxies_on_an_l14_336_gelu_backbone(tmp_path):
         masked = model.encode_video(frames, torch.tensor([[1, 0]])).global_
     assert video.shape == (1, 128) and torch.isfinite(video).all()
     assert (video - masked).abs().max() > 1e-4  # the second frame takes part unless masked
+
+
+def test_pretrained_tag_normalisation_and_the_warning_without_it(caplog):
+    from clip2video.modules.clip_weights import _warn_if_tags_differ
+
+    _, pcfg = open_clip_config("ViT-L-14:laion2b_s32b_b82k")
+    assert tuple(pcfg["mean"]) == tuple(pcfg["std"]) == (0.5, 0.5, 0.5)
+    assert open_clip_config("ViT-B-16:openai")[1]["quick_gelu"] is True  # open_clip runs OpenAI's with QuickGELU
+    with caplog.at_level(logging.WARNING, logger="clip2video"):
+        _warn_if_tags_differ("ViT-L-14")
+    assert "laion2b_s32b_b82k" in caplog.text and "ViT-L-14:TAG" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="clip2video"):
+        _warn_if_tags_differ("ViT-B-16")
+    assert caplog.text == ""
