@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--do_eval", action="store_true", help="accepted for compatibility (evaluation always runs)")
     o.add_argument("--save_sim", default=None, help="write the caption × video matrix here (.npy)")
     o.add_argument("--metrics_json", default=None, help="write {t2v: {...}, v2t: {...}} here")
+    o.add_argument("--save_embeddings", default=None, metavar="DIR",
+                   help="write text.npy, video.npy, text_ids.json, video_ids.json, meta.json here")
     o.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     add_precision_arg(o)
     o.add_argument("--dsl", action="store_true", help="also report dual-softmax re-ranked metrics (labelled)")
@@ -88,7 +91,7 @@ def load_for_eval(args: argparse.Namespace):
     Our checkpoints and exports carry their config (used unless model flags are given explicitly); a
     released ``pytorch_model.bin.N`` is described by the flags and evaluated with the original mask layout.
     """
-    from clip2video.modules.checkpoint import load_clip_weights
+    from clip2video.modules.clip_weights import load_clip
     from clip2video.modules.factory import create_model, load_model
     from clip2video.modules.model import make_config
 
@@ -100,7 +103,10 @@ def load_for_eval(args: argparse.Namespace):
         if not args.clip_path:
             raise UsageError("--zero_shot needs --clip_path")
         extra = {"mask_layout": args.mask_layout} if args.mask_layout else {}
-        return create_model(variant, clip_state_dict=load_clip_weights(args.clip_path), **fields, **extra)
+        sd, clip_cfg = load_clip(args.clip_path, args.clip_model)
+        return create_model(make_config(variant, clip_cfg, **fields, **extra), clip_state_dict=sd)
+    if args.clip_model:
+        logger.info("--clip_model ignored: a checkpoint's backbone is read from the checkpoint")
     return load_model(ckpt, make_config(variant, **fields), model_num=args.model_num, mask_layout=args.mask_layout,
                       prefer_stored=not model_flags_given(args))
 
@@ -137,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_for_eval(args).to(device).eval()
     logger.info("model: variant %s, mask layout %s, %s", model.config.variant, model.config.mask_layout,
                 "TAB on" if model.config.use_tab else "no TAB")
+    logger.info("backbone: %s", model.config.clip.describe())
     dataset = VideoDataset(rset.video_ids, args.features_path, max_frames=args.max_frames,
                            framerate=args.feature_framerate, image_size=model.config.clip.image_size,
                            mode=args.image_mode)
@@ -162,6 +169,15 @@ def run(args: argparse.Namespace) -> int:
         from clip2video.fileio import atomic_write_text
 
         atomic_write_text(args.metrics_json, json.dumps(payload, indent=1))
+    if args.save_embeddings:  # one vector per caption / video: logit_scale · text @ video.T == --save_sim
+        from clip2video.index_build import describe_model, write_embeddings
+
+        meta = dict(describe_model(model, args), features_path=str(Path(args.features_path).resolve()),
+                    max_frames=args.max_frames, feature_framerate=args.feature_framerate, image_mode=args.image_mode,
+                    precision=args.precision, datatype=args.datatype, batch_size_val=args.batch_size_val)
+        write_embeddings(args.save_embeddings, model.text_vector(res.text).float().numpy(),
+                         model.video_vector(res.video).float().numpy(), rset.captions, rset.video_ids, meta)
+        logger.info("wrote embeddings to %s", args.save_embeddings)
     if out_dir is not None:
         from clip2video.fileio import atomic_write_text
 

@@ -51,6 +51,7 @@ setup(
         "torch>=2.4,<3",
         "torchvision>=0.19",
         "open_clip_torch>=2.24",
+        "safetensors>=0.4",
         "ftfy",
         "regex",
         "numpy>=1.24",
@@ -60,6 +61,7 @@ setup(
         "pandas>=2.0",
         "tqdm",
         "pyyaml>=6",
+        "faiss-cpu>=1.8",
     ],
     extras_require={"tensorboard": ["tensorboard"], "test": ["pytest>=7"]},
 )

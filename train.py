@@ -152,6 +152,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("give --clip_path (OpenAI ViT-B-32.pt), --init_model or --tiny_clip")
     if args.tiny_clip and args.clip_path:
         raise UsageError("--tiny_clip and --clip_path exclude each other")
+    if args.clip_model and not args.clip_path:
+        raise UsageError("--clip_model names the architecture of --clip_path: give both (a checkpoint records "
+                         "its backbone)")
     if not args.features_path:
         raise UsageError("--features_path is required (folder of frame folders)")
     check_paths(args)
@@ -161,7 +164,7 @@ def check_args(args: argparse.Namespace) -> None:
 def build_model(args: argparse.Namespace):
     """The model the flags describe: from --init_model, from CLIP weights, or a random tiny CLIP."""
     from clip2video.modules.backbone import ClipConfig
-    from clip2video.modules.checkpoint import load_clip_weights
+    from clip2video.modules.clip_weights import load_clip
     from clip2video.modules.factory import create_model, load_model
     from clip2video.modules.model import make_config
 
@@ -174,7 +177,8 @@ def build_model(args: argparse.Namespace):
         return model
     if args.tiny_clip:
         return create_model(variant, clip_config=ClipConfig.tiny(), mask_layout=layout, **fields)
-    return create_model(variant, clip_state_dict=load_clip_weights(args.clip_path), mask_layout=layout, **fields)
+    sd, clip_cfg = load_clip(args.clip_path, args.clip_model)  # the backbone, recorded in every checkpoint
+    return create_model(make_config(variant, clip_cfg, mask_layout=layout, **fields), clip_state_dict=sd)
 
 
 def build_data(args: argparse.Namespace, image_size: int):
@@ -244,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(args.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
         model = build_model(args)
         train_set, val = build_data(args, model.config.clip.image_size)
+        logger.info("backbone: %s", model.config.clip.describe())
         logger.info("model %s (mask layout %s), %d training pairs, validation: %s", model.config.variant,
                     model.config.mask_layout, len(train_set),
                     f"{len(val.rset.captions)} captions" if val else "none (no best.pt)")

@@ -122,7 +122,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mask_layout", default=None, choices=list(MASK_LAYOUTS),
                    help="attention-mask layout of the temporal heads (default: original for released "
                         "checkpoints, what the checkpoint says for ours)")
-    g.add_argument("--clip_path", default=None, help="OpenAI CLIP weights (ViT-B-32.pt or a state dict)")
+    g.add_argument("--clip_path", default=None, help="CLIP weights: OpenAI's ViT-*.pt, an OpenAI-layout state dict, "
+                   "open_clip's open_clip_pytorch_model.bin / .safetensors or an open_clip training checkpoint")
+    g.add_argument("--clip_model", default=None, metavar="NAME[:TAG]",
+                   help="open_clip architecture of --clip_path (ViT-B-16, ViT-L-14-336, ViT-B-32-quickgelu, ...; "
+                        ":TAG picks a pretrained tag's normalisation); needed when the file cannot tell its "
+                        "activation (an open_clip file without open_clip_config.json)")
 
 
 def add_precision_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

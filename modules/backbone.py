@@ -4,8 +4,10 @@ open_clip provides the model code and the OpenAI weight layout; parameter names 
 (``visual.conv1.weight``, ``transformer.resblocks.0.attn.in_proj_weight``, ...), which is what the released
 CLIP2Video checkpoints store under ``clip.``. What this module adds:
 
-* ``ClipConfig``: the architecture, read from a state dict (width, layers, patch, resolution), so tiny test
-  models and ViT-B/32, B/16, L/14 go through the same code;
+* ``ClipConfig``: the architecture, read from a state dict (width, layers, patch, resolution, MLP width),
+  plus what the tensors cannot tell (activation, head width, the image normalisation the weights were trained
+  with, the open_clip architecture name), so tiny test models and ViT-B/32, B/16, L/14, L/14@336 from OpenAI
+  or open_clip go through the same code (reading weight files: ``modules/clip_weights.py``);
 * ``text_tokens``: token features for *every* position of a ``max_words``-long sequence, with the causal
   mask cut to that length (the original never ran 77 tokens), LayerNorm and projection on every token;
 * ``frame_features``: the image tower's projected class token, per frame;
@@ -21,11 +23,28 @@ from torch import nn
 
 # Integer buffers that OpenAI's ViT-B-32.pt carries next to the weights; they are not parameters.
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Image normalisation of OpenAI CLIP, which most open_clip weights were trained with too.
+OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+ACTIVATIONS = ("quick_gelu", "gelu")  # OpenAI's x·σ(1.702x), torch's exact GELU (most open_clip weights)
+# Fields a state dict determines; the others are recorded beside the weights (checkpoint config).
+SHAPE_FIELDS = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_layers", "context_length",
+                "vocab_size", "text_width", "text_layers", "vision_mlp_width", "text_mlp_width")
 
 
 @dataclass
 class ClipConfig:
-    """CLIP architecture (OpenAI ViT layout). Heads are width // 64 in both towers, as in OpenAI CLIP."""
+    """CLIP architecture (OpenAI ViT layout) and what the weights were trained with.
+
+    Attributes:
+        vision_mlp_width / text_mlp_width: hidden width of the MLPs; 0 means 4 × width (every OpenAI model).
+        vision_head_width / text_head_width: width of one attention head (64 in OpenAI's and open_clip's
+            ViT CLIPs); a tower narrower than that has one head.
+        activation: ``quick_gelu`` (OpenAI weights; the temporal heads use it too) or ``gelu``.
+        image_mean / image_std: per-channel normalisation the weights were trained with (frames arrive in
+            OpenAI's and are converted by :func:`to_backbone_normalisation`).
+        model_name: open_clip architecture name when known (``ViT-B-16``, ...), else empty.
+    """
 
     embed_dim: int = 512
     image_size: int = 224
@@ -36,21 +55,57 @@ class ClipConfig:
     vocab_size: int = 49408
     text_width: int = 512
     text_layers: int = 12
+    vision_mlp_width: int = 0
+    text_mlp_width: int = 0
+    vision_head_width: int = 64
+    text_head_width: int = 64
+    activation: str = "quick_gelu"
+    image_mean: tuple[float, float, float] = OPENAI_MEAN
+    image_std: tuple[float, float, float] = OPENAI_STD
+    model_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"CLIP activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        self.image_mean = tuple(float(x) for x in self.image_mean)  # JSON gives lists
+        self.image_std = tuple(float(x) for x in self.image_std)
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError(f"CLIP image mean/std must be 3 values (std > 0), got {self.image_mean}/{self.image_std}")
 
     @property
     def text_heads(self) -> int:
-        return max(1, self.text_width // 64)
+        return max(1, self.text_width // self.text_head_width)
 
     @property
     def vision_heads(self) -> int:
-        return max(1, self.vision_width // 64)
+        return max(1, self.vision_width // self.vision_head_width)
+
+    @property
+    def quick_gelu(self) -> bool:
+        return self.activation == "quick_gelu"
+
+    def describe(self) -> str:
+        """One line for logs: ``ViT-B-16 (GELU, 224 px, embedding 512)``."""
+        act = "QuickGELU" if self.quick_gelu else "GELU"
+        name = self.model_name or f"custom ViT/{self.patch_size}"
+        return f"{name} ({act}, {self.image_size} px, embedding {self.embed_dim})"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ClipConfig:
+        """Missing fields take their defaults: configs written before a field existed describe OpenAI CLIPs."""
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    @classmethod
+    def from_checkpoint(cls, sd: dict[str, torch.Tensor], recorded: dict | None, prefix: str = "clip.") -> ClipConfig:
+        """A CLIP2Video checkpoint's CLIP: shapes from its tensors, the rest (activation, normalisation, name)
+        from the config recorded with it. Released checkpoints record none: they are OpenAI CLIPs."""
+        shapes = cls.from_state_dict(sd, prefix=prefix)
+        if not isinstance(recorded, dict):
+            return shapes
+        return cls.from_dict({**recorded, **{f: getattr(shapes, f) for f in SHAPE_FIELDS}})
 
     @classmethod
     def vit_b_32(cls) -> ClipConfig:
@@ -86,16 +141,24 @@ class ClipConfig:
         vision_layers = len({k.split(".")[3] for k in names if k.startswith("visual.transformer.resblocks.")})
         text_layers = len({k.split(".")[2] for k in names if k.startswith("transformer.resblocks.")})
         grid = round((get("visual.positional_embedding").shape[0] - 1) ** 0.5)
+        vision_width, text_width = conv.shape[0], get("ln_final.weight").shape[0]
+
+        def mlp(tower: str, width: int) -> int:  # 0 = the usual 4 × width
+            hidden = get(f"{tower}resblocks.0.mlp.c_fc.weight").shape[0]
+            return 0 if hidden == 4 * width else hidden
+
         return cls(
             embed_dim=get("text_projection").shape[1],
             image_size=conv.shape[-1] * grid,
             patch_size=conv.shape[-1],
-            vision_width=conv.shape[0],
+            vision_width=vision_width,
             vision_layers=vision_layers,
             context_length=get("positional_embedding").shape[0],
             vocab_size=get("token_embedding.weight").shape[0],
-            text_width=get("ln_final.weight").shape[0],
+            text_width=text_width,
             text_layers=text_layers,
+            vision_mlp_width=mlp("visual.transformer.", vision_width),
+            text_mlp_width=mlp("transformer.", text_width),
         )
 
 
@@ -131,6 +194,16 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def activation_module(name: str) -> nn.Module:
+    """The MLP activation called ``name`` (:data:`ACTIVATIONS`): the temporal heads use the backbone's, so
+    blocks initialised from CLIP's text blocks compute what those blocks were trained to compute."""
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu":
+        return nn.GELU()
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
 def use_fast_quick_gelu(model: nn.Module) -> nn.Module:
     """Swap every open_clip ``QuickGELU`` module of ``model`` for ours (no parameters, same outputs)."""
     for module in model.modules():
@@ -140,17 +213,23 @@ def use_fast_quick_gelu(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_clip(cfg: ClipConfig) -> nn.Module:
-    """An fp32 open_clip CLIP with OpenAI's layout and QuickGELU (what OpenAI's weights were trained with).
+def _mlp_ratio(mlp_width: int, width: int) -> float:
+    """open_clip sizes an MLP as ``int(width * ratio)``: half a unit above the target survives rounding."""
+    return 4.0 if not mlp_width else (mlp_width + 0.5) / width
 
-    The activation modules are ours (:class:`QuickGELU`): same forward, cheaper backward.
+
+def build_clip(cfg: ClipConfig) -> nn.Module:
+    """An fp32 open_clip CLIP in OpenAI's layout with the configured activation (QuickGELU for OpenAI weights).
+
+    QuickGELU modules are ours (:class:`QuickGELU`): same forward, cheaper backward.
     """
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     vision = CLIPVisionCfg(
         layers=cfg.vision_layers,
         width=cfg.vision_width,
-        head_width=64 if cfg.vision_width >= 64 else cfg.vision_width,
+        head_width=min(cfg.vision_head_width, cfg.vision_width),
+        mlp_ratio=_mlp_ratio(cfg.vision_mlp_width, cfg.vision_width),
         patch_size=cfg.patch_size,
         image_size=cfg.image_size,
     )
@@ -160,8 +239,9 @@ def build_clip(cfg: ClipConfig) -> nn.Module:
         width=cfg.text_width,
         heads=cfg.text_heads,
         layers=cfg.text_layers,
+        mlp_ratio=_mlp_ratio(cfg.text_mlp_width, cfg.text_width),
     )
-    model = CLIP(cfg.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=True)
+    model = CLIP(cfg.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=cfg.quick_gelu)
     return use_fast_quick_gelu(model.float())
 
 
@@ -179,6 +259,23 @@ def text_tokens(clip: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     x = clip.transformer(x, attn_mask=mask)  # open_clip transformers are batch-first
     x = clip.ln_final(x)
     return x @ clip.text_projection  # (B, L, D)
+
+
+def to_backbone_normalisation(images: torch.Tensor, cfg: ClipConfig) -> torch.Tensor:
+    """Frames normalised with OpenAI CLIP's mean/std → normalised with the backbone's (per-channel affine).
+
+    Every frame source of this codebase (frame folders, video files, the search index) delivers OpenAI's
+    normalisation, the original's and that of nearly all open_clip weights; a backbone trained with another
+    (``image_mean`` / ``image_std``) converts here, once, where frames enter the image tower, so no reader can
+    be left behind. ``(x·σ_o + μ_o − μ_b) / σ_b``; the identity (and skipped) for OpenAI's constants.
+    """
+    if cfg.image_mean == OPENAI_MEAN and cfg.image_std == OPENAI_STD:
+        return images
+    so, mo = torch.tensor(OPENAI_STD), torch.tensor(OPENAI_MEAN)
+    sb, mb = torch.tensor(cfg.image_std), torch.tensor(cfg.image_mean)
+    scale = (so / sb).to(images).view(3, 1, 1)
+    shift = ((mo - mb) / sb).to(images).view(3, 1, 1)
+    return images * scale + shift
 
 
 def frame_features(clip: nn.Module, images: torch.Tensor) -> torch.Tensor:

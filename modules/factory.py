@@ -77,7 +77,7 @@ def load_model(
     sd, stored = read_checkpoint(file)
     if not any(k.startswith("clip.") for k in sd):
         raise CheckpointError(f"{file}: no 'clip.*' keys: not a CLIP2Video checkpoint (a plain CLIP file?)")
-    clip_cfg = ClipConfig.from_state_dict(sd, prefix="clip.")
+    clip_cfg = ClipConfig.from_checkpoint(sd, (stored or {}).get("clip"))  # activation etc. as recorded
     if stored is not None and (config is None or prefer_stored):
         cfg = CLIP2VideoConfig.from_dict({**stored, "clip": clip_cfg.to_dict()})
     elif config is not None:

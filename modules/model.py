@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .alignment import align_tokens
-from .backbone import ClipConfig, build_clip, frame_features, text_tokens
+from .backbone import ClipConfig, build_clip, frame_features, text_tokens, to_backbone_normalisation
 from .temporal import MASK_LAYOUTS, TemporalTransformer, difference_tokens, l2n, masked_mean
 
 # The paper's Table 1 rows → the original's flags. TDB-All and TAB-Base are described in the paper but not in
@@ -207,16 +207,18 @@ class CLIP2Video(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        dim = c.clip.embed_dim
-        heads = max(1, dim // 64)
+        dim = c.clip.embed_dim  # every head is as wide as the embedding: 512 for ViT-B, 768 for ViT-L/14
+        # heads as CLIP's text blocks have them when those initialise the temporal blocks (same width)
+        heads = c.clip.text_heads if c.clip.text_width == dim else max(1, dim // 64)
+        act = c.clip.activation
         self.clip = build_clip(c.clip)
         if c.sim_type == "seqTransf":
             self.frame_position_embeddings = nn.Embedding(c.clip.context_length, dim)
-            self.transformerClip = TemporalTransformer(dim, c.cross_layers, heads)
+            self.transformerClip = TemporalTransformer(dim, c.cross_layers, heads, act)
         if c.temporal_proj == "sigmoid_mlp":
             self.frame2t_projection = nn.Parameter(torch.empty(dim, dim))
         elif c.temporal_proj == "sigmoid_selfA":
-            self.frame2t_attention = TemporalTransformer(dim, 1, heads)
+            self.frame2t_attention = TemporalTransformer(dim, 1, heads, act)
         if c.temporal_type == "TDB":
             self.type_position_embeddings = nn.Embedding(2, dim)
         if c.temporal_proj in ("sigmoid_mlp", "sigmoid_selfA"):
@@ -225,7 +227,7 @@ class CLIP2Video(nn.Module):
             self.weight_center = nn.Parameter(torch.empty(c.center_k, dim))
             self.emb_center = nn.Parameter(torch.empty(c.center_k, dim))
             if c.center_proj in ("TAB", "TAB_TDB"):
-                self.actionClip = TemporalTransformer(dim, 1, heads)
+                self.actionClip = TemporalTransformer(dim, 1, heads, act)
         if c.video_encoder == "vip":
             from .vip import VideoProxyEncoder
 
@@ -282,7 +284,7 @@ class CLIP2Video(nn.Module):
             self.frame_position_embeddings.weight.copy_(clip.positional_embedding)
         if hasattr(self, "type_position_embeddings") and same_width:
             self.type_position_embeddings.weight.copy_(clip.positional_embedding[:2])
-        if same_width:
+        if same_width and not self.config.clip.text_mlp_width:  # blocks copy only with the usual 4× MLP
             if hasattr(self, "transformerClip"):
                 for i, block in enumerate(self.transformerClip.resblocks):
                     if i < len(text_blocks):
@@ -349,7 +351,7 @@ class CLIP2Video(nn.Module):
         b, t = mask.shape
         keep = mask.reshape(-1).bool()
         flat = frames.reshape(b * t, *frames.shape[2:])  # (B·T, 3, H, W)
-        real = frame_features(self.clip, flat[keep])  # (N_real, D)
+        real = frame_features(self.clip, to_backbone_normalisation(flat[keep], self.config.clip))  # (N_real, D)
         pad = self.zero_frame_feature(frames.device, flat.dtype).to(real.dtype)
         out = pad.expand(b * t, -1).clone()
         out = out.index_put((keep.nonzero(as_tuple=True)[0],), real) if real.shape[0] else out
@@ -420,6 +422,7 @@ class CLIP2Video(nn.Module):
     def encode_video(self, frames: torch.Tensor, mask: torch.Tensor) -> VideoEmbedding:
         """(B, T, 3, H, W) frames + (B, T) mask → normalised video vectors."""
         if self.config.video_encoder == "vip":
+            frames = to_backbone_normalisation(frames, self.config.clip)
             return VideoEmbedding(l2n(self.vip(self.clip.visual, frames, mask)))
         return self.encode_video_features(self.encode_frames(frames, mask), mask)
 

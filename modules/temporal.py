@@ -1,8 +1,9 @@
 """Temporal transformers and the Temporal Difference Block (TDB) of CLIP2Video.
 
 The blocks are CLIP-style residual attention blocks (pre-LN with the original's ε = 1e-12 ``TemporalLayerNorm``,
-QuickGELU MLP ×4) with parameter names identical to the original's ``transformerClip`` / ``frame2t_attention`` /
-``actionClip`` modules, so a released state dict loads without renaming.
+MLP ×4 with the backbone's activation: QuickGELU for OpenAI weights) with parameter names identical to the
+original's ``transformerClip`` / ``frame2t_attention`` / ``actionClip`` modules, so a released state dict loads
+without renaming.
 
 Attention-mask layout (a property of the model, see ``MASK_LAYOUTS``): the original repeated the (B, L, L)
 key mask ``heads`` times along dim 0 (``mask.repeat(heads, 1, 1)``), but ``nn.MultiheadAttention`` reads a
@@ -20,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .backbone import QuickGELU
+from .backbone import activation_module
 
 MASK_LAYOUTS = ("original", "per_video")
 NEG = -1000000.0  # the original's additive mask value; kept because it changes fp32 rounding of scores
@@ -50,13 +51,14 @@ class TemporalLayerNorm(nn.LayerNorm):
 class ResidualBlock(nn.Module):
     """Pre-LN transformer block; names (attn, ln_1, mlp.c_fc, mlp.c_proj, ln_2) follow OpenAI CLIP."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, activation: str = "quick_gelu"):
         super().__init__()
         self.attn = nn.MultiheadAttention(width, heads)  # sequence-first, like the original
         self.ln_1 = TemporalLayerNorm(width)
         self.mlp = nn.Sequential(
             OrderedDict(
-                [("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))]
+                [("c_fc", nn.Linear(width, width * 4)), ("gelu", activation_module(activation)),
+                 ("c_proj", nn.Linear(width * 4, width))]
             )
         )
         self.ln_2 = TemporalLayerNorm(width)
@@ -75,12 +77,13 @@ class TemporalTransformer(nn.Module):
         width: token width.
         layers: number of blocks.
         heads: attention heads.
+        activation: MLP activation (``quick_gelu`` | ``gelu``).
     """
 
-    def __init__(self, width: int, layers: int, heads: int):
+    def __init__(self, width: int, layers: int, heads: int, activation: str = "quick_gelu"):
         super().__init__()
         self.heads = heads
-        self.resblocks = nn.ModuleList([ResidualBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualBlock(width, heads, activation) for _ in range(layers)])
 
     def head_mask(self, key_mask: torch.Tensor, layout: str, dtype: torch.dtype) -> torch.Tensor:
         """(B, L) 0/1 key mask → (B·heads, L, L) additive mask in the requested layout."""
