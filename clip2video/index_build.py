@@ -107,8 +107,8 @@ def load_model_for(args):
 def load_model_from_meta(meta: dict[str, Any], device: str | None = None):
     """Rebuild the model an index or export recorded, and check it is still the same model."""
     from .modules.clip_weights import load_clip_tensors
-    from .modules.factory import load_model
-    from .modules.model import CLIP2VideoConfig, create_model
+    from .modules.factory import create_model, load_model
+    from .modules.model import CLIP2VideoConfig
 
     if not meta.get("config") or not (meta.get("checkpoint") or meta.get("clip_path")):
         raise ValueError("the index records no model file (built from vectors without one): text queries need "

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from .backbone import OPENAI_EXTRA_KEYS, OPENAI_MEAN, OPENAI_STD, SHAPE_FIELDS, ClipConfig
-from .checkpoint import CheckpointError, _is_torchscript
+from .checkpoint import CheckpointError, is_torchscript
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def read_clip_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], st
             from safetensors.torch import load_file
 
             raw, fmt = load_file(str(path)), "open_clip safetensors"
-        elif _is_torchscript(path):
+        elif is_torchscript(path):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript; OpenAI ships it
                 raw, fmt = torch.jit.load(str(path), map_location="cpu").state_dict(), "OpenAI TorchScript"

@@ -21,9 +21,9 @@ from PIL import Image
 from torch import nn
 
 from clip2video.modules.backbone import OPENAI_MEAN, ClipConfig, QuickGELU, frame_features
-from clip2video.modules.checkpoint import CheckpointError, load_model
+from clip2video.modules.checkpoint import CheckpointError
 from clip2video.modules.clip_weights import load_clip, open_clip_config, unsupported_in_config
-from clip2video.modules.factory import create_model
+from clip2video.modules.factory import create_model, load_model
 from clip2video.modules.model import make_config
 
 FAMILIES = {  # name: (embed/text width, image-tower width, patch, resolution)
