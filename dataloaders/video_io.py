@@ -167,9 +167,12 @@ def _open(path: Path, threads: int = 1) -> tuple[av.container.InputContainer, av
         raise VideoReadError(f"{path}: cannot open as a video ({size} bytes; corrupt, truncated or unknown "
                              f"format: {_reason(e)})") from None
     if not container.streams.video:
-        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+        audio = bool(container.streams.audio)
         container.close()
-        raise VideoReadError(f"{path}: no video stream (holds {', '.join(kinds)})")
+        if audio:
+            raise VideoReadError(f"{path}: no video stream (audio only)")
+        raise VideoReadError(f"{path}: cannot open as a video ({size} bytes; no video stream found: corrupt, "
+                             "truncated or unknown format)")
     stream = container.streams.video[0]
     stream.codec_context.thread_count = max(1, int(threads))
     stream.codec_context.thread_type = "AUTO" if threads > 1 else "SLICE"
@@ -188,17 +191,39 @@ def _nominal_rate(stream: av.video.stream.VideoStream) -> float | None:
     return None
 
 
-def _build_index(container, stream, path: Path, fallback_fps: float, allow_truncated: bool) -> VideoIndex:
-    """Demux the video stream once (no decoding) and turn its packets into a :class:`VideoIndex`."""
-    packets: list[tuple[int | None, int | None, bool, int]] = []
-    damaged = None
+Packet = tuple[int | None, int | None, bool, int]
+"""(pts, dts, is_keyframe, duration) of one demuxed packet."""
+
+
+def _demux(container, stream) -> tuple[list[Packet], str | None]:
+    """The video stream's packets (no decoding) and, if demuxing stopped on an error, its reason."""
+    packets: list[Packet] = []
     try:
         for p in container.demux(stream):
             if p.size:  # the empty packet at the end only flushes the decoder
                 packets.append((p.pts, p.dts, bool(p.is_keyframe), int(p.duration or 0)))
     except (av.error.FFmpegError, OSError) as e:
-        damaged = _reason(e)
-    header = int(stream.frames or 0)
+        return packets, _reason(e)
+    return packets, None
+
+
+def _build_index(container, stream, path: Path, fallback_fps: float, allow_truncated: bool) -> VideoIndex:
+    """Demux the video stream once and turn its packets into a :class:`VideoIndex`."""
+    packets, damaged = _demux(container, stream)
+    tb = Fraction(stream.time_base.numerator, stream.time_base.denominator) if stream.time_base else Fraction(1)
+    return index_from_packets(path, packets, tb, _nominal_rate(stream), int(stream.frames or 0),
+                              fallback_fps=fallback_fps, allow_truncated=allow_truncated, damaged=damaged)
+
+
+def index_from_packets(path: str | os.PathLike, packets: Sequence[Packet], time_base: Fraction,
+                       rate: float | None, header: int, *, fallback_fps: float = DEFAULT_FALLBACK_FPS,
+                       allow_truncated: bool = False, damaged: str | None = None) -> VideoIndex:
+    """The timing rule applied to demuxed packets (pure; the file-independent part of :func:`probe`).
+
+    Raises:
+        VideoReadError: no packets, or a truncated/damaged stream without ``allow_truncated``.
+    """
+    path = Path(path)
     warnings: list[str] = []
     if not packets:
         raise VideoReadError(f"{path}: holds no video frames" + (f" ({damaged})" if damaged else ""))
@@ -214,13 +239,12 @@ def _build_index(container, stream, path: Path, fallback_fps: float, allow_trunc
     elif header and n > header:
         warnings.append(f"header reports {header} frames, the file holds {n}: all {n} used")
 
-    rate = _nominal_rate(stream)
     timed = all(p[0] is not None or p[1] is not None for p in packets)
     if timed:
         stamps = sorted({p[0] if p[0] is not None else p[1] for p in packets})
         timed = len(stamps) == n  # duplicate timestamps cannot order frames
     if timed:
-        tb = Fraction(stream.time_base.numerator, stream.time_base.denominator)
+        tb = time_base
         last = max(packets, key=lambda p: p[0] if p[0] is not None else p[1])
         gaps = np.diff(stamps)
         step = last[3] or (int(np.median(gaps)) if len(gaps) else 0)
@@ -235,7 +259,8 @@ def _build_index(container, stream, path: Path, fallback_fps: float, allow_trunc
     if rate is None:
         warnings.append(f"no timestamps and no usable fps; assumed {fallback_fps:g}")
     r = _as_fraction(rate or fallback_fps)
-    return VideoIndex(os.fspath(path), tuple(range(n)), (), (), 1 / r, n, False, float(r), header, 0, tuple(warnings))
+    return VideoIndex(os.fspath(path), tuple(range(n)), (), (), 1 / r, n, False, rate or 0.0, header, 0,
+                      tuple(warnings))
 
 
 _index_cache: OrderedDict[tuple, VideoIndex] = OrderedDict()
