@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val_csv", default=None, help="MSR-VTT test csv (JSFUSION 1k-A or *.full.csv)")
     d.add_argument("--data_path", default=None, help="MSRVTT_data.json, or the MSVD/VATEX annotation folder")
     d.add_argument("--features_path", default=None, help="folder of frame folders <video_id>/00000001.jpg")
+    d.add_argument("--video_fps", type=float, default=5.0,
+                   help="video files in --features_path (<video_id>.mp4 ...) are read directly, as if extracted at "
+                        "this rate (sample_frame.py --fps; default 5)")
     d.add_argument("--split", default="test", help="split list for MSVD/VATEX/generic (test, val, test1k5_sec)")
     d.add_argument("--max_words", type=int, default=32)
     d.add_argument("--max_frames", type=int, default=12)
@@ -138,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                 "TAB on" if model.config.use_tab else "no TAB")
     dataset = VideoDataset(rset.video_ids, args.features_path, max_frames=args.max_frames,
                            framerate=args.feature_framerate, image_size=model.config.clip.image_size,
-                           mode=args.image_mode)
+                           mode=args.image_mode, video_fps=args.video_fps)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_val, shuffle=False,
                                          num_workers=args.num_thread_reader, pin_memory=device.type == "cuda")
     t0 = time.perf_counter()

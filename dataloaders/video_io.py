@@ -565,6 +565,58 @@ def list_video_files(folder: str | os.PathLike) -> dict[str, Path]:
     return found
 
 
+def encode_video(
+    path: str | os.PathLike,
+    frames: Sequence[np.ndarray],
+    *,
+    fps: float = 25.0,
+    times: Sequence[float] | None = None,
+    codec: str = "libx264",
+    gop: int = 25,
+    rotation: int = 0,
+    faststart: bool = False,
+    crf: int = 18,
+) -> None:
+    """Encode RGB uint8 frames with PyAV (H.264 by default, with B-frames), atomically; for tests and benchmarks.
+
+    Unlike :func:`write_video` (OpenCV: constant rate, every codec's defaults) this controls what real files
+    vary in: ``times`` (seconds per frame: variable rate, start offset), the keyframe interval ``gop``, a
+    display ``rotation`` in degrees (as phones store it) and ``faststart`` (index before the data, so a cut
+    file still opens).
+    """
+    if len(frames) == 0:
+        raise ValueError(f"{path}: no frames to write")
+    h, w = frames[0].shape[:2]
+    times = list(times) if times is not None else [k / fps for k in range(len(frames))]
+    if len(times) != len(frames) or any(b <= a for a, b in zip(times, times[1:], strict=False)):
+        raise ValueError(f"{path}: times must be one increasing value per frame")
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.stem}-{os.getpid()}{path.suffix}")
+    tb = Fraction(1, 90000)
+    options = {"movflags": "faststart"} if faststart else {}
+    try:
+        with av.open(os.fspath(tmp), "w", format=None, options=options) as out:
+            stream = out.add_stream(codec, rate=_as_fraction(fps))
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            stream.time_base = stream.codec_context.time_base = tb
+            stream.codec_context.gop_size = int(gop)
+            if codec == "libx264":
+                stream.options = {"crf": str(crf), "preset": "veryfast", "bf": "2"}
+            if rotation:
+                stream.set_display_rotation(float(rotation))
+            for f, t in zip(frames, times, strict=True):
+                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+                vf.pts, vf.time_base = round(t * 90000), tb
+                for packet in stream.encode(vf):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: float, fourcc: str = "mp4v") -> None:
     """Encode BGR uint8 frames (all the same H×W×3) to ``path``, atomically.
 
