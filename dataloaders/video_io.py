@@ -103,8 +103,8 @@ class VideoIndex:
     """What a demux pass (no decoding) tells about a video's frames, and the timing rule on top of it.
 
     ``pts`` are the frames' presentation timestamps in ``time_base`` units, sorted; ``keyframe_pts`` the
-    keyframes' pts and ``keyframe_seek`` the timestamps to seek to for them (the smaller of pts and dts, so a
-    seek never lands after the keyframe); ``start_seek`` the smallest timestamp of the stream;
+    keyframes' pts (what containers seek by: seeking to a keyframe's dts lands a GOP early in MP4);
+    ``start_seek`` the smallest timestamp of the stream;
     ``end`` the time the last frame leaves the screen. Untimed files (no timestamps) use frame numbers with
     ``time_base = 1/rate``.
     """
@@ -112,7 +112,6 @@ class VideoIndex:
     path: str
     pts: tuple[int, ...]
     keyframe_pts: tuple[int, ...]
-    keyframe_seek: tuple[int, ...]
     time_base: Fraction
     end: int
     timed: bool
@@ -250,16 +249,14 @@ def index_from_packets(path: str | os.PathLike, packets: Sequence[Packet], time_
         step = last[3] or (int(np.median(gaps)) if len(gaps) else 0)
         if step <= 0:
             step = max(1, round(1 / ((rate or fallback_fps) * tb)))
-        keys = [(p[0] if p[0] is not None else p[1], min(x for x in (p[0], p[1]) if x is not None))
-                for p in packets if p[2]]
-        keys.sort()
+        keys = sorted(p[0] if p[0] is not None else p[1] for p in packets if p[2])
         start = min(x for p in packets for x in (p[0], p[1]) if x is not None)
-        return VideoIndex(os.fspath(path), tuple(stamps), tuple(k for k, _ in keys), tuple(s for _, s in keys),
-                          tb, stamps[-1] + step, True, rate or 0.0, header, start, tuple(warnings))
+        return VideoIndex(os.fspath(path), tuple(stamps), tuple(keys), tb, stamps[-1] + step, True, rate or 0.0,
+                          header, start, tuple(warnings))
     if rate is None:
         warnings.append(f"no timestamps and no usable fps; assumed {fallback_fps:g}")
     r = _as_fraction(rate or fallback_fps)
-    return VideoIndex(os.fspath(path), tuple(range(n)), (), (), 1 / r, n, False, rate or 0.0, header, 0,
+    return VideoIndex(os.fspath(path), tuple(range(n)), (), 1 / r, n, False, rate or 0.0, header, 0,
                       tuple(warnings))
 
 
@@ -379,7 +376,7 @@ class _Cursor:
 def _seek_points(index: VideoIndex, t: int) -> list[tuple[int, int]]:
     """(keyframe pts, seek timestamp) to try for target ``t``: its keyframe, the one before, the start."""
     j = bisect.bisect_right(index.keyframe_pts, t) - 1
-    points = [(index.keyframe_pts[i], index.keyframe_seek[i]) for i in (j, j - 1) if i >= 0]
+    points = [(index.keyframe_pts[i], index.keyframe_pts[i]) for i in (j, j - 1) if i >= 0]
     points.append((index.pts[0], index.start_seek))
     return list(dict.fromkeys(points))
 
