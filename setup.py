@@ -61,6 +61,7 @@ setup(
         "pandas>=2.0",
         "tqdm",
         "pyyaml>=6",
+        "av>=18",
     ],
     extras_require={"tensorboard": ["tensorboard"], "test": ["pytest>=7"]},
 )

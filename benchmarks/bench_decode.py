@@ -16,15 +16,16 @@ Library comparison on the same videos (seek + decode of the 12 sampled frames, R
 PyAV through our ``decode_outputs``; OpenCV with ``CAP_PROP_POS_FRAMES`` seeks (frame-number seeks, its
 only kind); TorchCodec ``get_frames_played_at`` when it is importable (it needs FFmpeg installed on the
 system; not a dependency). Every method runs in this process on one thread (PyAV 1 decoder thread,
-``cv2.setNumThreads(1)``, ``torch.set_num_threads(1)``), so the figures are frames per second per core;
+OpenCV's capture ``CAP_PROP_N_THREADS`` 1, ``torch.set_num_threads(1)``), so the figures are frames per second per core;
 DataLoader workers multiply them alike. Reported: sampled frames/s (12 / seconds per video) and the
 ratio of direct over (a) and (b).
 
 Videos: ``../shared/reference-data/videos`` (real H.264: 1280×720 in one GOP, 640×272 with a keyframe
-every ~2 s) when present, and synthetic H.264 clips (640×360, 25 fps, moving shapes + noise) of 5 s, 30 s and
-3 min, each with a short GOP (keyframe every 1 s) and a long one (every 10 s, x264's default).
+every ~2 s) when present, and synthetic H.264 clips (480×270, 25 fps, moving shapes over noise) of 5 s, 30 s
+and 3 min, each with a short GOP (keyframe every 1 s) and a long one (every 10 s, x264's default); they are
+written once into ``--cache`` and reused by later runs.
 
-    python benchmarks/bench_decode.py            # ~3 minutes on 2 shared cores
+    python benchmarks/bench_decode.py            # a few minutes on 2 shared cores (first run: + writing clips)
     python benchmarks/bench_decode.py --quick    # 5 s and 30 s clips only
 """
 
@@ -48,16 +49,19 @@ from clip2video.dataloaders.video_io import decode_outputs, encode_video, probe
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference-data" / "videos"
 FPS, MAX_FRAMES, SIZE = 5.0, 12, 224
+ONE_THREAD = [cv2.CAP_PROP_N_THREADS, 1]  # OpenCV's FFmpeg capture otherwise decodes with one thread per core
 
 
 class _Clip:
     """The frames of a synthetic clip, rendered on demand (a 3-minute clip would not fit in memory)."""
 
-    def __init__(self, seconds: int, w: int = 640, h: int = 360, fps: int = 25) -> None:
-        self.n, self.w, self.h, self.seed = seconds * fps, w, h, seconds
+    def __init__(self, seconds: int, w: int = 480, h: int = 270, fps: int = 25) -> None:
+        self.n, self.w, self.h = seconds * fps, w, h
         y, x = np.mgrid[0:h, 0:w]
-        self.base = np.stack([120 + 60 * np.sin(x / 50), 100 + 50 * np.cos(y / 40),
-                              128 + 40 * np.sin((x + y) / 70)], -1)
+        base = np.stack([120 + 60 * np.sin(x / 50), 100 + 50 * np.cos(y / 40), 128 + 40 * np.sin((x + y) / 70)], -1)
+        rng = np.random.default_rng(seconds)
+        # a few precomputed noise fields, cycled: sensor-like noise without drawing 400k numbers per frame
+        self.noisy = [np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8) for _ in range(5)]
 
     def __len__(self) -> int:
         return self.n
@@ -65,17 +69,19 @@ class _Clip:
     def __getitem__(self, k: int) -> np.ndarray:
         if not 0 <= k < self.n:
             raise IndexError(k)
-        img = self.base.copy()
+        img = self.noisy[k % len(self.noisy)].copy()
         for s in range(3):
             cx = (k * (3 + s) + 100 * s) % self.w
             cy = int(self.h / 2 + self.h / 3 * np.sin(k / (20 + 7 * s)))
-            img[max(0, cy - 30):cy + 30, max(0, cx - 40):cx + 40] = (60 * s + 40, 220 - 50 * s, 90 + 40 * s)
-        noise = np.random.default_rng([self.seed, k]).normal(0, 3, img.shape)
-        return np.clip(img + noise, 0, 255).astype(np.uint8)
+            img[max(0, cy - 25):cy + 25, max(0, cx - 35):cx + 35] = (60 * s + 40, 220 - 50 * s, 90 + 40 * s)
+        return img
 
 
 def synthetic_clip(path: Path, seconds: int, gop: int) -> None:
-    encode_video(path, _Clip(seconds), fps=25, gop=gop, crf=23)
+    """Written once into the cache folder and reused by later runs (same content every time)."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        encode_video(path, _Clip(seconds), fps=25, gop=gop, crf=23)
 
 
 def _best(fn, repeats: int) -> float:
@@ -89,7 +95,7 @@ def _best(fn, repeats: int) -> float:
 
 
 def _opencv_all(path: Path) -> int:
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, ONE_THREAD)
     n = 0
     while True:
         ok, _ = cap.read()
@@ -101,7 +107,7 @@ def _opencv_all(path: Path) -> int:
 
 
 def _opencv_seek(path: Path, frames: list[int]) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, ONE_THREAD)
     out = []
     for i in frames:
         cap.set(cv2.CAP_PROP_POS_FRAMES, i)
@@ -158,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="5 s and 30 s synthetic clips only")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "clip2video-bench-decode"),
+                    help="folder that keeps the synthetic clips between runs")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -173,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         for s in lengths:
             for gop, tag in ((25, "gop1s"), (250, "gop10s")):
-                p = tmp / f"synthetic_{s}s_{tag}.mp4"
+                p = Path(args.cache) / f"synthetic_{s}s_{tag}.mp4"
                 synthetic_clip(p, s, gop)
                 videos.append(p)
         print(f"wrote {len(videos) - (2 if REFERENCE.is_dir() else 0)} synthetic clips in "
