@@ -36,12 +36,12 @@ from tqdm import tqdm
 from clip2video.cli import OneLineParser, UsageError
 from clip2video.dataloaders.video_io import DEFAULT_FALLBACK_FPS, FrameResampler, VideoReadError, quiet_backend
 
-FORMATS = {"jpg": ".jpg", "png": ".png"}
-
 DEFAULT_EXTS = ".mp4,.avi,.mkv,.webm,.mov,.m4v,.mpg,.mpeg,.wmv,.flv,.3gp,.ogv"
 TMP_PREFIX = ".tmp-"
 STALE_AFTER_S = 3600.0
 """A temp folder untouched this long is stale even if its pid is alive again (pid reuse)."""
+FORMATS = {"jpg": ".jpg", "png": ".png"}
+"""``--format`` → frame file extension (PNG: lossless, the decoder's pixels exactly)."""
 
 
 @dataclass
@@ -102,7 +102,7 @@ def _extract(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        reader = FrameResampler(path, fps, fallback_fps=fallback_fps, allow_truncated=allow_truncated, bgr=True)
+        reader = FrameResampler(path, fps, fallback_fps=fallback_fps, allow_truncated=allow_truncated)
         n = 0
         for frame in reader:
             n += 1

@@ -419,9 +419,9 @@ def _decode_in_order(container, stream, targets: set[int], got: dict, path: Path
 
 
 class FrameResampler:
-    """Iterate over the frames of a video at ``fps`` frames per second, decoding the file once (extraction).
+    """Iterate over the BGR frames of a video at ``fps`` frames per second, decoding the file once (extraction).
 
-    Frames are RGB (H, W, 3) uint8 (``bgr=True``: BGR for OpenCV's encoders; the same pixels). After
+    Frames are BGR (H, W, 3) uint8 for OpenCV's encoders (``bgr=False``: RGB; the same pixels). After
     iteration the attributes describe what happened, for the extraction summary: ``source_fps`` (nominal
     rate), ``fps_known`` (False when the file had no timestamps and ``fallback_fps`` was assumed),
     ``reported_frames`` (frame count in the header, 0 if none), ``decoded_frames``, ``written`` (frames
@@ -433,7 +433,7 @@ class FrameResampler:
         fallback_fps: source rate assumed for a file without timestamps that reports no rate.
         allow_truncated: keep the frames of a file that holds or decodes to clearly fewer frames than its
             header reports (a warning instead of an error).
-        bgr: yield BGR instead of RGB.
+        bgr: yield BGR (default) or RGB.
         threads: decoder threads.
 
     Raises (during iteration):
@@ -448,7 +448,7 @@ class FrameResampler:
         *,
         fallback_fps: float = DEFAULT_FALLBACK_FPS,
         allow_truncated: bool = False,
-        bgr: bool = False,
+        bgr: bool = True,
         threads: int = 1,
     ) -> None:
         if not fps > 0 or not math.isfinite(fps):
