@@ -56,12 +56,12 @@ setup(
         "regex",
         "numpy>=1.24",
         "opencv-python-headless>=4.8",
+        "av>=18",
         "pillow>=10",
         "numba>=0.59",
         "pandas>=2.0",
         "tqdm",
         "pyyaml>=6",
-        "av>=18",
     ],
     extras_require={"tensorboard": ["tensorboard"], "test": ["pytest>=7"]},
 )

@@ -1,7 +1,6 @@
 """Frame folders → sampled, preprocessed frame tensors, exactly as the original CLIP2Video read them.
 
-A video is a folder of image files (``FRAMES/<video_id>/00000001.jpg ...`` as written by ``sample_frame.py``),
-or a video file read directly as if it had been extracted (:func:`load_video_file`).
+A video is a folder of image files (``FRAMES/<video_id>/00000001.jpg ...`` as written by ``sample_frame.py``).
 Three steps, each reproducing a measured behaviour of the original ``RawFrameExtractor`` (DESIGN §2 "Frames"):
 
 1. :func:`list_frame_files`: every file of the folder, sorted by name, no extension filter.
@@ -30,6 +29,8 @@ Three steps, each reproducing a measured behaviour of the original ``RawFrameExt
    (:data:`FAST_MODE_MEAN_LEVELS`).
 
 Padded slots are all-zero tensors with mask 0, as in the original (which then encoded them through CLIP).
+
+A video file can stand in for its folder: :func:`load_video_file` reads it as if it had been extracted.
 """
 
 from __future__ import annotations
