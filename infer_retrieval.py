@@ -139,9 +139,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_for_eval(args).to(device).eval()
     logger.info("model: variant %s, mask layout %s, %s", model.config.variant, model.config.mask_layout,
                 "TAB on" if model.config.use_tab else "no TAB")
-    dataset = VideoDataset(rset.video_ids, args.features_path, max_frames=args.max_frames,
+    dataset = VideoDataset(rset.video_ids, args.features_path, video_fps=args.video_fps, max_frames=args.max_frames,
                            framerate=args.feature_framerate, image_size=model.config.clip.image_size,
-                           mode=args.image_mode, video_fps=args.video_fps)
+                           mode=args.image_mode)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_val, shuffle=False,
                                          num_workers=args.num_thread_reader, pin_memory=device.type == "cuda")
     t0 = time.perf_counter()
