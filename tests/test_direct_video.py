@@ -142,6 +142,16 @@ def test_eval_with_loader_workers(synthetic, tiny_ckpt, tmp_path):
     assert np.array_equal(np.load(tmp_path / "w.npy"), np.load(tmp_path / "m.npy"))
 
 
+def test_visualize_thumbnails_from_video_files(synthetic):
+    from clip2video.modules.visualize import _thumbs
+
+    root, videos, _ = synthetic
+    vid = sorted(p.stem for p in videos.iterdir())[0]
+    from_file, from_png = _thumbs(videos / vid, 3), _thumbs(root / "png" / vid, 3)
+    assert [np.asarray(a).tobytes() for a in from_file] == [np.asarray(b).tobytes() for b in from_png]
+    assert np.asarray(from_file[0]).std() > 0  # a real frame, not the grey placeholder
+
+
 def test_mixed_folder_prefers_frame_folders_and_counts(synthetic, tmp_path, caplog):
     root, videos, _ = synthetic
     mixed = tmp_path / "mixed"

@@ -181,6 +181,7 @@ def test_stale_temp_folders_removed_live_ones_kept(videos, tmp_path, capsys):
         (["--input_path", "{videos}", "--output_path", "{out}", "--quality", "0"], "--quality"),
         (["--input_path", "{videos}", "--output_path", "{out}", "--workers", "0"], "--workers"),
         (["--input_path", "{videos}", "--output_path", "{out}", "--ext", ".xyz"], "--ext"),
+        (["--input_path", "{videos}", "--output_path", "{out}", "--format", "gif"], "--format"),
         (["--output_path", "{out}"], "--input_path"),
     ],
 )
