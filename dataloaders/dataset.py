@@ -150,8 +150,12 @@ class VideoDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
         idx = self.indices[i]
-        frames, mask, _ = _load(self.sources[idx], video_fps=self.video_fps, max_frames=self.max_frames,
-                                framerate=self.framerate, image_size=self.image_size, mode=self.mode)
+        video_id = self.video_ids[idx]
+        try:
+            frames, mask, _ = _load(self.sources[idx], video_fps=self.video_fps, max_frames=self.max_frames,
+                                    framerate=self.framerate, image_size=self.image_size, mode=self.mode)
+        except FrameError as e:  # named as in PairDataset: the id first, then the folder or file
+            raise FrameError(f"video {video_id!r}: {e}") from None
         return {"frames": frames, "mask": mask, "index": idx}
 
 
