@@ -274,3 +274,14 @@ def test_training_stops_on_a_bad_file_or_skips_it(good_set, tmp_path, capsys):
     argv[argv.index("--batch_size") + 1] = "4"
     assert train.main([*argv, "--skip_missing"]) == 0
     assert "dropped 1 of 5 listed videos whose video file is unusable" in capsys.readouterr().out
+
+
+def test_decoder_threads_never_oversubscribe():
+    import os
+
+    from clip2video.dataloaders.video_io import decoder_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert decoder_threads(0) == decoder_threads(1) == cores
+    for workers in range(1, 4 * cores + 1):
+        assert 1 <= decoder_threads(workers) and (workers * decoder_threads(workers) <= cores or workers > cores)
