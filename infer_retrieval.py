@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val_csv", default=None, help="MSR-VTT test csv (JSFUSION 1k-A or *.full.csv)")
     d.add_argument("--data_path", default=None, help="MSRVTT_data.json, or the MSVD/VATEX annotation folder")
     d.add_argument("--features_path", default=None, help="folder of frame folders <video_id>/00000001.jpg")
+    d.add_argument("--video_fps", type=float, default=5.0,
+                   help="video files in --features_path (<video_id>.mp4 ...) are read directly, as if extracted at "
+                        "this rate (sample_frame.py --fps; default 5)")
     d.add_argument("--split", default="test", help="split list for MSVD/VATEX/generic (test, val, test1k5_sec)")
     d.add_argument("--max_words", type=int, default=32)
     d.add_argument("--max_frames", type=int, default=12)
@@ -144,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     logger.info("model: variant %s, mask layout %s, %s", model.config.variant, model.config.mask_layout,
                 "TAB on" if model.config.use_tab else "no TAB")
     logger.info("backbone: %s", model.config.clip.describe())
-    dataset = VideoDataset(rset.video_ids, args.features_path, max_frames=args.max_frames,
+    dataset = VideoDataset(rset.video_ids, args.features_path, video_fps=args.video_fps, max_frames=args.max_frames,
                            framerate=args.feature_framerate, image_size=model.config.clip.image_size,
                            mode=args.image_mode)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_val, shuffle=False,

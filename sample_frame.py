@@ -1,11 +1,14 @@
-"""Extract JPEG frames from a folder of videos: ``FRAMES/<video_id>/00000001.jpg, ...``.
+"""Extract JPEG (or PNG) frames from a folder of videos: ``FRAMES/<video_id>/00000001.jpg, ...``.
 
     python sample_frame.py --input_path VIDEOS --output_path FRAMES [--fps 5] [--workers N] [--quality 95]
+                           [--format jpg|png]
 
-The original CLIP2Video called the ffmpeg binary at 5 fps; this decodes with OpenCV (no binary, no shell, so
-any file name works) and picks frames by timestamp so that the output rate is ``--fps`` whatever the source
-rate (rule in ``dataloaders/video_io.py``; a source without a usable fps is assumed to run at
-``--fallback_fps``, 25 by default, and the summary says so per video).
+The original CLIP2Video called the ffmpeg binary at 5 fps; this decodes with the project's one decoder
+(``dataloaders/video_io.py``, PyAV: no binary, no shell, so any file name works) and picks frames by
+presentation time so that the output rate is ``--fps`` whatever the source rate (a source without
+timestamps or a usable fps is assumed to run at ``--fallback_fps``, 25 by default, and the summary says so per
+video). Evaluation and training can also read the videos directly with the same decoder; ``--format png``
+stores the decoded pixels losslessly, so those frames equal what direct reading sees, byte for byte.
 
 Each video is written into ``FRAMES/.tmp-<video_id>-<pid>`` and renamed to ``FRAMES/<video_id>`` once
 complete: a final folder is always a whole video, so a re-run skips every existing one and an interrupted run
@@ -36,6 +39,8 @@ from clip2video.fileio import TMP_PREFIX, atomic_dir
 DEFAULT_EXTS = ".mp4,.avi,.mkv,.webm,.mov,.m4v,.mpg,.mpeg,.wmv,.flv,.3gp,.ogv"
 STALE_AFTER_S = 3600.0
 """A temp folder untouched this long is stale even if its pid is alive again (pid reuse)."""
+FORMATS = {"jpg": ".jpg", "png": ".png"}
+"""``--format`` → frame file extension (PNG: lossless, the decoder's pixels exactly)."""
 
 
 @dataclass
@@ -54,10 +59,16 @@ class Outcome:
 
 
 def _write_jpeg(path: Path, frame, quality: int) -> None:
-    """Encode in memory and write with Python I/O: ``cv2.imwrite`` fails on some non-ASCII paths elsewhere."""
-    ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    """Encode in memory and write with Python I/O: ``cv2.imwrite`` fails on some non-ASCII paths elsewhere.
+
+    The encoder follows the file's extension: ``.png`` is lossless (``quality`` unused), anything else JPEG.
+    """
+    if path.suffix == ".png":
+        ok, buf = cv2.imencode(".png", frame, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    else:
+        ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
-        raise OSError(f"{path}: JPEG encoding failed")
+        raise OSError(f"{path}: {path.suffix[1:].upper()} encoding failed")
     with open(path, "wb") as f:
         f.write(buf.tobytes())
 
@@ -70,6 +81,7 @@ def _extract(
     *,
     fallback_fps: float = DEFAULT_FALLBACK_FPS,
     allow_truncated: bool = False,
+    ext: str = ".jpg",
 ) -> tuple[int, list[str]]:
     """``extract_video`` returning the warnings too (unknown source fps, kept truncated part)."""
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -79,7 +91,7 @@ def _extract(
         n = 0
         for frame in reader:
             n += 1
-            _write_jpeg(tmp / f"{n:08d}.jpg", frame, quality)
+            _write_jpeg(tmp / f"{n:08d}{ext}", frame, quality)
         if n == 0:  # the reader raises first; kept so that no code path can publish an empty folder
             raise VideoReadError(f"{path}: no frames written")
     return n, reader.warnings
@@ -93,6 +105,7 @@ def extract_video(
     *,
     fallback_fps: float = DEFAULT_FALLBACK_FPS,
     allow_truncated: bool = False,
+    fmt: str = "jpg",
 ) -> int:
     """Write the frames of one video at ``fps`` as ``out_dir/00000001.jpg, ...``, all or nothing.
 
@@ -106,6 +119,7 @@ def extract_video(
         quality: JPEG quality 1..100.
         fallback_fps: source rate assumed when the file reports none.
         allow_truncated: keep the decodable part of a file that stops short of its header's frame count.
+        fmt: ``"jpg"`` or ``"png"`` (lossless: the decoder's pixels exactly).
 
     Returns:
         Number of frames written.
@@ -115,19 +129,24 @@ def extract_video(
         FileExistsError: ``out_dir`` already holds files.
         OSError: the output cannot be written.
     """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {sorted(FORMATS)} (got {fmt!r})")
     n, _ = _extract(
-        Path(path), Path(out_dir), fps, quality, fallback_fps=fallback_fps, allow_truncated=allow_truncated
+        Path(path), Path(out_dir), fps, quality, fallback_fps=fallback_fps, allow_truncated=allow_truncated,
+        ext=FORMATS[fmt],
     )
     return n
 
 
-def _job(path: str, out_dir: str, fps: float, quality: int, fallback_fps: float, allow_truncated: bool) -> Outcome:
+def _job(path: str, out_dir: str, fps: float, quality: int, fallback_fps: float, allow_truncated: bool,
+         ext: str = ".jpg") -> Outcome:
     """Extract one video, never raising (except interrupts): failures become an ``Outcome`` with a reason."""
     name = Path(path).name
     t0 = time.perf_counter()
     try:
         n, warnings = _extract(
-            Path(path), Path(out_dir), fps, quality, fallback_fps=fallback_fps, allow_truncated=allow_truncated
+            Path(path), Path(out_dir), fps, quality, fallback_fps=fallback_fps, allow_truncated=allow_truncated,
+            ext=ext,
         )
     except FileExistsError as e:
         return Outcome(name, "skipped", reason=str(e), seconds=time.perf_counter() - t0)
@@ -221,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", default="5", help="output frames per second (default 5, as the original)")
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="processes (default: cores)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality 1..100 (default 95)")
+    p.add_argument("--format", default="jpg", choices=sorted(FORMATS),
+                   help="jpg (default, quality --quality) or png (lossless: equal to direct reading's pixels)")
     p.add_argument("--ext", default=DEFAULT_EXTS, help="comma-separated video extensions, case-insensitive")
     p.add_argument(
         "--fallback_fps",
@@ -312,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Largest first: the long videos start early instead of one of them running alone at the end.
     todo.sort(key=_size, reverse=True)
-    jobs = [(os.fspath(v), os.fspath(out / v.stem), fps, args.quality, fallback, args.allow_truncated) for v in todo]
+    jobs = [(os.fspath(v), os.fspath(out / v.stem), fps, args.quality, fallback, args.allow_truncated,
+             FORMATS[args.format]) for v in todo]
     t0 = time.perf_counter()
     bar = tqdm(total=len(jobs), unit="video", desc="frames", file=sys.stderr, disable=None)
     try:

@@ -56,6 +56,7 @@ setup(
         "regex",
         "numpy>=1.24",
         "opencv-python-headless>=4.8",
+        "av>=18",
         "pillow>=10",
         "numba>=0.59",
         "pandas>=2.0",

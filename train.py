@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation csv (MSR-VTT); selects best.pt. Never pass the test csv here")
     d.add_argument("--data_path", default=None, help="MSRVTT_data.json, the MSVD/VATEX folder or a generic csv")
     d.add_argument("--features_path", default=None, help="folder of frame folders <video_id>/00000001.jpg")
+    d.add_argument("--video_fps", type=float, default=5.0,
+                   help="video files in --features_path (<video_id>.mp4 ...) are read directly, as if extracted at "
+                        "this rate (sample_frame.py --fps; default 5)")
     d.add_argument("--train_split", default="train", help="split list / split column value for training")
     d.add_argument("--val_split", default=None,
                    help="validation split for MSVD/VATEX/generic (e.g. val); none and no --val_csv: no validation")
@@ -193,14 +196,15 @@ def build_data(args: argparse.Namespace, image_size: int):
                            train_csv=args.train_csv, split=args.train_split, skip_missing=args.skip_missing)
     train_set = PairDataset(pairs.pairs, args.features_path, tokenizer, max_frames=args.max_frames,
                             framerate=args.feature_framerate, image_size=image_size, mode=args.image_mode,
-                            seed=args.seed, jitter=True)
+                            seed=args.seed, jitter=True, video_fps=args.video_fps)
     val = None
     if args.val_csv or args.val_split:
         rset = load_eval_set(args.val_datatype or args.datatype, data_path=args.data_path,
                              features_path=args.features_path, val_csv=args.val_csv,
                              split=args.val_split or "val", skip_missing=args.skip_missing)
         videos = VideoDataset(rset.video_ids, args.features_path, max_frames=args.max_frames,
-                              framerate=args.feature_framerate, image_size=image_size, mode=args.image_mode)
+                              framerate=args.feature_framerate, image_size=image_size, mode=args.image_mode,
+                              video_fps=args.video_fps)
         val = ValData(rset, videos, tokenizer, batch_size_val=args.batch_size_val,
                       num_workers=args.num_thread_reader)
     return train_set, val

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .video_io import list_video_files
+
 logger = logging.getLogger(__name__)
 
 DATATYPES = ("msrvtt", "msrvttfull", "msvd", "vatexEnglish", "generic")
@@ -244,24 +246,54 @@ def _split_file(folder: Path, split: str, splits: tuple[str, ...], flag: str) ->
 
 
 def _frame_dirs(features_path: str | os.PathLike) -> set[str]:
-    root = _need_dir(features_path, "--features_path", "folder of frame folders")
+    """Ids with a frame folder or a video file (read directly) under ``features_path``."""
+    root = _need_dir(features_path, "--features_path", "folder of frame folders or video files")
     with os.scandir(root) as it:
-        return {e.name for e in it if e.is_dir()}
+        dirs = {e.name for e in it if e.is_dir()}
+    return dirs | set(list_video_files(root))
+
+
+def _unusable_files(video_ids: list[str], features_path) -> dict[str, str]:
+    """{id: reason} for listed ids read from a video file (no frame folder) that cannot give frames.
+
+    A demux pass per file (no decoding), so ``skip_missing`` drops bad files before a run starts instead of
+    stopping it halfway.
+    """
+    from .frames import check_video_file
+
+    root = Path(features_path)
+    files = list_video_files(root)
+    bad = {}
+    for v in video_ids:
+        if v in files and not (root / v).is_dir():
+            reason = check_video_file(files[v], framerate=1, max_frames=1)
+            if reason is not None:
+                bad[v] = reason
+    return bad
 
 
 def _filter_missing(video_ids: list[str], features_path, skip_missing: bool, what: str) -> list[str]:
-    """Non-VATEX rule: every listed video needs its frame folder, unless ``skip_missing`` (then logged)."""
+    """Non-VATEX rule: every listed video needs its frame folder or video file, unless ``skip_missing`` (then
+    logged; with it, unreadable video files are dropped and counted too)."""
     if features_path is None:
         return video_ids
     present = _frame_dirs(features_path)
     missing = [v for v in video_ids if v not in present]
+    n_listed = len(video_ids)
+    if skip_missing:
+        bad = _unusable_files([v for v in video_ids if v in present], features_path)
+        if bad:
+            logger.warning("%s: dropped %d of %d listed videos whose video file is unusable, e.g. %s", what,
+                           len(bad), len(video_ids), next(iter(bad.values())))
+            video_ids = [v for v in video_ids if v not in bad]
     if missing and not skip_missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"--features_path {features_path}: no frame folder for {what} video "
-                                f"{missing[0]!r}{more}; pass skip_missing (--skip_missing) to drop such videos")
+                                f"{missing[0]!r}{more} (nor a video file); pass skip_missing (--skip_missing) to "
+                                "drop such videos")
     if missing:
-        logger.warning("%s: dropped %d of %d listed videos without a frame folder under %s", what, len(missing),
-                       len(video_ids), features_path)
+        logger.warning("%s: dropped %d of %d listed videos without a frame folder or video file under %s", what,
+                       len(missing), n_listed, features_path)
         gone = set(missing)
         return [v for v in video_ids if v not in gone]
     return video_ids
@@ -275,7 +307,9 @@ def _vatex_filter(video_ids: list[str], features_path, what: str) -> list[str]:
     present = _frame_dirs(root)
     kept = []
     for v in video_ids:
-        if v in present:
+        if v in present and not (root / v).is_dir():
+            kept.append(v)  # a video file: read directly (its frame count is checked when it is read)
+        elif v in present:
             with os.scandir(root / v) as it:
                 if sum(1 for _ in it) > VATEX_MIN_FILES_EXCLUSIVE:
                     kept.append(v)

@@ -1,4 +1,11 @@
-"""Torch datasets over frame folders: one video per item (evaluation) and one caption–video pair (training).
+"""Torch datasets over frame folders or video files: one video per item (evaluation) and one caption–video pair
+(training).
+
+``features_path`` holds, per video id, a frame folder ``<id>/`` or a video file ``<id>.mp4`` (any of
+:data:`~dataloaders.video_io.VIDEO_EXTS`), read directly as if extracted at ``video_fps``
+(:func:`~dataloaders.frames.load_video_file`); a folder holding both resolves per video, frame folder first,
+and the log says how many of each were used. Decoder threads per process are the cores divided by the
+DataLoader workers, so workers × threads never oversubscribes the machine.
 
 Both are plain, picklable objects (paths, ids and a tokenizer), so ``DataLoader`` workers can be spawned or
 forked. Randomness never comes from worker or global state: a training sample's jitter is drawn from
@@ -9,6 +16,7 @@ workers or processes (the same idea as open_clip/webdataset's per-sample seeding
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,17 +25,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .frames import MODES, FrameError, check_video, load_video
+from .frames import MODES, FrameError, check_video, check_video_file, load_video, load_video_file
+from .video_io import decoder_threads, list_video_files
 
 logger = logging.getLogger(__name__)
 
 Tokenizer = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
 
-def _check_common(features_path: str | os.PathLike, max_frames: int, framerate: int, mode: str) -> Path:
+def _check_common(features_path: str | os.PathLike, max_frames: int, framerate: int, mode: str,
+                  video_fps: float = 5.0) -> Path:
     root = Path(features_path)
     if not root.is_dir():
-        raise FileNotFoundError(f"--features_path {root}: no such folder (folder of frame folders)")
+        raise FileNotFoundError(f"--features_path {root}: no such folder (folder of frame folders or video files)")
+    if not (video_fps > 0 and math.isfinite(video_fps)):
+        raise ValueError(f"--video_fps must be a positive number, got {video_fps}")
     if max_frames < 1:
         raise ValueError(f"--max_frames must be >= 1, got {max_frames}")
     if framerate < 1:
@@ -35,6 +47,41 @@ def _check_common(features_path: str | os.PathLike, max_frames: int, framerate: 
     if mode not in MODES:
         raise ValueError(f"--image_mode must be one of {MODES}, got {mode!r}")
     return root
+
+
+def resolve_sources(root: Path, video_ids: Sequence[str], video_fps: float) -> list[tuple[Path, bool]]:
+    """(path, is_video_file) per id: the frame folder ``root/<id>`` if there is one, else ``root/<id>.<ext>``.
+
+    An id with neither maps to its (missing) folder, whose read then fails naming it. Logs the counts.
+    """
+    videos: dict[str, Path] | None = None
+    out = []
+    for v in video_ids:
+        folder = root / v
+        if folder.is_dir():
+            out.append((folder, False))
+            continue
+        if videos is None:
+            videos = list_video_files(root)  # listed once, only when some id has no folder
+        out.append((videos[v], True) if v in videos else (folder, False))
+    n_files = sum(f for _, f in out)
+    if n_files:
+        logger.info("%s: %d frame folders, %d video files (read directly at %g fps)", root, len(out) - n_files,
+                    n_files, video_fps)
+    return out
+
+
+def _worker_threads() -> int:
+    """Decoder threads for this process: the cores shared by the DataLoader's workers."""
+    info = torch.utils.data.get_worker_info()
+    return decoder_threads(info.num_workers if info is not None else 0)
+
+
+def _load(source: tuple[Path, bool], *, video_fps: float, **kw) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    path, is_file = source
+    if is_file:
+        return load_video_file(path, fps=video_fps, threads=_worker_threads(), **kw)
+    return load_video(path, **kw)
 
 
 class VideoDataset(Dataset):
@@ -45,14 +92,15 @@ class VideoDataset(Dataset):
     ``skip_bad`` removed some videos.
 
     Args:
-        video_ids: frame folder names under ``features_path``.
-        features_path: folder of frame folders.
+        video_ids: frame folder names (or video file names without extension) under ``features_path``.
+        features_path: folder of frame folders and/or video files.
         max_frames: T (the original's ``--max_frames``).
         framerate: the original's ``--feature_framerate`` (decimation factor on the file list).
         image_size: S.
         mode: ``"exact"`` (the original's pixels) or ``"fast"`` (see :mod:`dataloaders.frames`).
         skip_bad: check every folder at construction (:meth:`validate`) and drop bad ones with a logged count;
             without it a bad video raises :class:`FrameError` when read. Never a silent zero tensor.
+        video_fps: rate of the virtual extraction for video files (``sample_frame.py --fps``).
     """
 
     def __init__(
@@ -65,9 +113,12 @@ class VideoDataset(Dataset):
         image_size: int = 224,
         mode: str = "exact",
         skip_bad: bool = False,
+        video_fps: float = 5.0,
     ) -> None:
-        self.root = _check_common(features_path, max_frames, framerate, mode)
+        self.root = _check_common(features_path, max_frames, framerate, mode, video_fps)
         self.video_ids = list(video_ids)
+        self.video_fps = float(video_fps)
+        self.sources = resolve_sources(self.root, self.video_ids, self.video_fps)
         self.max_frames, self.framerate, self.image_size, self.mode = max_frames, framerate, image_size, mode
         self.indices = list(range(len(self.video_ids)))
         if skip_bad:
@@ -78,13 +129,18 @@ class VideoDataset(Dataset):
                 self.indices = [i for i in self.indices if self.video_ids[i] not in bad]
 
     def validate(self) -> list[tuple[str, str]]:
-        """(video_id, reason) for every video whose folder is missing, empty or too short to sample.
+        """(video_id, reason) for every video whose folder is missing, empty or too short to sample, or whose
+        file is unreadable, truncated or too short.
 
-        Cheap (listing only, no decoding): unreadable image files still raise when the video is read.
+        Cheap (listing, or a demux pass for files; no decoding): unreadable frames still raise when read.
         """
         out = []
-        for v in self.video_ids:
-            reason = check_video(self.root / v, framerate=self.framerate, max_frames=self.max_frames)
+        for v, (path, is_file) in zip(self.video_ids, self.sources, strict=True):
+            if is_file:
+                reason = check_video_file(path, fps=self.video_fps, framerate=self.framerate,
+                                          max_frames=self.max_frames)
+            else:
+                reason = check_video(path, framerate=self.framerate, max_frames=self.max_frames)
             if reason is not None:
                 out.append((v, reason))
         return out
@@ -96,8 +152,8 @@ class VideoDataset(Dataset):
         idx = self.indices[i]
         video_id = self.video_ids[idx]
         try:
-            frames, mask, _ = load_video(self.root / video_id, max_frames=self.max_frames,
-                                         framerate=self.framerate, image_size=self.image_size, mode=self.mode)
+            frames, mask, _ = _load(self.sources[idx], video_fps=self.video_fps, max_frames=self.max_frames,
+                                    framerate=self.framerate, image_size=self.image_size, mode=self.mode)
         except FrameError as e:  # named as in PairDataset: the id first, then the folder or file
             raise FrameError(f"video {video_id!r}: {e}") from None
         return {"frames": frames, "mask": mask, "index": idx}
@@ -113,7 +169,7 @@ class PairDataset(Dataset):
         pairs: (video_id, caption) samples (e.g. :class:`dataloaders.annotations.PairSet` ``.pairs``).
         features_path: folder of frame folders.
         tokenizer: caption → (ids, mask) int64 arrays, e.g. ``modules.tokenizer.ClipTokenizer``.
-        max_frames, framerate, image_size, mode: as in :class:`VideoDataset`.
+        max_frames, framerate, image_size, mode, video_fps: as in :class:`VideoDataset`.
         seed: base seed of the temporal jitter.
         jitter: apply the original's training-time jitter of frame positions.
 
@@ -133,11 +189,15 @@ class PairDataset(Dataset):
         mode: str = "exact",
         seed: int = 0,
         jitter: bool = True,
+        video_fps: float = 5.0,
     ) -> None:
-        self.root = _check_common(features_path, max_frames, framerate, mode)
+        self.root = _check_common(features_path, max_frames, framerate, mode, video_fps)
         self.pairs = [(str(v), str(c)) for v, c in pairs]
         if not self.pairs:
             raise ValueError("PairDataset: no (video_id, caption) pairs")
+        self.video_fps = float(video_fps)
+        ids = list(dict.fromkeys(v for v, _ in self.pairs))
+        self.sources = dict(zip(ids, resolve_sources(self.root, ids, self.video_fps), strict=True))
         self.tokenizer = tokenizer
         self.max_frames, self.framerate, self.image_size, self.mode = max_frames, framerate, image_size, mode
         self.seed, self.jitter, self.epoch = int(seed), bool(jitter), 0
@@ -161,9 +221,9 @@ class PairDataset(Dataset):
         video_id, caption = self.pairs[i]
         ids, mask = self.tokenizer(caption)
         try:
-            frames, frame_mask, _ = load_video(self.root / video_id, max_frames=self.max_frames,
-                                               framerate=self.framerate, image_size=self.image_size,
-                                               mode=self.mode, rng=self.rng(i))
+            frames, frame_mask, _ = _load(self.sources[video_id], video_fps=self.video_fps,
+                                          max_frames=self.max_frames, framerate=self.framerate,
+                                          image_size=self.image_size, mode=self.mode, rng=self.rng(i))
         except FrameError as e:
             raise FrameError(f"video {video_id!r}: {e}") from None
         return {
@@ -175,4 +235,4 @@ class PairDataset(Dataset):
         }
 
 
-__all__ = ["PairDataset", "VideoDataset"]
+__all__ = ["PairDataset", "VideoDataset", "resolve_sources"]

@@ -30,6 +30,8 @@ Three steps, each reproducing a measured behaviour of the original ``RawFrameExt
    (:data:`FAST_MODE_MEAN_LEVELS`).
 
 Padded slots are all-zero tensors with mask 0, as in the original (which then encoded them through CLIP).
+
+A video file can stand in for its folder: :func:`load_video_file` reads it as if it had been extracted.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .resample import resize_crop, resize_crop_array, resize_geometry
+from .video_io import VideoReadError, decode_outputs, probe
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +292,65 @@ def load_video(
     return frames, mask, chosen
 
 
+def load_video_file(
+    path: str | os.PathLike,
+    *,
+    fps: float = 5.0,
+    max_frames: int = 12,
+    framerate: int = 1,
+    image_size: int = 224,
+    mode: str = "exact",
+    rng: np.random.Generator | None = None,
+    threads: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A video file → what :func:`load_video` gives for the folder ``sample_frame.py --fps fps`` would write.
+
+    The sampling rule runs on the number of frames that extraction would write (``framerate``, ``max_frames``,
+    jitter as for folders) and only the sampled frames are decoded (:func:`~dataloaders.video_io.decode_outputs`).
+    Their RGB pixels are those a lossless (PNG) extraction stores, and they go through the same resize and
+    normalisation as a folder's frames, so the tensors equal those of the PNG folder exactly (in both modes:
+    ``fast`` only changes how JPEGs are decoded). The returned names are the frame files extraction would
+    have written (``00000001`` ... without extension).
+
+    Raises:
+        FrameError: unreadable, truncated or frameless file, or too short for ``framerate``; names the file.
+    """
+    path = os.fspath(path)
+    try:
+        index = probe(path)
+        n = index.n_output(fps)
+        try:
+            pos = sample_positions(n, framerate, max_frames)
+        except FrameError as e:
+            raise FrameError(f"{path}: {e} (the video gives {n} frames at {fps:g} fps)") from None
+        if rng is not None:
+            pos = jitter_positions(pos, n, rng)
+        pixels = decode_outputs(path, [int(p) for p in pos], fps, threads=threads, index=index)
+    except VideoReadError as e:
+        raise FrameError(str(e)) from None
+    frames = torch.empty(max_frames, 3, image_size, image_size, dtype=torch.float32)
+    frames[len(pixels):].zero_()  # padding: all-zero slots, mask 0
+    mask = torch.zeros(max_frames, dtype=torch.int64)
+    mask[: len(pixels)] = 1
+    lut = _normalise_lut()
+    for slot, rgb in enumerate(pixels):
+        resize_crop_array(rgb, image_size, lut=lut, out=frames[slot].numpy())
+    return frames, mask, [f"{int(p) + 1:08d}" for p in pos]
+
+
+def check_video_file(path: str | os.PathLike, *, fps: float = 5.0, framerate: int = 1,
+                     max_frames: int = 12) -> str | None:
+    """Validity check of a video file without decoding (a demux pass): None if usable, else the reason."""
+    try:
+        n = probe(path).n_output(fps)
+        sample_positions(n, framerate, max_frames)
+    except VideoReadError as e:
+        return str(e)
+    except FrameError as e:
+        return f"{os.fspath(path)}: {e} (the video gives {n} frames at {fps:g} fps)"
+    return None
+
+
 def check_video(folder: str | os.PathLike, *, framerate: int = 1, max_frames: int = 12) -> str | None:
     """Cheap validity check of a frame folder without decoding: None if usable, else the one-line reason."""
     try:
@@ -308,9 +370,11 @@ __all__ = [
     "FAST_MODE_MEAN_LEVELS",
     "FrameError",
     "check_video",
+    "check_video_file",
     "jitter_positions",
     "list_frame_files",
     "load_video",
+    "load_video_file",
     "preprocess_image",
     "resize_crop",
     "resize_crop_array",

@@ -18,17 +18,40 @@ TEXT_W = 260
 PAD = 6
 
 
-def _thumbs(folder: Path, n: int) -> list[Image.Image]:
-    files = sorted(os.listdir(folder)) if folder.is_dir() else []
-    if not files:
-        return [Image.new("RGB", (THUMB, THUMB), (40, 40, 40))] * n
-    picks = np.linspace(0, len(files) - 1, n).astype(int)
-    out = []
-    for i in picks:
+def _frames_of(folder: Path, n: int) -> list[Image.Image | None]:
+    """``n`` evenly spaced frames of a frame folder, or of the video file ``<folder>.<ext>`` when there is no
+    folder (read directly); None for what cannot be read."""
+    if not folder.is_dir():
+        from ..dataloaders.video_io import VIDEO_EXTS, VideoReadError, decode_outputs, probe
+
+        video = next((folder.with_name(folder.name + e) for e in VIDEO_EXTS
+                      if folder.with_name(folder.name + e).is_file()), None)
+        if video is None:
+            return [None] * n
         try:
-            im = Image.open(folder / files[i]).convert("RGB")
+            count = probe(video).n_output(5)
+            picks = np.linspace(0, count - 1, n).astype(int).tolist()
+            return [Image.fromarray(a) for a in decode_outputs(video, picks, 5)]
+        except VideoReadError:
+            return [None] * n
+    files = sorted(os.listdir(folder))
+    if not files:
+        return [None] * n
+    out: list[Image.Image | None] = []
+    for i in np.linspace(0, len(files) - 1, n).astype(int):
+        try:
+            out.append(Image.open(folder / files[i]).convert("RGB"))
         except OSError:
-            im = Image.new("RGB", (THUMB, THUMB), (40, 40, 40))
+            out.append(None)
+    return out
+
+
+def _thumbs(folder: Path, n: int) -> list[Image.Image]:
+    out = []
+    for im in _frames_of(folder, n):
+        if im is None:
+            out.append(Image.new("RGB", (THUMB, THUMB), (40, 40, 40)))
+            continue
         w, h = im.size
         s = min(w, h)
         im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((THUMB, THUMB))
@@ -51,7 +74,7 @@ def retrieval_grid(
     Args:
         sim: caption × video scores.
         queries: row indices to show.
-        features_path: folder of frame folders (``<features_path>/<video_id>/``).
+        features_path: folder of frame folders (``<features_path>/<video_id>/``) or video files.
     """
     features_path = Path(features_path)
     cell_w = FRAMES_PER_CELL * THUMB + 2 * PAD

@@ -28,7 +28,7 @@ BAD = {  # file name -> words its failure reason must contain
     "corrupt.mp4": "cannot open",
     "empty.mp4": "empty file",
     "truncated.mp4": "cannot open",  # an mp4 cut short loses its index (moov atom at the end)
-    "cut short.avi": "decoded only",  # an AVI cut short decodes partway: caught by the header's frame count
+    "cut short.avi": "holds only",  # an AVI cut short demuxes partway: caught by the header's frame count
 }
 
 
@@ -181,6 +181,7 @@ def test_stale_temp_folders_removed_live_ones_kept(videos, tmp_path, capsys):
         (["--input_path", "{videos}", "--output_path", "{out}", "--quality", "0"], "--quality"),
         (["--input_path", "{videos}", "--output_path", "{out}", "--workers", "0"], "--workers"),
         (["--input_path", "{videos}", "--output_path", "{out}", "--ext", ".xyz"], "--ext"),
+        (["--input_path", "{videos}", "--output_path", "{out}", "--format", "gif"], "--format"),
         (["--output_path", "{out}"], "--input_path"),
     ],
 )
@@ -192,38 +193,32 @@ def test_bad_flags_one_line_exit_2(videos, tmp_path, capsys, argv, flag):
     assert not (tmp_path / "out").exists()
 
 
-class _FakeCapture:
-    """A real capture whose reported fps, or whose frames, a test overrides."""
-
-    def __init__(self, cap, fps=None, no_frames=False):
-        self.cap, self.fps, self.no_frames = cap, fps, no_frames
-
-    def get(self, prop):
-        return self.fps if prop == cv2.CAP_PROP_FPS and self.fps is not None else self.cap.get(prop)
-
-    def read(self):
-        return (False, None) if self.no_frames else self.cap.read()
-
-    def release(self):
-        self.cap.release()
-
-
 def test_unknown_source_fps_assumes_fallback(videos, tmp_path, monkeypatch):
-    real_open = video_io._open
-    monkeypatch.setattr(video_io, "_open", lambda p: _FakeCapture(real_open(p), fps=0.0))
+    # A stream without timestamps or a usable rate is timed by frame number at the fallback rate.
+    real_demux = video_io._demux
+
+    def untimed(container, stream):
+        packets, damaged = real_demux(container, stream)
+        return [(None, None, key, 0) for _, _, key, _ in packets], damaged
+
+    monkeypatch.setattr(video_io, "_demux", untimed)
+    monkeypatch.setattr(video_io, "_nominal_rate", lambda stream: None)
+    video_io._index_cache.clear()
     reader = FrameResampler(videos / "a b.mp4", 5, fallback_fps=25)
     assert len(list(reader)) == 4  # 20 frames taken as 0.8 s at 25 fps -> 4 frames at 5 fps
-    assert not reader.fps_known and "source fps unknown" in reader.warnings[0]
+    assert not reader.fps_known and "assumed 25" in reader.warnings[0]
     n, warnings = sample_frame._extract(videos / "a b.mp4", tmp_path / "v", 5, 90, fallback_fps=10)
     assert n == 10 and "assumed 10" in warnings[0]
+    video_io._index_cache.clear()
 
 
 def test_zero_frame_video_is_a_failure(videos, tmp_path, monkeypatch):
-    real_open = video_io._open
-    monkeypatch.setattr(video_io, "_open", lambda p: _FakeCapture(real_open(p), no_frames=True))
-    with pytest.raises(VideoReadError, match="zero frames"):
+    monkeypatch.setattr(video_io, "_demux", lambda container, stream: ([], None))
+    video_io._index_cache.clear()
+    with pytest.raises(VideoReadError, match="holds no video frames"):
         sample_frame.extract_video(videos / "a b.mp4", tmp_path / "v", 5, 90)
     assert list(tmp_path.iterdir()) == []  # no final folder, no temp
+    video_io._index_cache.clear()
 
 
 def test_allow_truncated_keeps_decodable_part(videos, tmp_path, capsys):
