@@ -26,8 +26,8 @@ from clip2video.dataloaders.frames import load_video, load_video_file
 from clip2video.dataloaders.synthetic import make_synthetic_dataset
 from clip2video.dataloaders.video_io import decode_outputs, encode_video, probe
 from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.checkpoint import export_original
-from clip2video.modules.model import create_model
+from clip2video.modules.factory import create_model
+from clip2video.modules.release import export_original
 
 from conftest import REFERENCE, need
 
@@ -202,7 +202,10 @@ def test_zero_shot_from_mp4_folder(synthetic, tmp_path):
     """``--zero_shot`` (CLIP weights, CLIP-initialised heads) straight from a folder of MP4 files."""
     _, videos, ann = synthetic
     clip = create_model("tab_tdb", clip_config=ClipConfig.tiny(), center_k=3).clip
-    torch.save(clip.state_dict(), tmp_path / "tiny_clip.pt")
+    # an OpenAI-layout state dict keeps OpenAI's integer buffers: that is what marks it as QuickGELU weights
+    sd = dict(clip.state_dict(), input_resolution=torch.tensor(ClipConfig.tiny().image_size),
+              context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    torch.save(sd, tmp_path / "tiny_clip.pt")
     argv = ["--datatype", "generic", "--data_path", str(ann), "--split", "test", "--features_path", str(videos),
             "--zero_shot", "--clip_path", str(tmp_path / "tiny_clip.pt"), "--max_words", "16", "--max_frames", "6",
             "--batch_size_val", "4", "--num_thread_reader", "0", "--device", "cpu", "--metrics_json",

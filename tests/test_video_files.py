@@ -29,8 +29,8 @@ from clip2video.dataloaders.video_io import (
     write_video,
 )
 from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.checkpoint import export_original
-from clip2video.modules.model import create_model
+from clip2video.modules.factory import create_model
+from clip2video.modules.release import export_original
 
 
 def levels(n: int) -> list[np.ndarray]:
