@@ -368,11 +368,17 @@ def is_loopback(host: str) -> bool:
 
 
 def add_serve_parser(subparsers, add_model_flags=None) -> argparse.ArgumentParser:
-    """Register ``serve`` on ``search.py``'s subcommands. ``add_model_flags(p)`` adds query's model flags."""
+    """Register ``serve`` on ``search.py``'s subcommands, with the same model flags as ``query``.
+
+    ``add_model_flags(p)`` adds them (default: ``search.py``'s own checkpoint/model flag group).
+    """
+    from .cli import add_precision_arg
+
     p = subparsers.add_parser(
         "serve", help="serve an index: JSON API and a search page",
         description="Serve an index built by `search.py build`: a JSON API (/api/search, /api/similar, "
                     "/api/health) and a search page at /. Binds to 127.0.0.1 unless --host says otherwise.")
+    p.add_argument("--config", default=None, help="YAML file of flag defaults")
     p.add_argument("--index", required=True, help="index folder written by `search.py build`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port; the URL is logged)")
@@ -383,6 +389,13 @@ def add_serve_parser(subparsers, add_model_flags=None) -> argparse.ArgumentParse
                    help="text queries encoded at once")
     g.add_argument("--max_waiting", type=int, default=DEFAULTS["max_waiting"],
                    help="queries waiting for an encoder before the server answers 503")
+    p.add_argument("--device", default=None)
+    add_precision_arg(p)
+    if add_model_flags is None:
+        try:
+            from .search import _add_checkpoint_args as add_model_flags
+        except ImportError:
+            add_model_flags = None
     if add_model_flags is not None:
         add_model_flags(p)
     p.set_defaults(func=serve_main)
@@ -391,9 +404,9 @@ def add_serve_parser(subparsers, add_model_flags=None) -> argparse.ArgumentParse
 
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket, opened here so that ``--port 0`` can log the port it got."""
-    if not 0 <= port <= 65535:
-        from .cli import UsageError
+    from .cli import UsageError
 
+    if not 0 <= port <= 65535:
         raise UsageError(f"--port {port}: must be from 0 to 65535")
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
@@ -402,8 +415,6 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind(addr)
         sock.listen(2048)
     except OSError as e:
-        from .cli import UsageError
-
         raise UsageError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
     return sock
 
@@ -412,10 +423,15 @@ def serve_main(args: argparse.Namespace) -> int:
     """Open the index (model loaded once, before the URL is logged) and serve until SIGINT / SIGTERM."""
     import uvicorn
 
+    from .cli import UsageError
     from .index import SearchIndex
 
-    kw = {k: getattr(args, k) for k in ("device", "precision") if getattr(args, k, None) is not None}
-    index = SearchIndex.open(args.index, **kw)
+    for name in ("max_query_chars", "max_k", "max_concurrent_encodes"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_waiting < 0:
+        raise UsageError(f"--max_waiting must be at least 0, got {args.max_waiting}")
+    index = SearchIndex.open(args.index, device=args.device, precision=args.precision)
     if hasattr(index, "check_model_flags"):
         index.check_model_flags(args)
     t0 = time.perf_counter()
