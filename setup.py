@@ -40,6 +40,7 @@ setup(
     packages=["clip2video", "clip2video.modules", "clip2video.dataloaders"],
     package_dir={"clip2video": "clip2video", "clip2video.modules": "modules",
                  "clip2video.dataloaders": "dataloaders"},
+    package_data={"clip2video": ["static/*"]},  # the search page served by `search.py serve`
     cmdclass={"build_py": BuildPy},
     entry_points={"console_scripts": [
         "clip2video-train = clip2video.train:main",

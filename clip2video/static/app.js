@@ -42,8 +42,9 @@ function render(results) {
       strip.append(img);
     }
     const meta = el("div", "meta");
-    meta.append(el("span", "rank", `${i + 1}.`), el("span", "vid", r.video_id),
-                el("span", "score", r.score.toFixed(3)));
+    const vid = el("span", "vid", r.video_id);
+    vid.title = r.video_id;
+    meta.append(el("span", "rank", `${i + 1}.`), vid, el("span", "score", r.score.toFixed(3)));
     const like = el("button", "like", "more like this");
     like.type = "button";
     like.title = "videos similar to this one";
