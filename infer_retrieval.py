@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--do_eval", action="store_true", help="accepted for compatibility (evaluation always runs)")
     o.add_argument("--save_sim", default=None, help="write the caption × video matrix here (.npy)")
     o.add_argument("--metrics_json", default=None, help="write {t2v: {...}, v2t: {...}} here")
+    o.add_argument("--save_embeddings", default=None, metavar="DIR",
+                   help="write text.npy, video.npy, text_ids.json, video_ids.json, meta.json here")
     o.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     add_precision_arg(o)
     o.add_argument("--dsl", action="store_true", help="also report dual-softmax re-ranked metrics (labelled)")
@@ -161,6 +164,15 @@ def run(args: argparse.Namespace) -> int:
         from clip2video.modules.checkpoint import atomic_write_text
 
         atomic_write_text(args.metrics_json, json.dumps(payload, indent=1))
+    if args.save_embeddings:  # one vector per caption / video: logit_scale · text @ video.T == --save_sim
+        from clip2video.index_build import describe_model, write_embeddings
+
+        meta = dict(describe_model(model, args), features_path=str(Path(args.features_path).resolve()),
+                    max_frames=args.max_frames, feature_framerate=args.feature_framerate, image_mode=args.image_mode,
+                    precision=args.precision, datatype=args.datatype, batch_size_val=args.batch_size_val)
+        write_embeddings(args.save_embeddings, model.text_vector(res.text).float().numpy(),
+                         model.video_vector(res.video).float().numpy(), rset.captions, rset.video_ids, meta)
+        logger.info("wrote embeddings to %s", args.save_embeddings)
     if out_dir is not None:
         from clip2video.modules.checkpoint import atomic_write_text
 

@@ -1,0 +1,558 @@
+"""A persistent search index over video vectors: the folder format, its writer and its reader.
+
+A CLIP2Video score is one inner product of a caption vector ``[w·t_g, (1−w)·t_a]`` and a video vector
+``[v_g, v_a]`` (``CLIP2Video.text_vector`` / ``video_vector``), times the logit scale. The index stores the
+video vectors and answers a caption vector with the top-k videos and those very scores, so a query returns
+the numbers ``infer_retrieval.py --save_sim`` writes for the same model.
+
+Folder layout (``FORMAT_VERSION`` 1)::
+
+    OUT/CURRENT                       name of the live generation (a small file, replaced atomically)
+    OUT/gen-<stamp>/manifest.json     format version, model fingerprint and description, encoding settings,
+                                      index type, vector shards used
+    OUT/gen-<stamp>/meta.sqlite       one row per video: id, path, kind, size, mtime, duration, frames,
+                                      thumbnails, and where its vector lives (shard, row)
+    OUT/gen-<stamp>/faiss.index       the FAISS index; FAISS id = row of meta.sqlite
+    OUT/shards/<name>.npy + .json     immutable float32 vector shards and the items they hold
+    OUT/thumbs/<key>/<i>.jpg          small JPEGs for display
+
+Crash safety: a build writes shards first (each ``.npy`` then its ``.json``, each under a temporary name and
+renamed), then a whole new generation folder, and only then replaces ``CURRENT``. A kill at any moment leaves
+the previous ``CURRENT`` pointing at a complete generation; the shards encoded before the kill are found
+again by the next build (by their ``.json``), so the re-run does not encode them twice. Files no generation
+refers to are removed after a successful switch. The same write-new-then-switch-a-pointer idea as
+LMDB/Git refs; rclip's SQLite index inspired the incremental part (size + mtime per file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+CURRENT = "CURRENT"
+MANIFEST = "manifest.json"
+META_DB = "meta.sqlite"
+FAISS_FILE = "faiss.index"
+SHARDS = "shards"
+THUMBS = "thumbs"
+
+
+class IndexFormatError(ValueError):
+    """An index folder that is missing, truncated, damaged or of another format version (one line)."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    video_id: str
+    score: float  # ×logit-scale units, the number infer_retrieval.py --save_sim writes
+    path: str  # the indexed source path, as recorded at build time
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    video_id: str
+    path: Path
+    kind: str  # "file" | "frames"
+    thumbnails: list[Path]
+    duration: float | None
+    frames: int | None
+
+
+@dataclass
+class Item:
+    """One indexed video as the builder sees it (also the JSON form stored beside each shard)."""
+
+    video_id: str
+    path: str
+    kind: str
+    size: int
+    mtime_ns: int
+    duration: float | None = None
+    frames: int | None = None
+    thumbnails: list[str] = field(default_factory=list)  # relative to the index folder
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Item:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+# ----------------------------------------------------------------------------------------------- index types
+def auto_index_type(n: int) -> tuple[str, str]:
+    """(FAISS factory string, search parameters) for ``n`` vectors, chosen by size like autofaiss.
+
+    Exact flat inner product while a full scan stays cheap; above that an inverted file with 8-bit scalar
+    quantised codes (a quarter of the float32 memory); the codes' candidates are re-scored with the exact
+    vectors by :meth:`SearchIndex.search`. The thresholds and probe counts come from
+    ``benchmarks/bench_search.py`` (see ``benchmarks/README.md``).
+    """
+    if n <= EXACT_MAX:
+        return "Flat", ""
+    nlist = int(2 ** round(np.log2(max(4 * np.sqrt(n), 256))))
+    nlist = min(nlist, max(n // 64, 1))
+    return f"IVF{nlist},SQ8", f"nprobe={max(nlist // 64, 16)}"
+
+
+EXACT_MAX = 200_000
+
+
+def build_faiss(vectors: np.ndarray, factory: str, *, seed: int = 0, train_size: int | None = None):
+    """A FAISS inner-product index over ``vectors`` (rows become ids 0..n−1)."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = vectors.shape
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        if n == 0:
+            raise ValueError(f"index type {factory} needs training vectors; the collection is empty")
+        if hasattr(faiss, "extract_index_ivf"):
+            try:
+                ivf = faiss.extract_index_ivf(index)
+                ivf.cp.seed = seed
+                ivf.cp.niter = 10
+            except RuntimeError:
+                pass
+        m = train_size or n
+        rng = np.random.default_rng(seed)
+        sample = vectors if m >= n else vectors[np.sort(rng.choice(n, size=m, replace=False))]
+        index.train(sample)
+    if n:
+        index.add(vectors)
+    return index
+
+
+def apply_search_params(index, params: str) -> None:
+    if params:
+        import faiss
+
+        faiss.ParameterSpace().set_index_parameters(index, params)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(folder: Path, name: str, vectors: np.ndarray, items: Sequence[Item], encoding_key: str) -> str:
+    """An immutable shard: ``name.npy`` (vectors) then ``name.json`` (its items); the ``.json`` marks it whole."""
+    d = Path(folder) / SHARDS
+    d.mkdir(parents=True, exist_ok=True)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if len(vectors) != len(items):
+        raise ValueError(f"shard {name}: {len(vectors)} vectors for {len(items)} items")
+    tmp = d / f".{name}.tmp-{os.getpid()}.npy"
+    np.save(tmp, vectors)
+    os.replace(tmp, d / f"{name}.npy")
+    side = {"format_version": FORMAT_VERSION, "encoding_key": encoding_key, "rows": len(items),
+            "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0, "items": [it.to_dict() for it in items]}
+    atomic_write_bytes(d / f"{name}.json", json.dumps(side).encode())
+    return name
+
+
+def read_shard_items(folder: Path, name: str) -> tuple[str, list[Item]] | None:
+    """(encoding key, items) of a complete shard, None for an incomplete or unreadable one."""
+    d = Path(folder) / SHARDS
+    try:
+        side = json.loads((d / f"{name}.json").read_text())
+        if side.get("format_version") != FORMAT_VERSION or not (d / f"{name}.npy").is_file():
+            return None
+        return side["encoding_key"], [Item.from_dict(x) for x in side["items"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def list_shards(folder: Path) -> list[str]:
+    d = Path(folder) / SHARDS
+    if not d.is_dir():
+        return []
+    return sorted(p.stem for p in d.glob("*.json") if not p.name.startswith("."))
+
+
+def new_generation_name() -> str:
+    return f"gen-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 1_000_000_000:09d}-{os.getpid()}"
+
+
+def write_generation(
+    folder: str | os.PathLike,
+    entries: Sequence[tuple[Item, str, int]],
+    *,
+    model_meta: dict[str, Any],
+    encoding: dict[str, Any],
+    index_type: str = "auto",
+    search_params: str | None = None,
+    source: str | None = None,
+    compact_below: float = 0.5,
+) -> Path:
+    """Write a complete new generation for ``entries`` = (item, shard name, row in shard) and switch to it.
+
+    Rows are sorted by video id, so the index does not depend on the order (or the number of processes) in
+    which the vectors were encoded. When less than ``compact_below`` of the referenced shard rows are live,
+    the live vectors are rewritten into one new shard first.
+
+    Returns:
+        the new generation folder.
+    """
+    import faiss
+
+    folder = Path(folder)
+    entries = sorted(entries, key=lambda e: e[0].video_id)
+    ids = [e[0].video_id for e in entries]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, j in zip(ids, ids[1:], strict=False) if i == j)
+        raise ValueError(f"video id {dup!r} appears twice in the collection")
+    mmaps: dict[str, np.ndarray] = {}
+    for _, s, _ in entries:
+        if s not in mmaps:
+            mmaps[s] = np.load(folder / SHARDS / f"{s}.npy", mmap_mode="r")
+    dim = int(model_meta.get("dim") or (next(iter(mmaps.values())).shape[1] if mmaps else 0))
+    vectors = np.empty((len(entries), dim), dtype=np.float32)
+    for r, (_, s, i) in enumerate(entries):
+        vectors[r] = mmaps[s][i]
+    total_rows = sum(m.shape[0] for m in mmaps.values())
+    if entries and len(entries) < compact_below * total_rows:
+        name = f"compact-{time.time_ns()}"
+        write_shard(folder, name, vectors, [e[0] for e in entries], encoding.get("key", ""))
+        entries = [(e[0], name, r) for r, e in enumerate(entries)]
+    del mmaps
+
+    if index_type == "auto":
+        factory, params = auto_index_type(len(entries))
+    else:
+        factory, params = index_type, ""
+    if search_params is not None:
+        params = search_params
+    index = build_faiss(vectors, factory)
+
+    gen = new_generation_name()
+    tmp = folder / f".{gen}.tmp"
+    tmp.mkdir(parents=True)
+    faiss.write_index(index, str(tmp / FAISS_FILE))
+    db = sqlite3.connect(tmp / META_DB)
+    db.execute("CREATE TABLE videos (row INTEGER PRIMARY KEY, video_id TEXT UNIQUE NOT NULL, path TEXT NOT NULL, "
+               "kind TEXT NOT NULL, size INTEGER, mtime_ns INTEGER, duration REAL, frames INTEGER, "
+               "thumbnails TEXT, shard TEXT NOT NULL, shard_row INTEGER NOT NULL)")
+    db.executemany("INSERT INTO videos VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                   [(r, it.video_id, it.path, it.kind, it.size, it.mtime_ns, it.duration, it.frames,
+                     json.dumps(it.thumbnails), s, i) for r, (it, s, i) in enumerate(entries)])
+    db.commit()
+    db.close()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "count": len(entries),
+        "dim": dim,
+        "fingerprint": model_meta.get("fingerprint", ""),
+        "model": model_meta,
+        "encoding": encoding,
+        "index_type": factory,
+        "search_params": params,
+        "shards": sorted({s for _, s, _ in entries}),
+        "source": source,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for p in tmp.iterdir():  # everything on disk before the generation becomes visible
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, folder / gen)
+    atomic_write_bytes(folder / CURRENT, (gen + "\n").encode())
+    collect_garbage(folder)
+    return folder / gen
+
+
+def collect_garbage(folder: Path) -> None:
+    """Remove what the live generation does not use: old generations, temp files, unused shards/thumbnails.
+
+    Only called by a build that holds the build lock, right after it switched ``CURRENT``; shards of an
+    interrupted build (never referenced) are removed here too, after the re-run has reused them.
+    """
+    folder = Path(folder)
+    live = (folder / CURRENT).read_text().strip()
+    manifest = json.loads((folder / live / MANIFEST).read_text())
+    keep_shards = set(manifest["shards"])
+    for p in folder.iterdir():
+        if p.name.startswith("gen-") and p.name != live or p.name.startswith(".gen-"):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(f".{CURRENT}.tmp"):
+            p.unlink(missing_ok=True)
+    for p in (folder / SHARDS).glob("*") if (folder / SHARDS).is_dir() else []:
+        stem = p.name.split(".")[0] if not p.name.startswith(".") else None
+        if stem is None or stem not in keep_shards:
+            p.unlink(missing_ok=True)
+    thumbs = folder / THUMBS
+    if thumbs.is_dir():
+        db = sqlite3.connect(f"file:{folder / live / META_DB}?mode=ro", uri=True)
+        used = {Path(t).parts[1] for (js,) in db.execute("SELECT thumbnails FROM videos") for t in json.loads(js)
+                if len(Path(t).parts) > 1}
+        db.close()
+        for p in thumbs.iterdir():
+            if p.name not in used:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def read_manifest(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(live generation folder, its manifest), or IndexFormatError with one line saying what is wrong."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise IndexFormatError(f"{folder}: no such index folder (build one with: search.py build --index {folder})")
+    if not folder.is_dir():
+        raise IndexFormatError(f"{folder}: not an index folder (a file)")
+    cur = folder / CURRENT
+    if not cur.is_file():
+        if (folder / "index.faiss").exists() or (folder / MANIFEST).exists():
+            raise IndexFormatError(f"{folder}: index of an older format (no {CURRENT} file); rebuild it with "
+                                   "search.py build")
+        raise IndexFormatError(f"{folder}: not a search index (no {CURRENT} file); build one with search.py build")
+    live = cur.read_text().strip()
+    gen = folder / live
+    if not live or not (gen / MANIFEST).is_file():
+        raise IndexFormatError(f"{folder}: truncated index: {CURRENT} names {live!r}, which has no {MANIFEST}")
+    try:
+        manifest = json.loads((gen / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise IndexFormatError(f"{gen / MANIFEST}: truncated or damaged ({type(e).__name__})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise IndexFormatError(f"{folder}: index format version {version}, this version reads {FORMAT_VERSION}; "
+                               "rebuild it with search.py build")
+    missing = [k for k in ("count", "dim", "fingerprint", "model", "index_type", "shards") if k not in manifest]
+    if missing:
+        raise IndexFormatError(f"{gen / MANIFEST}: truncated or damaged (missing {', '.join(missing)})")
+    return gen, manifest
+
+
+class SearchIndex:
+    """A read-only view of the live generation of an index folder; safe for concurrent readers.
+
+    The model is loaded lazily on the first text query, from what the manifest records (checkpoint path and
+    resolved config), and checked against the recorded fingerprint.
+    """
+
+    def __init__(self, folder: Path, gen: Path, manifest: dict[str, Any], device: str | None, precision: str):
+        self.folder = folder
+        self.generation = gen
+        self.manifest = manifest
+        self.fingerprint: str = manifest["fingerprint"]
+        self.model_meta: dict[str, Any] = manifest["model"]
+        self.logit_scale = float(self.model_meta.get("logit_scale", 1.0))
+        self.dim = int(manifest["dim"])
+        self.device = device
+        self.precision = precision
+        self._lock = threading.Lock()
+        self._model = None
+        self._tokenizer = None
+        self._load(gen, manifest)
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def open(cls, folder: str | os.PathLike, *, device: str | None = None, precision: str = "fp32") -> SearchIndex:
+        folder = Path(folder)
+        gen, manifest = read_manifest(folder)
+        return cls(folder, gen, manifest, device, precision)
+
+    def _load(self, gen: Path, manifest: dict[str, Any]) -> None:
+        import faiss
+
+        try:
+            db = sqlite3.connect(f"file:{gen / META_DB}?mode=ro", uri=True, check_same_thread=False)
+            rows = db.execute("SELECT row, video_id, path, shard, shard_row FROM videos ORDER BY row").fetchall()
+        except sqlite3.Error as e:
+            raise IndexFormatError(f"{gen / META_DB}: truncated or damaged ({e})") from None
+        if len(rows) != manifest["count"] or any(r[0] != i for i, r in enumerate(rows)):
+            raise IndexFormatError(f"{gen / META_DB}: truncated ({len(rows)} rows, manifest says {manifest['count']})")
+        self._db = db
+        self.video_ids: list[str] = [r[1] for r in rows]
+        self.paths: list[str] = [r[2] for r in rows]
+        self._row_of = {v: i for i, v in enumerate(self.video_ids)}
+        shard_names = list(manifest["shards"])
+        pos = {s: k for k, s in enumerate(shard_names)}
+        self._shards = []
+        for s in shard_names:
+            p = self.folder / SHARDS / f"{s}.npy"
+            try:
+                m = np.load(p, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise IndexFormatError(f"{p}: missing or truncated vector shard ({type(e).__name__})") from None
+            if m.ndim != 2 or m.shape[1] != self.dim or m.dtype != np.float32:
+                raise IndexFormatError(f"{p}: vector shard of shape {m.shape} {m.dtype}, expected (n, {self.dim})")
+            self._shards.append(m)
+        try:
+            self._row_shard = np.array([pos[r[3]] for r in rows], dtype=np.int32)
+            self._row_offset = np.array([r[4] for r in rows], dtype=np.int64)
+        except KeyError as e:
+            raise IndexFormatError(f"{gen / META_DB}: names shard {e} that the manifest does not list") from None
+        for k, m in enumerate(self._shards):
+            sel = self._row_offset[self._row_shard == k]
+            if len(sel) and sel.max() >= m.shape[0]:
+                raise IndexFormatError(f"{self.folder / SHARDS / shard_names[k]}.npy: truncated vector shard")
+        fpath = gen / FAISS_FILE
+        try:
+            self._index = faiss.read_index(str(fpath))
+        except (RuntimeError, OSError) as e:
+            raise IndexFormatError(f"{fpath}: missing or truncated FAISS index ({str(e).splitlines()[0][:120]})") \
+                from None
+        if self._index.ntotal != len(rows) or self._index.d != self.dim:
+            raise IndexFormatError(f"{fpath}: holds {self._index.ntotal} vectors of dim {self._index.d}, "
+                                   f"expected {len(rows)} of dim {self.dim}")
+        apply_search_params(self._index, manifest.get("search_params") or "")
+        self.exact = manifest["index_type"] == "Flat"
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    # ------------------------------------------------------------------ vectors
+    def vectors(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Exact stored vectors of the given rows, (len(rows), D) float32."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for j, r in enumerate(rows):
+            out[j] = self._shards[self._row_shard[r]][self._row_offset[r]]
+        return out
+
+    # ------------------------------------------------------------------ model
+    def check_model_flags(self, args) -> None:
+        """UsageError when model flags given on the command line describe another model than the index's."""
+        from .cli import UsageError
+
+        given = set(getattr(args, "given_flags", ()))
+        model_keys = {"checkpoint", "init_model", "model_num", "zero_shot", "clip_path", "variant", "sim_type",
+                      "temporal_type", "temporal_proj", "center_type", "center_proj", "centerK", "center_weight",
+                      "cross_num_hidden_layers", "mask_layout"}
+        if not given & model_keys:
+            return
+        from .index_build import describe_model, load_model_for
+
+        try:
+            model = load_model_for(args)
+        except UsageError:
+            raise
+        theirs = describe_model(model, args)["fingerprint"]
+        if theirs != self.fingerprint:
+            raise UsageError(f"--index {self.folder}: the model flags describe another model (fingerprint "
+                             f"{theirs[:12]}) than the one the index was built with ({self.fingerprint[:12]}); "
+                             "drop the model flags or rebuild the index")
+
+    def _ensure_model(self):
+        if self._model is not None:
+            return self._model
+        with self._lock:
+            if self._model is None:
+                from .index_build import load_model_from_meta
+                from .modules.tokenizer import ClipTokenizer
+
+                model = load_model_from_meta(self.model_meta, device=self.device)
+                self._tokenizer = ClipTokenizer(int(self.model_meta.get("max_words") or 32))
+                self._model = model
+        return self._model
+
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        """(n, D) float32 caption vectors (unscaled); only real tokens go through the text tower."""
+        import torch
+
+        from .modules.precision import autocast
+
+        if isinstance(texts, str):
+            texts = [texts]
+        model = self._ensure_model()
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        ids, mask = self._tokenizer.batch(list(texts))
+        length = int(mask.sum(dim=1).max())
+        ids, mask = ids[:, :length], mask[:, :length]  # the causal text tower ignores positions after the end
+        device = next(model.parameters()).device
+        with torch.inference_mode(), autocast(device, self.precision):
+            t = model.encode_text(ids.to(device), mask.to(device))
+            v = model.text_vector(t).float().cpu().numpy()
+        if v.shape[1] != self.dim:
+            raise IndexFormatError(f"{self.folder}: model gives {v.shape[1]}-d vectors, the index holds {self.dim}-d")
+        return np.ascontiguousarray(v, dtype=np.float32)
+
+    # ------------------------------------------------------------------ search
+    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-k videos per query vector, best first, scores ×logit scale.
+
+        An approximate index proposes candidates; their scores are then recomputed from the exact stored
+        vectors (and re-sorted), so every score printed is the exact CLIP2Video score.
+        """
+        q = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
+        if q.shape[0] == 0 or len(self) == 0 or k <= 0:
+            return [[] for _ in range(q.shape[0])]
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query vectors have dim {q.shape[1]}, the index holds {self.dim}")
+        k = min(int(k), len(self))
+        fetch = k if self.exact else min(len(self), max(2 * k, k + 10))
+        scores, labels = self._index.search(q, fetch)
+        out = []
+        for qi in range(q.shape[0]):
+            lab = labels[qi][labels[qi] >= 0]
+            if self.exact:
+                sc = scores[qi][: len(lab)]
+            else:
+                sc = self.vectors(lab) @ q[qi]
+                order = np.argsort(-sc, kind="stable")
+                lab, sc = lab[order], sc[order]
+            out.append([Hit(self.video_ids[r], float(s) * self.logit_scale, self.paths[r])
+                        for r, s in zip(lab[:k].tolist(), sc[:k].tolist(), strict=True)])
+        return out
+
+    def query(self, texts: list[str], k: int) -> list[list[Hit]]:
+        return self.search(self.encode_text(texts), k)
+
+    def similar(self, video_id: str, k: int) -> list[Hit]:
+        """Videos closest to an indexed one (the video itself excluded); KeyError for an unknown id.
+
+        The video's vector is weighted as a caption's is (``[w·v_g, (1−w)·v_a]``) so the two parts count as
+        in a text query.
+        """
+        r = self._row_of[video_id]
+        v = self.vectors([r])[0]
+        g = int(self.model_meta.get("global_dim") or 0)
+        if 0 < g < self.dim:
+            w = float(self.model_meta.get("center_weight", 0.5))
+            v = np.concatenate([w * v[:g], (1 - w) * v[g:]])
+        hits = self.search(v[None], k + 1)[0]
+        return [h for h in hits if h.video_id != video_id][:k]
+
+    def record(self, video_id: str) -> VideoRecord | None:
+        if video_id not in self._row_of:
+            return None
+        with self._lock:
+            row = self._db.execute("SELECT video_id, path, kind, duration, frames, thumbnails FROM videos "
+                                   "WHERE video_id = ?", (video_id,)).fetchone()
+        if row is None:
+            return None
+        thumbs = [self.folder / t for t in json.loads(row[5] or "[]")]
+        return VideoRecord(row[0], Path(row[1]), row[2], thumbs, row[3], row[4])
+
+    def items(self) -> list[Item]:
+        """Every indexed video with its stored file state (for incremental builds)."""
+        with self._lock:
+            rows = self._db.execute("SELECT video_id, path, kind, size, mtime_ns, duration, frames, thumbnails, "
+                                    "shard, shard_row FROM videos ORDER BY row").fetchall()
+        return [Item(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7] or "[]")) for r in rows]
+
+    def locations(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return self._db.execute("SELECT shard, shard_row FROM videos ORDER BY row").fetchall()
+
+    def close(self) -> None:
+        self._db.close()

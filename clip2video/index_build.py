@@ -1,0 +1,506 @@
+"""Building a search index: list the videos, encode what is new, write a generation (clip2video/index.py).
+
+Steps of :func:`build_from_folder`:
+
+1. :func:`list_videos` walks the folder: a sub-folder holding image files is one video (a frame folder, as
+   ``sample_frame.py`` writes it); files with a video extension are videos read by the direct decoder when it is
+   installed. :func:`read_source` is the one function that turns a listed video into frames, so pointing
+   indexing at another decoder is a change in one place.
+2. Each video's (size, mtime) is compared with the vectors already on disk (the live generation and any
+   shard an interrupted build left behind, encoded with the same model and settings); only the rest is encoded.
+3. Under ``torchrun`` the videos to encode go round by round through ``modules.sharding`` (each rank its
+   contiguous share, ``gather_rows`` to put the rows back in order); rank 0 writes each round's shard and, at
+   the end, the generation. Rows are sorted by video id, so N processes build the same index as one.
+
+Video vectors always use the ``per_video`` mask layout: an index needs a vector that depends on the video
+alone, while the ``original`` layout (released checkpoints) makes it depend on the other videos of a batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .index import (
+    CURRENT,
+    FORMAT_VERSION,
+    SHARDS,
+    THUMBS,
+    IndexFormatError,
+    Item,
+    list_shards,
+    read_manifest,
+    read_shard_items,
+    write_generation,
+    write_shard,
+)
+
+logger = logging.getLogger("clip2video.search")
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp")
+THUMB_SIZE = 160
+
+
+# ----------------------------------------------------------------------------------------------- model
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the architecture and every weight. The mask layout is left out: it is a way of running the
+    heads, not part of the model, and the index fixes it to ``per_video`` anyway."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("mask_layout", "variant")}
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        raw = t.view(torch.uint8) if t.dtype in (torch.bfloat16, torch.float16) else t
+        h.update(memoryview(raw.numpy()).cast("B"))
+    return h.hexdigest()
+
+
+def describe_model(model, args=None) -> dict[str, Any]:
+    """What an index or an embedding export records about its model: enough to check and to rebuild it."""
+    ckpt = getattr(args, "checkpoint", None) or getattr(args, "init_model", None)
+    ckpt_file = None
+    if ckpt:
+        from .modules.checkpoint import released_path
+
+        ckpt_file = str(released_path(ckpt, getattr(args, "model_num", None)).resolve())
+    clip_path = getattr(args, "clip_path", None)
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        ids = torch.tensor([[49406, 49407]], device=dev)
+        tv = model.text_vector(model.encode_text(ids, torch.ones_like(ids)))
+    dim = int(tv.shape[1])
+    return {
+        "fingerprint": model_fingerprint(model),
+        "logit_scale": float(model.logit_scale.detach().exp()),
+        "variant": model.config.variant,
+        "mask_layout": model.config.mask_layout,
+        "center_weight": float(model.config.center_weight),
+        "global_dim": int(model.config.clip.embed_dim) if model.config.use_tab else dim,
+        "dim": dim,
+        "checkpoint": ckpt_file,
+        "clip_path": str(Path(clip_path).resolve()) if clip_path and not ckpt_file else None,
+        "zero_shot": bool(getattr(args, "zero_shot", False)) and not ckpt_file,
+        "config": model.config.to_dict(),
+        "max_words": int(getattr(args, "max_words", 32) or 32),
+    }
+
+
+def load_model_for(args):
+    """The model that build/query flags describe (the same rules as infer_retrieval.py)."""
+    from .infer_retrieval import load_for_eval
+
+    return load_for_eval(args)
+
+
+def load_model_from_meta(meta: dict[str, Any], device: str | None = None):
+    """Rebuild the model an index or export recorded, and check it is still the same model."""
+    from .modules.checkpoint import load_clip_weights, load_model
+    from .modules.model import CLIP2VideoConfig, create_model
+
+    cfg = CLIP2VideoConfig.from_dict(meta["config"])
+    if meta.get("checkpoint"):
+        model = load_model(meta["checkpoint"], cfg, prefer_stored=False, mask_layout="per_video")
+    elif meta.get("zero_shot") and meta.get("clip_path"):
+        model = create_model(cfg, clip_state_dict=load_clip_weights(meta["clip_path"]), mask_layout="per_video")
+    else:
+        raise ValueError("the index records no model file (built from vectors without one): text queries need "
+                         "the model; rebuild with --checkpoint or use --like")
+    if model_fingerprint(model) != meta.get("fingerprint"):
+        src = meta.get("checkpoint") or meta.get("clip_path")
+        raise ValueError(f"{src}: these weights are not the ones the index was built with (fingerprint differs); "
+                         "rebuild the index")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.to(dev).eval()
+
+
+# ----------------------------------------------------------------------------------------------- listing
+@dataclass
+class Source:
+    video_id: str
+    path: str
+    kind: str  # "frames" | "file"
+    size: int
+    mtime_ns: int
+    frames: int | None
+
+
+def _folder_state(path: str) -> tuple[int, int, int]:
+    """(total bytes, newest mtime_ns incl. the folder's own, number of files) of a frame folder."""
+    size, newest, n = 0, os.stat(path).st_mtime_ns, 0
+    with os.scandir(path) as it:
+        for e in it:
+            if e.is_file():
+                st = e.stat()
+                size += st.st_size
+                newest = max(newest, st.st_mtime_ns)
+                n += 1
+    return size, newest, n
+
+
+def list_videos(root: str | os.PathLike) -> list[Source]:
+    """Every video under ``root``, sorted by id (relative path; a video file's id drops its extension)."""
+    root = os.path.abspath(os.fspath(root))
+    out: dict[str, Source] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        if dirpath != root and any(f.lower().endswith(IMAGE_EXTS) for f in filenames):
+            dirnames[:] = []
+            size, mtime, n = _folder_state(dirpath)
+            out[rel] = Source(rel, dirpath, "frames", size, mtime, n)
+            continue
+        for f in sorted(filenames):
+            if f.lower().endswith(VIDEO_EXTS) and not f.startswith("."):
+                p = os.path.join(dirpath, f)
+                vid = (f if rel == "." else f"{rel}/{f}").rsplit(".", 1)[0]
+                if vid in out:
+                    logger.warning("%s: skipped, id %r is already taken by %s", p, vid, out[vid].path)
+                    continue
+                st = os.stat(p)
+                out[vid] = Source(vid, p, "file", st.st_size, st.st_mtime_ns, None)
+    return [out[k] for k in sorted(out)]
+
+
+def _video_file_reader() -> Callable | None:
+    """The direct video decoder, when this installation has one (None otherwise)."""
+    try:
+        from .dataloaders.decode import load_video_file  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return load_video_file
+
+
+def read_source(src: Source, *, max_frames: int, framerate: int, image_size: int, mode: str,
+                video_fps: float | None = None) -> tuple[torch.Tensor, torch.Tensor, list[Any], dict[str, Any]]:
+    """A listed video → (frames (T, 3, S, S), mask (T,), thumbnail sources, info {duration, frames}).
+
+    Thumbnail sources are image paths (frame folders) or HxWx3 uint8 arrays (decoded videos).
+    """
+    from .dataloaders.frames import load_video
+
+    if src.kind == "frames":
+        frames, mask, chosen = load_video(src.path, max_frames=max_frames, framerate=framerate,
+                                          image_size=image_size, mode=mode)
+        picks = [chosen[i] for i in sorted({0, len(chosen) // 2, len(chosen) - 1})]
+        duration = src.frames / video_fps if video_fps and src.frames else None
+        return frames, mask, [os.path.join(src.path, c) for c in picks], {"duration": duration, "frames": src.frames}
+    reader = _video_file_reader()
+    if reader is None:
+        raise ValueError(f"{src.path}: video files need the direct decoder, which this installation lacks; "
+                         "extract frames with sample_frame.py and index the frame folders")
+    out = reader(src.path, max_frames=max_frames, framerate=framerate, image_size=image_size, mode=mode,
+                 fps=video_fps)
+    frames, mask, thumbs, info = out
+    return frames, mask, list(thumbs), dict(info)
+
+
+def write_thumbnails(index_dir: Path, key: str, sources: Sequence[Any]) -> list[str]:
+    """Small JPEGs (longest side ``THUMB_SIZE``) under ``thumbs/<key>/``; paths relative to the index folder."""
+    from PIL import Image
+
+    d = index_dir / THUMBS / key
+    d.mkdir(parents=True, exist_ok=True)
+    rels = []
+    for i, s in enumerate(sources):
+        im = Image.open(s).convert("RGB") if isinstance(s, str) else Image.fromarray(np.asarray(s))
+        im.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        name = d / f"{i}.jpg"
+        tmp = d / f".{i}.tmp-{os.getpid()}.jpg"
+        im.save(tmp, quality=85)
+        os.replace(tmp, name)
+        rels.append(f"{THUMBS}/{key}/{i}.jpg")
+    return rels
+
+
+class _SourceDataset(torch.utils.data.Dataset):
+    """Videos for encoding; a video that cannot be read becomes an error item, not an exception."""
+
+    def __init__(self, sources: Sequence[Source], settings: dict[str, Any]):
+        self.sources, self.settings = list(sources), settings
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            frames, mask, thumbs, info = read_source(self.sources[i], **self.settings)
+        except (ValueError, OSError, RuntimeError) as e:
+            from .cli import one_line
+
+            return {"index": i, "error": one_line(e)}
+        return {"index": i, "frames": frames, "mask": mask, "thumbs": thumbs, "info": info}
+
+
+def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items
+
+
+# ----------------------------------------------------------------------------------------------- build
+@dataclass
+class BuildResult:
+    index: Path
+    count: int
+    encoded: int
+    reused: int
+    removed: int
+    failed: list[tuple[str, str]]
+
+
+def encoding_key(fingerprint: str, settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([fingerprint, settings], sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _reusable(folder: Path, key: str) -> dict[str, tuple[Item, str, int]]:
+    """video id → (item, shard, row) for every vector on disk encoded under ``key`` (live generation first)."""
+    found: dict[str, tuple[Item, str, int]] = {}
+    live: list[str] = []
+    try:
+        _, manifest = read_manifest(folder)
+        live = list(manifest["shards"])
+    except IndexFormatError:
+        pass
+    names = [s for s in list_shards(folder) if s not in live] + live  # live shards win (applied last)
+    for name in names:
+        got = read_shard_items(folder, name)
+        if got is None or got[0] != key:
+            continue
+        for row, it in enumerate(got[1]):
+            found[it.video_id] = (it, name, row)
+    return found
+
+
+def _check_target(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--index {folder}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        ours = (folder / CURRENT).exists() or (folder / SHARDS).is_dir()
+        if not ours:
+            raise ValueError(f"--index {folder}: folder is not empty and holds no search index; refusing to write "
+                             "into it")
+
+
+def build_from_folder(
+    features_path: str | os.PathLike,
+    index_dir: str | os.PathLike,
+    model,
+    model_meta: dict[str, Any],
+    *,
+    max_frames: int = 12,
+    framerate: int = 1,
+    image_mode: str = "exact",
+    precision: str = "fp32",
+    video_fps: float | None = None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    round_size: int = 64,
+    index_type: str = "auto",
+    search_params: str | None = None,
+    device: torch.device | str = "cpu",
+    info=None,
+    progress: bool = True,
+    on_encoded: Callable[[int], None] | None = None,
+) -> BuildResult | None:
+    """Index every video under ``features_path`` into ``index_dir`` (incrementally; see the module doc).
+
+    ``on_encoded(n)`` is called after each written shard with the number of videos encoded so far (tests
+    use it to interrupt a build). Returns the result on rank 0, None on other ranks.
+    """
+    from tqdm import tqdm
+
+    from .modules.distributed import barrier, broadcast_object
+    from .modules.precision import autocast
+    from .modules.sharding import gather_rows, shard
+
+    index_dir = Path(index_dir).resolve()
+    is_main = info is None or info.is_main
+    device = torch.device(device)
+    settings = {"max_frames": max_frames, "framerate": framerate, "image_mode": image_mode, "precision": precision,
+                "mask_layout": "per_video", "image_size": model.config.clip.image_size}
+    key = encoding_key(model_meta["fingerprint"], settings)
+    plan = None
+    if is_main:
+        _check_target(index_dir)
+        index_dir.mkdir(parents=True, exist_ok=True)
+        sources = list_videos(features_path)
+        have = _reusable(index_dir, key)
+        reuse, todo = [], []
+        for s in sources:
+            h = have.get(s.video_id)
+            if h and h[0].path == s.path and h[0].size == s.size and h[0].mtime_ns == s.mtime_ns:
+                reuse.append(h)
+            else:
+                todo.append(s)
+        try:
+            _, old = read_manifest(index_dir)
+            old_count = old["count"]
+        except IndexFormatError:
+            old_count = 0
+        plan = (todo, reuse, old_count, len(sources))
+        logger.info("%d videos under %s: %d to encode, %d unchanged", len(sources), features_path, len(todo),
+                    len(reuse))
+    if info is not None and info.is_distributed:
+        plan = broadcast_object(plan, info)
+    todo, reuse, old_count, n_sources = plan
+
+    read_settings = {"max_frames": max_frames, "framerate": framerate, "image_size": model.config.clip.image_size,
+                     "mode": image_mode, "video_fps": video_fps}
+    world = info.world_size if info is not None and info.is_distributed else 1
+    per_round = round_size * world
+    new_entries: list[tuple[Item, str, int]] = []
+    failed: list[tuple[str, str]] = []
+    bar = tqdm(total=len(todo), desc="indexing", disable=not (progress and is_main), unit="video")
+    encoded = 0
+    for r0 in range(0, len(todo), per_round):
+        round_items = todo[r0 : r0 + per_round]
+        mine = list(shard(round_items, info))
+        loader = torch.utils.data.DataLoader(_SourceDataset(mine, read_settings), batch_size=batch_size,
+                                             num_workers=num_workers, collate_fn=_collate)
+        vecs, metas, errs = [], [], []
+        for batch in loader:
+            good = [b for b in batch if "error" not in b]
+            errs += [(mine[b["index"]].video_id, b["error"]) for b in batch if "error" in b]
+            if not good:
+                continue
+            frames = torch.stack([b["frames"] for b in good]).to(device)  # (B, T, 3, S, S)
+            mask = torch.stack([b["mask"] for b in good]).to(device)  # (B, T)
+            with torch.no_grad(), autocast(device, precision):
+                v = model.video_vector(model.encode_video(frames, mask)).float().cpu().numpy()
+            vecs.append(v)
+            for b in good:
+                s = mine[b["index"]]
+                tkey = hashlib.sha1(f"{s.video_id}|{s.size}|{s.mtime_ns}".encode()).hexdigest()[:20]
+                try:
+                    thumbs = write_thumbnails(index_dir, tkey, b["thumbs"])
+                except (OSError, ValueError) as e:
+                    logger.warning("%s: no thumbnails (%s)", s.path, e)
+                    thumbs = []
+                metas.append(Item(s.video_id, s.path, s.kind, s.size, s.mtime_ns, b["info"].get("duration"),
+                                  b["info"].get("frames"), thumbs).to_dict())
+            if is_main:
+                bar.update(len(batch) * world)
+        dim = int(model_meta["dim"])
+        local = np.concatenate(vecs) if vecs else np.zeros((0, dim), dtype=np.float32)
+        all_vecs = gather_rows(local, info)
+        all_meta = gather_rows(_objects(metas), info)
+        all_errs = gather_rows(_objects(errs), info)
+        failed += [tuple(e) for e in all_errs]
+        if is_main and len(all_vecs):
+            items = [Item.from_dict(m) for m in all_meta]
+            name = f"enc-{key[:8]}-{hashlib.sha1('|'.join(i.video_id for i in items).encode()).hexdigest()[:12]}" \
+                   f"-{os.getpid()}-{r0}"
+            write_shard(index_dir, name, all_vecs, items, key)
+            new_entries += [(it, name, r) for r, it in enumerate(items)]
+        encoded += len(all_vecs)
+        if on_encoded is not None and is_main:
+            on_encoded(encoded)
+    bar.close()
+    result = None
+    if is_main:
+        entries = reuse + new_entries
+        if not entries and not failed and n_sources == 0:
+            logger.warning("no videos under %s (frame folders or video files)", features_path)
+        meta = dict(model_meta, mask_layout="per_video")
+        gen = write_generation(index_dir, entries, model_meta=meta, encoding=dict(settings, key=key),
+                               index_type=index_type, search_params=search_params, source=str(features_path))
+        kept = {e[0].video_id for e in entries}
+        removed = max(old_count - len({e[0].video_id for e in reuse}), 0)
+        result = BuildResult(gen, len(kept), encoded, len(reuse), removed, failed)
+    barrier(info) if info is not None else None
+    return result
+
+
+def _objects(rows: Sequence[Any]) -> np.ndarray:
+    out = np.empty(len(rows), dtype=object)
+    for i, r in enumerate(rows):
+        out[i] = r
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- embeddings
+def write_embeddings(out_dir: str | os.PathLike, text: np.ndarray, video: np.ndarray, text_ids: Sequence[str],
+                     video_ids: Sequence[str], meta: dict[str, Any]) -> Path:
+    """``--save_embeddings`` output: a folder written under a temporary name, then renamed into place."""
+    import shutil
+
+    out = Path(out_dir).resolve()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "text.npy", np.ascontiguousarray(text, dtype=np.float32))
+    np.save(tmp / "video.npy", np.ascontiguousarray(video, dtype=np.float32))
+    (tmp / "text_ids.json").write_text(json.dumps(list(text_ids), ensure_ascii=False))
+    (tmp / "video_ids.json").write_text(json.dumps(list(video_ids), ensure_ascii=False))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def build_from_embeddings(emb_dir: str | os.PathLike, index_dir: str | os.PathLike, *, index_type: str = "auto",
+                          search_params: str | None = None) -> BuildResult:
+    """An index from ``video.npy`` + ``video_ids.json`` (+ ``meta.json`` describing the model, optional)."""
+    emb = Path(emb_dir)
+    for name in ("video.npy", "video_ids.json"):
+        if not (emb / name).is_file():
+            raise ValueError(f"--from_embeddings {emb}: no {name}")
+    try:
+        video = np.load(emb / "video.npy", mmap_mode="r")
+        ids = json.loads((emb / "video_ids.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--from_embeddings {emb}: cannot read video.npy / video_ids.json ({e})") from None
+    if video.ndim != 2 or not isinstance(ids, list) or len(ids) != video.shape[0]:
+        raise ValueError(f"--from_embeddings {emb}: video.npy has shape {video.shape}, video_ids.json "
+                         f"{len(ids) if isinstance(ids, list) else 'is not a list'} ids")
+    if not np.isfinite(np.asarray(video[: min(len(video), 10000)])).all():
+        raise ValueError(f"--from_embeddings {emb}: video.npy holds NaN or infinite values")
+    meta: dict[str, Any] = {}
+    if (emb / "meta.json").is_file():
+        meta = json.loads((emb / "meta.json").read_text())
+    if meta.get("mask_layout") == "original":
+        logger.warning("%s: vectors made with the original mask layout depend on their evaluation batch; "
+                       "re-export with --mask_layout per_video for an index", emb)
+    meta = dict(meta, dim=int(video.shape[1]))
+    meta.setdefault("fingerprint", "")
+    meta.setdefault("logit_scale", 1.0)
+    index_dir = Path(index_dir).resolve()
+    _check_target(index_dir)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    feats = meta.get("features_path")
+    items = []
+    for v in ids:
+        p = os.path.join(feats, str(v)) if feats else ""
+        items.append(Item(str(v), p, "frames" if p and os.path.isdir(p) else "file", 0, 0))
+    digest = hashlib.sha1(np.ascontiguousarray(video[: min(len(video), 4096)]).tobytes()).hexdigest()[:12]
+    name = f"emb-{digest}-{len(ids)}-{os.getpid()}"
+    key = encoding_key(meta["fingerprint"], {"from_embeddings": True})
+    write_shard(index_dir, name, np.asarray(video), items, key)
+    try:
+        _, old = read_manifest(index_dir)
+        old_count = old["count"]
+    except IndexFormatError:
+        old_count = 0
+    gen = write_generation(index_dir, [(it, name, r) for r, it in enumerate(items)], model_meta=meta,
+                           encoding={"key": key, "from_embeddings": str(emb.resolve())}, index_type=index_type,
+                           search_params=search_params, source=str(emb.resolve()))
+    return BuildResult(gen, len(items), 0, 0, old_count, [])
+
+
+__all__ = ["FORMAT_VERSION", "build_from_embeddings", "build_from_folder", "describe_model", "list_videos",
+           "load_model_for", "load_model_from_meta", "model_fingerprint", "read_source", "write_embeddings"]
