@@ -431,6 +431,8 @@ def serve_main(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_waiting < 0:
         raise UsageError(f"--max_waiting must be at least 0, got {args.max_waiting}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: must be from 0 to 65535")
     index = SearchIndex.open(args.index, device=args.device, precision=args.precision)
     if hasattr(index, "check_model_flags"):
         index.check_model_flags(args)

@@ -178,3 +178,30 @@ def start_serve(args: list[str], cwd: Path, env: dict, timeout: float = 180) -> 
             raise RuntimeError("search.py serve did not start:\n" + "".join(lines[-30:]))
         time.sleep(0.05)
     return proc, found["url"], lines
+
+
+# ----------------------------------------------------------------------------------------------- a real index
+PARITY_MODEL_FLAGS = ["--sim_type", "seqTransf", "--temporal_type", "TDB", "--temporal_proj", "sigmoid_selfA",
+                      "--center_type", "TAB", "--centerK", "5", "--center_weight", "0.5", "--center_proj", "TAB_TDB"]
+
+
+def build_real_index(base: Path, weights: Path, frames: Path, root: Path, env: dict) -> Path:
+    """``search.py build`` over the parity fixture's frame folders with its TDB + TAB checkpoint (random
+    weights, so the ranking means nothing, but every number is the real pipeline's). Built once per session."""
+    out = base / "c2v-real-index"
+    if (out / "CURRENT").is_file():
+        return out
+    cmd = [sys.executable, "search.py", "build", "--features_path", str(frames), "--index", str(out),
+           "--checkpoint", str(weights / "ckpt"), "--model_num", "2", "--clip_path", str(weights / "clip.pt"),
+           *PARITY_MODEL_FLAGS, "--max_frames", "12", "--feature_framerate", "2", "--no_progress",
+           "--num_thread_reader", "0"]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def query_json(index: Path, root: Path, env: dict, *args: str) -> list:
+    r = subprocess.run([sys.executable, "search.py", "query", "--index", str(index), "--json", *args], cwd=root,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)

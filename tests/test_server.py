@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 import pytest
@@ -285,3 +286,113 @@ def test_server_stops_cleanly(stub):
 def test_bad_bounds_refused(stub):
     with pytest.raises(ValueError, match="max_k must be at least 1"):
         create_app(stub, max_k=0)
+
+
+# ----------------------------------------------------------------------------------------------- the real thing
+REAL_QUERIES = ["a man is singing on a stage", "a cartoon of a dog", "people cooking food in a kitchen"]
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory, parity_weights):
+    """``search.py serve`` (a subprocess, as a user runs it) on an index built by ``search.py build``."""
+    import os
+
+    from server_utils import build_real_index, start_serve
+
+    from conftest import PARITY, ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    index = build_real_index(tmp_path_factory.getbasetemp(), parity_weights, PARITY / "msrvtt" / "frames", ROOT, env)
+    proc, url, lines = start_serve(["--index", str(index), "--port", "0", "--max_k", "50"], ROOT, env)
+    port = int(url.rsplit(":", 1)[1])
+    yield {"index": index, "proc": proc, "url": url, "port": port, "lines": lines, "env": env, "root": ROOT}
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_real_api_matches_query_json(real):
+    from server_utils import query_json
+
+    want = query_json(real["index"], real["root"], real["env"], "-k", "5", *REAL_QUERIES)
+    assert [w["query"] for w in want] == REAL_QUERIES
+    for w in want:
+        status, body = get_json(real["port"], "/api/search?" + urlencode({"q": w["query"], "k": 5}))
+        assert status == 200 and body["query"] == w["query"] and body["k"] == 5
+        assert [r["video_id"] for r in body["results"]] == [h["video_id"] for h in w["results"]]
+        assert [r["score"] for r in body["results"]] == pytest.approx([h["score"] for h in w["results"]], abs=1e-5)
+        assert len(body["results"]) == 5
+        for r in body["results"]:
+            assert r["kind"] == "frames" and r["video"] is None and r["thumbnails"]
+    first = body["results"][0]
+    status, headers, data = raw_get(real["port"], first["thumbnails"][0])
+    assert status == 200 and headers["content-type"] == "image/jpeg" and data[:2] == b"\xff\xd8"
+    status, frames = get_json(real["port"], first["frames"])
+    assert status == 200 and frames["count"] == len(frames["frames"]) > 0
+    status, _, data = raw_get(real["port"], frames["frames"][0])
+    assert status == 200 and data[:2] == b"\xff\xd8"
+
+
+def test_real_similar_matches_query_like(real):
+    from server_utils import query_json
+
+    (want,) = query_json(real["index"], real["root"], real["env"], "-k", "4", "--like", "video7020")
+    status, body = get_json(real["port"], "/api/similar?video_id=video7020&k=4")
+    assert status == 200
+    assert [r["video_id"] for r in body["results"]] == [h["video_id"] for h in want["results"]]
+    assert [r["score"] for r in body["results"]] == pytest.approx([h["score"] for h in want["results"]], abs=1e-5)
+
+
+def test_real_health(real):
+    from clip2video.index import SearchIndex
+
+    index = SearchIndex.open(real["index"])
+    status, body = get_json(real["port"], "/api/health")
+    assert status == 200 and body == {"status": "ok", "videos": 12, "model": index.fingerprint}
+    assert any(f"serving 12 videos at {real['url']}/" in line for line in real["lines"])
+
+
+@pytest.mark.parametrize("path, status", [
+    ("/api/search", 400), ("/api/search?q=dog&k=0", 400), ("/api/search?q=dog&k=1000000", 400),
+    ("/api/search?q=" + "a" * 10000, 400), ("/api/similar?video_id=video0000", 404),
+    *[(t, 404) for t in TRAVERSALS[:12]],
+])
+def test_real_errors(real, path, status):
+    got, headers, body = raw_get(real["port"], path)
+    assert got == status and list(json.loads(body)) == ["error"]
+    assert b"Traceback" not in body
+
+
+def test_real_refuses_foreign_host(real):
+    assert raw_get(real["port"], "/api/health", headers={"Host": "attacker.example"})[0] == 400
+
+
+def test_real_server_stops_cleanly_on_sigterm(real):
+    import signal as _signal
+
+    proc = real["proc"]
+    assert proc.poll() is None
+    proc.send_signal(_signal.SIGTERM)
+    assert proc.wait(30) == 0
+    time.sleep(0.2)
+    assert any("stopped (SIGTERM)" in line for line in real["lines"]), real["lines"][-5:]
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", real["port"]), timeout=2):
+        pass
+
+
+def test_serve_bad_arguments_are_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args, code, needle in ((["--index", str(tmp_path / "none")], 1, str(tmp_path / "none")),
+                               (["--index", str(tmp_path), "--port", "70000"], 2, "--port 70000"),
+                               (["--index", str(tmp_path), "--max_k", "0"], 2, "--max_k must be at least 1")):
+        r = subprocess.run([sys.executable, "search.py", "serve", *args], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("search.py")]
+        assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.returncode == code and needle in lines[0], lines
