@@ -1,9 +1,13 @@
 """The search page in a real headless browser (Debian's chromium driven by Playwright's Python package).
 
-Opens the page, types a query, and checks the first result, that its thumbnails loaded, playback and seeking
-of a real H.264 file (Range requests), the frame viewer, "more like this", and that the page fetched nothing
-from anywhere but the server. A screenshot goes to ``$CLIP2VIDEO_SCREENSHOT`` when set (the README's picture
-is made with ``CLIP2VIDEO_SCREENSHOT=docs/search-page.png``), else into the test's temporary folder.
+First against ``search.py serve`` on an index built by ``search.py build``: type a query, the first result is
+the one ``search.py query --json`` ranks first, and its thumbnails loaded. Then, over a small in-test index
+with real H.264 clips: playback and seeking (Range requests), the frame viewer, "more like this", the
+server's error message, and that the page fetched nothing from anywhere but the server.
+
+The screenshot of the real index goes to ``$CLIP2VIDEO_SCREENSHOT`` when set (the README's picture:
+``CLIP2VIDEO_SCREENSHOT=docs/search-page.png python -m pytest tests/test_browser.py``), else into the test's
+temporary folder.
 """
 
 from __future__ import annotations
@@ -66,8 +70,9 @@ def wait_js(page, expr: str, timeout: float = 10000):
         time.sleep(0.05)
 
 
-def screenshot_path(tmp_path: Path) -> Path:
-    path = Path(os.environ.get("CLIP2VIDEO_SCREENSHOT") or tmp_path / "search-page.png")
+def screenshot_path(tmp_path: Path, name: str, env: bool) -> Path:
+    path = Path(os.environ.get("CLIP2VIDEO_SCREENSHOT") if env and os.environ.get("CLIP2VIDEO_SCREENSHOT")
+                else tmp_path / name)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -93,6 +98,41 @@ def page_index(tmp_path_factory):
             path.write_bytes(b"\0" * 100)  # not playable; only the real clips are played
             records[vid] = VideoRecord(vid, path, "file", thumbs, None, None)
     return BagOfWordsIndex(root / "index", CAPTIONS, records)
+
+
+def test_search_page_on_a_real_index(tmp_path_factory, tmp_path, parity_weights):
+    from server_utils import build_real_index, query_json, start_serve
+
+    from conftest import PARITY, ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    index = build_real_index(tmp_path_factory.getbasetemp(), parity_weights, PARITY / "msrvtt" / "frames", ROOT, env)
+    query = "a man is singing on a stage"
+    (want,) = query_json(index, ROOT, env, "-k", "20", query)
+    proc, url, _ = start_serve(["--index", str(index), "--port", "0"], ROOT, env)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = launch(p)
+            page = browser.new_page(viewport={"width": 1200, "height": 640})
+            page.goto(url + "/")
+            wait_js(page, "document.getElementById('info').textContent.includes('videos')", timeout=30000)
+            page.fill("#q", query)
+            page.press("#q", "Enter")
+            page.wait_for_selector(".result", timeout=60000)
+            ids = page.eval_on_selector_all(".result .vid", "els => els.map(e => e.textContent)")
+            assert ids[0] == want["results"][0]["video_id"]
+            assert ids == [h["video_id"] for h in want["results"]]
+            wait_js(page, """() => {
+                const imgs = [...document.querySelectorAll('.result:first-child img.thumb')];
+                return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
+            }""", timeout=15000)
+            shot = screenshot_path(tmp_path, "search-page.png", env=True)
+            page.screenshot(path=str(shot))
+            assert shot.stat().st_size > 10_000
+            browser.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
 
 
 def test_search_page(page_index, tmp_path):
@@ -126,7 +166,7 @@ def test_search_page(page_index, tmp_path):
         }""", timeout=15000)
         widths = page.eval_on_selector_all(".result:first-child img.thumb", "els => els.map(i => i.naturalWidth)")
         assert widths == [96, 96, 96]
-        shot = screenshot_path(tmp_path)
+        shot = screenshot_path(tmp_path, "stub-page.png", env=False)
         page.screenshot(path=str(shot))
         assert shot.stat().st_size > 10_000
 
