@@ -367,6 +367,27 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def set_compute_threads(per_encode: int | None, encoders: int) -> int:
+    """Threads each text encoding (and FAISS search) may use; default: the cores divided among the encoders.
+
+    Concurrency comes from the encoder threads; intra-op threads beyond one core per encode only wait at each
+    parallel region's barrier for a sibling that another request (or, on a shared machine, another program)
+    holds, which costs more than it gives under load. Process-wide, hence set by the command, not the app.
+    """
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = per_encode or max(1, cores // max(1, encoders))
+    torch.set_num_threads(n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
+    return n
+
+
 def add_serve_parser(subparsers, add_model_flags=None) -> argparse.ArgumentParser:
     """Register ``serve`` on ``search.py``'s subcommands, with the same model flags as ``query``.
 
@@ -389,6 +410,8 @@ def add_serve_parser(subparsers, add_model_flags=None) -> argparse.ArgumentParse
                    help="text queries encoded at once")
     g.add_argument("--max_waiting", type=int, default=DEFAULTS["max_waiting"],
                    help="queries waiting for an encoder before the server answers 503")
+    g.add_argument("--threads", type=int, default=None,
+                   help="compute threads per query (default: cores / --max_concurrent_encodes)")
     p.add_argument("--device", default=None)
     add_precision_arg(p)
     if add_model_flags is None:
@@ -433,12 +456,16 @@ def serve_main(args: argparse.Namespace) -> int:
         raise UsageError(f"--max_waiting must be at least 0, got {args.max_waiting}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: must be from 0 to 65535")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    threads = set_compute_threads(args.threads, args.max_concurrent_encodes)
     index = SearchIndex.open(args.index, device=args.device, precision=args.precision)
     if hasattr(index, "check_model_flags"):
         index.check_model_flags(args)
     t0 = time.perf_counter()
     index.encode_text(["a warm-up query"])  # loads the text tower now, not on the first user's query
-    logger.info("model loaded in %.1f s", time.perf_counter() - t0)
+    logger.info("model loaded in %.1f s; %d encoder(s) of %d thread(s)", time.perf_counter() - t0,
+                args.max_concurrent_encodes, threads)
     loopback = is_loopback(args.host)
     if not loopback:
         logger.warning("listening on %s: anyone who can reach this address can search the index and fetch "
