@@ -21,6 +21,8 @@ Safety, because people run this on a laptop full of private footage:
 - Query length and ``k`` are bounded (400 beyond the bounds); text encodings run in a small thread pool off the
   event loop (a slow query does not stall health checks, file transfers or other searches) and the number of
   queries running or waiting is bounded (503 with a clear message beyond it, instead of an unbounded queue).
+  Queries that arrive while the encoders are busy are encoded and searched together as one batch when an
+  encoder frees up (dynamic batching, as inference servers do), which is where throughput under load comes from.
 - Every error is JSON ``{"error": "..."}``; a bug is logged on the server and answered with a 500 that holds
   no traceback.
 
@@ -57,7 +59,8 @@ logger = logging.getLogger("clip2video.server")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-DEFAULTS = {"max_query_chars": 1000, "max_k": 100, "default_k": 10, "max_concurrent_encodes": 2, "max_waiting": 64}
+DEFAULTS = {"max_query_chars": 1000, "max_k": 100, "default_k": 10, "max_concurrent_encodes": 2, "max_waiting": 64,
+            "max_batch": 16}
 # The page loads nothing from elsewhere; the policy makes the browser enforce it.
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; media-src 'self'; "
@@ -128,22 +131,27 @@ def _is_within(path: Path, folder: Path) -> bool:
 def create_app(index, *, max_query_chars: int = DEFAULTS["max_query_chars"], max_k: int = DEFAULTS["max_k"],
                default_k: int = DEFAULTS["default_k"],
                max_concurrent_encodes: int = DEFAULTS["max_concurrent_encodes"],
-               max_waiting: int = DEFAULTS["max_waiting"], allowed_hosts: list[str] | None = None,
+               max_waiting: int = DEFAULTS["max_waiting"], max_batch: int = DEFAULTS["max_batch"],
+               allowed_hosts: list[str] | None = None,
                max_frames_listed: int = 240, record_cache: int = 65536):
     """The ASGI app over an opened index (anything with the ``SearchIndex`` interface of ``clip2video.index``).
 
-    ``max_concurrent_encodes`` text queries are encoded at once (in their own threads); up to ``max_waiting``
-    more wait for a slot, and beyond that a search gets 503. ``allowed_hosts`` restricts the ``Host`` header
+    ``max_concurrent_encodes`` batches of text queries are encoded at once (in their own threads); queries that
+    arrive meanwhile wait and go into the next batch (at most ``max_batch``), up to ``max_waiting`` of them;
+    beyond that a search gets 503. ``allowed_hosts`` restricts the ``Host`` header
     (``None``: any).
     """
     for name, value, low in (("max_query_chars", max_query_chars, 1), ("max_k", max_k, 1),
-                             ("max_concurrent_encodes", max_concurrent_encodes, 1), ("max_waiting", max_waiting, 0)):
+                             ("max_concurrent_encodes", max_concurrent_encodes, 1), ("max_waiting", max_waiting, 0),
+                             ("max_batch", max_batch, 1)):
         if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
     default_k = min(default_k, max_k)
     folder = Path(index.folder)
     encoders = ThreadPoolExecutor(max_workers=max_concurrent_encodes, thread_name_prefix="encode")
-    in_flight = {"n": 0}  # queries encoding or waiting; only touched on the event loop
+    in_flight = {"n": 0, "runners": 0}  # queries encoding or waiting, batch runners; touched on the event loop only
+    pending: list[tuple[str, int, asyncio.Future]] = []
+    runner_tasks: set[asyncio.Task] = set()
     records: OrderedDict[str, Any] = OrderedDict()  # small LRU: the page asks for the same records repeatedly
     frame_lists: OrderedDict[str, list[Path]] = OrderedDict()
     static_files = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file()} if STATIC_DIR.is_dir() else {}
@@ -246,6 +254,56 @@ def create_app(index, *, max_query_chars: int = DEFAULTS["max_query_chars"], max
             raise ApiError(400, f"{name} contains a NUL character")
         return raw
 
+    # ------------------------------------------------------------------------------------------- batching
+    def run_batch(texts: list[str], ks: list[int]) -> list[list]:
+        """Encode a batch of queries in one pass and search them together, per distinct k (so that each
+        answer is exactly what a query with that k alone returns)."""
+        vectors = index.encode_text(texts)
+        out: list[list] = [[] for _ in texts]
+        for k in sorted(set(ks)):
+            rows = [i for i, kk in enumerate(ks) if kk == k]
+            for i, hits in zip(rows, index.search(vectors[rows], k), strict=True):
+                out[i] = hits
+        return out
+
+    async def batch_runner():
+        """Takes whatever queries are waiting (up to ``max_batch``) and runs them as one batch, until none wait.
+
+        At batch size 1 the text tower is bound by reading its weights, so a batch of waiting queries costs
+        little more than one, and an exact index scans its vectors once for the whole batch.
+        """
+        loop = asyncio.get_running_loop()
+        in_flight["runners"] += 1
+        try:
+            while pending:
+                batch = pending[:max_batch]
+                del pending[:max_batch]
+                batch = [b for b in batch if not b[2].done()]  # a cancelled request (client gone)
+                if not batch:
+                    continue
+                try:
+                    results = await loop.run_in_executor(encoders, run_batch, [b[0] for b in batch],
+                                                         [b[1] for b in batch])
+                except Exception as e:  # noqa: BLE001 - handed to each waiting request
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                for (_, _, fut), hits in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(hits)
+        finally:
+            in_flight["runners"] -= 1
+
+    async def encode_and_search(q: str, k: int) -> list:
+        fut = asyncio.get_running_loop().create_future()
+        pending.append((q, k, fut))
+        if in_flight["runners"] < max_concurrent_encodes:
+            task = asyncio.ensure_future(batch_runner())
+            runner_tasks.add(task)
+            task.add_done_callback(runner_tasks.discard)
+        return await fut
+
     # ------------------------------------------------------------------------------------------- API
     @app.get("/api/health")
     async def health():
@@ -261,8 +319,7 @@ def create_app(index, *, max_query_chars: int = DEFAULTS["max_query_chars"], max
             raise ApiError(503, f"busy: {in_flight['n']} queries are being encoded or waiting; retry shortly")
         in_flight["n"] += 1
         try:
-            loop = asyncio.get_running_loop()
-            hits = await loop.run_in_executor(encoders, lambda: index.query([q], k)[0])
+            hits = await encode_and_search(q, k)
         finally:
             in_flight["n"] -= 1
         results = [hit_json(h) for h in hits]
@@ -410,6 +467,8 @@ def add_serve_parser(subparsers, add_model_flags=None) -> argparse.ArgumentParse
                    help="text queries encoded at once")
     g.add_argument("--max_waiting", type=int, default=DEFAULTS["max_waiting"],
                    help="queries waiting for an encoder before the server answers 503")
+    g.add_argument("--max_batch", type=int, default=DEFAULTS["max_batch"],
+                   help="waiting queries encoded together in one batch")
     g.add_argument("--threads", type=int, default=None,
                    help="compute threads per query (default: cores / --max_concurrent_encodes)")
     p.add_argument("--device", default=None)
@@ -449,7 +508,7 @@ def serve_main(args: argparse.Namespace) -> int:
     from .cli import UsageError
     from .index import SearchIndex
 
-    for name in ("max_query_chars", "max_k", "max_concurrent_encodes"):
+    for name in ("max_query_chars", "max_k", "max_concurrent_encodes", "max_batch"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_waiting < 0:
@@ -472,6 +531,7 @@ def serve_main(args: argparse.Namespace) -> int:
                        "its videos", args.host)
     app = create_app(index, max_query_chars=args.max_query_chars, max_k=args.max_k,
                      max_concurrent_encodes=args.max_concurrent_encodes, max_waiting=args.max_waiting,
+                     max_batch=args.max_batch,
                      allowed_hosts=list(LOOPBACK_HOSTS) if loopback else None)
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]

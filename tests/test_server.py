@@ -275,6 +275,36 @@ def test_encoding_is_bounded_and_off_the_event_loop(stub):
     assert srv.stopped_cleanly
 
 
+def test_waiting_queries_are_batched_with_the_same_answers(stub):
+    """While the one encoder is busy, three queries wait; they are then encoded in one batch and each gets
+    exactly what it gets alone (including its own k)."""
+    app = create_app(stub, max_concurrent_encodes=1, max_waiting=8)
+    texts = [("a dog", 2), ("a red car", 3), ("waves on a beach", 2)]
+    alone = {q: [(h.video_id, h.score) for h in stub.query([q], k)[0]] for q, k in texts}
+    stub.gate = threading.Event()
+    try:
+        with ServerThread(app) as srv, ThreadPoolExecutor(4) as pool:
+            stub.encodes = 0
+            first = pool.submit(get_json, srv.port, "/api/search?q=people&k=1")
+            deadline = time.monotonic() + 10
+            while stub.encodes < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            waiting = [pool.submit(get_json, srv.port, "/api/search?" + urlencode({"q": q, "k": k}))
+                       for q, k in texts]
+            time.sleep(0.5)
+            stub.gate.set()
+            assert first.result(30)[0] == 200
+            for (q, k), fut in zip(texts, waiting, strict=True):
+                status, body = fut.result(30)
+                assert status == 200 and body["k"] == k
+                assert [r["video_id"] for r in body["results"]] == [v for v, _ in alone[q]]
+                assert [r["score"] for r in body["results"]] == pytest.approx([s for _, s in alone[q]], abs=1e-5)
+            assert stub.encodes == 2  # the first query alone, then the three waiting ones together
+    finally:
+        stub.gate = None
+    assert srv.stopped_cleanly
+
+
 def test_server_stops_cleanly(stub):
     with ServerThread(create_app(stub)) as srv:
         assert get_json(srv.port, "/api/health")[0] == 200
