@@ -13,7 +13,8 @@ Phases, one after the other, each bounded in time:
    as the server runs them (the work itself);
 2. ``/api/search``, one client (the work + HTTP + JSON);
 3. ``/api/search``, ``--clients`` clients for ``--seconds`` (the figure);
-4. ``/api/similar`` (no text encoding) and ``/api/health`` (the HTTP floor), same clients, shorter.
+4. ``/api/similar`` (no text encoding) and ``/api/health`` (the HTTP floor), same clients, shorter;
+5. phase 3 again on a server started with ``--max_batch 1`` (every query encoded and searched alone).
 
 Every client is a thread with its own keep-alive connection; the clients run on the same 2 cores as the
 server, so they take part of its CPU. Queries are distinct texts from a template grammar (the server caches
@@ -257,7 +258,15 @@ def main() -> int:
         finally:
             proc.terminate()
             rc = proc.wait(30)
+        # the same load on a server that encodes every query alone (no batching), same run
+        proc, port = start_server(index, env, ["--max_concurrent_encodes", str(args.encoders), "--max_batch", "1"])
+        try:
+            unbatched = load(port, search_paths, args.clients, args.seconds)
+        finally:
+            proc.terminate()
+            rc = max(rc, proc.wait(30))
     rows = [("/api/search, 1 client", one), (f"/api/search, {args.clients} clients", many),
+            (f"/api/search, {args.clients} clients, --max_batch 1 (no batching)", unbatched),
             (f"/api/similar, {args.clients} clients", sim), (f"/api/health, {args.clients} clients", health)]
     print("\n| phase | requests | req/s | p50 ms | p99 ms | errors |\n| --- | --- | --- | --- | --- | --- |")
     print(f"| baseline: SearchIndex.query in-process, 1 at a time | {len(direct)} | {1000 / np.mean(direct):.1f} | "
@@ -277,7 +286,8 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
     print(f"{args.clients} clients: {many['rps']:.1f} req/s on /api/search = {many['rps'] / one['rps']:.2f}x one "
-          f"client ({one['rps']:.1f}); p50 {many['p50_ms']:.0f} ms, p99 {many['p99_ms']:.0f} ms; errors {errors}; "
+          f"client ({one['rps']:.1f}), {many['rps'] / unbatched['rps']:.2f}x without batching "
+          f"({unbatched['rps']:.1f}); p50 {many['p50_ms']:.0f} ms, p99 {many['p99_ms']:.0f} ms; errors {errors}; "
           f"1-client p50 {one['p50_ms']:.1f} ms vs in-process {d50:.1f} ms (HTTP + JSON +{one['p50_ms'] - d50:.1f} ms)")
     return 1 if errors or rc != 0 else 0
 
