@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--max_words", type=int, default=32, help="query length in tokens (start + words + end)")
     src.add_argument("--max_frames", type=int, default=12)
     src.add_argument("--feature_framerate", type=int, default=1)
-    src.add_argument("--video_fps", type=float, default=None,
-                     help="rate the frame folders were extracted at (for durations)")
+    src.add_argument("--video_fps", type=float, default=5.0,
+                     help="video files are read as if extracted at this rate (sample_frame.py --fps); for frame "
+                          "folders it gives their duration")
     add_image_mode_arg(src)
     src.add_argument("--batch_size", type=int, default=16)
     src.add_argument("--batch_size_val", type=int, default=None, help="alias of --batch_size")

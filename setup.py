@@ -62,6 +62,7 @@ setup(
         "pandas>=2.0",
         "tqdm",
         "pyyaml>=6",
+        "faiss-cpu>=1.8",
     ],
     extras_require={"tensorboard": ["tensorboard"], "test": ["pytest>=7"]},
 )

@@ -101,7 +101,7 @@ def auto_index_type(n: int) -> tuple[str, str]:
     """
     if n <= EXACT_MAX:
         return "Flat", ""
-    nlist = int(2 ** round(np.log2(max(4 * np.sqrt(n), 256))))
+    nlist = int(2 ** round(np.log2(max(2 * np.sqrt(n), 256))))
     nlist = min(nlist, max(n // 64, 1))
     return f"IVF{nlist},SQ8", f"nprobe={max(nlist // 64, 16)}"
 
@@ -115,7 +115,11 @@ def build_faiss(vectors: np.ndarray, factory: str, *, seed: int = 0, train_size:
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise ValueError(f"--index_type {factory}: not a FAISS index_factory description (e.g. Flat, IVF1024,SQ8, "
+                         "HNSW32)") from None
     if not index.is_trained:
         if n == 0:
             raise ValueError(f"index type {factory} needs training vectors; the collection is empty")
@@ -124,6 +128,10 @@ def build_faiss(vectors: np.ndarray, factory: str, *, seed: int = 0, train_size:
                 ivf = faiss.extract_index_ivf(index)
                 ivf.cp.seed = seed
                 ivf.cp.niter = 10
+                # unit-norm centroids: with inner products, k-means' unnormalised centroids of different
+                # norms pull most vectors into a few lists (unbalanced lists, low recall)
+                ivf.cp.spherical = True
+                ivf.cp.max_points_per_centroid = 64  # k-means on at most 64 vectors per list
             except RuntimeError:
                 pass
         m = train_size or n
@@ -136,10 +144,24 @@ def build_faiss(vectors: np.ndarray, factory: str, *, seed: int = 0, train_size:
 
 
 def apply_search_params(index, params: str) -> None:
-    if params:
-        import faiss
+    """Search-time parameters ``name=value,...``: ``k_factor`` of a refine wrapper, the rest through FAISS's
+    ParameterSpace on the index inside it (``nprobe``, ``efSearch``)."""
+    if not params:
+        return
+    import faiss
 
-        faiss.ParameterSpace().set_index_parameters(index, params)
+    rest = []
+    for part in params.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() == "k_factor":
+            if not hasattr(index, "k_factor"):
+                raise ValueError(f"search parameter {part!r}: the index has no refinement stage")
+            index.k_factor = float(value)
+        elif part.strip():
+            rest.append(part.strip())
+    if rest:
+        target = faiss.downcast_index(index.base_index) if hasattr(index, "base_index") else index
+        faiss.ParameterSpace().set_index_parameters(target, ",".join(rest))
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -308,6 +330,28 @@ def collect_garbage(folder: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------------------------- queries
+def encode_queries(model, tokenizer, texts: Sequence[str], precision: str = "fp32") -> np.ndarray:
+    """(n, D) float32 caption vectors ``[w·t_g, (1−w)·t_a]`` for a batch of query texts.
+
+    The text tower is causal and the end token (the largest id) is the last real token, so the positions
+    after it change nothing: the batch is cut to its longest real sequence, which makes a short query cost
+    a fraction of a ``max_words``-long one.
+    """
+    import torch
+
+    from .modules.precision import autocast
+
+    ids, mask = tokenizer.batch(list(texts))
+    length = int(mask.sum(dim=1).max())
+    ids, mask = ids[:, :length], mask[:, :length]  # (n, longest real sequence)
+    device = next(model.parameters()).device
+    with torch.inference_mode(), autocast(device, precision):
+        t = model.encode_text(ids.to(device), mask.to(device))
+        v = model.text_vector(t).float().cpu().numpy()
+    return np.ascontiguousarray(v, dtype=np.float32)
+
+
 # ----------------------------------------------------------------------------------------------- reading
 def read_manifest(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """(live generation folder, its manifest), or IndexFormatError with one line saying what is wrong."""
@@ -466,22 +510,12 @@ class SearchIndex:
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """(n, D) float32 caption vectors (unscaled); only real tokens go through the text tower."""
-        import torch
-
-        from .modules.precision import autocast
-
         if isinstance(texts, str):
             texts = [texts]
         model = self._ensure_model()
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        ids, mask = self._tokenizer.batch(list(texts))
-        length = int(mask.sum(dim=1).max())
-        ids, mask = ids[:, :length], mask[:, :length]  # the causal text tower ignores positions after the end
-        device = next(model.parameters()).device
-        with torch.inference_mode(), autocast(device, self.precision):
-            t = model.encode_text(ids.to(device), mask.to(device))
-            v = model.text_vector(t).float().cpu().numpy()
+        v = encode_queries(model, self._tokenizer, list(texts), self.precision)
         if v.shape[1] != self.dim:
             raise IndexFormatError(f"{self.folder}: model gives {v.shape[1]}-d vectors, the index holds {self.dim}-d")
         return np.ascontiguousarray(v, dtype=np.float32)

@@ -49,6 +49,7 @@ logger = logging.getLogger("clip2video.search")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp")
 THUMB_SIZE = 160
+DEFAULT_VIDEO_FPS = 5.0  # sample_frame.py's default extraction rate
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -108,6 +109,9 @@ def load_model_from_meta(meta: dict[str, Any], device: str | None = None):
     from .modules.checkpoint import load_clip_weights, load_model
     from .modules.model import CLIP2VideoConfig, create_model
 
+    if not meta.get("config") or not (meta.get("checkpoint") or meta.get("clip_path")):
+        raise ValueError("the index records no model file (built from vectors without one): text queries need "
+                         "the model; rebuild with --checkpoint or use --like")
     cfg = CLIP2VideoConfig.from_dict(meta["config"])
     if meta.get("checkpoint"):
         model = load_model(meta["checkpoint"], cfg, prefer_stored=False, mask_layout="per_video")
@@ -173,12 +177,25 @@ def list_videos(root: str | os.PathLike) -> list[Source]:
 
 
 def _video_file_reader() -> Callable | None:
-    """The direct video decoder, when this installation has one (None otherwise)."""
+    """Reader of video files through the direct decoder (``dataloaders.frames.load_video_file``): the same
+    frames an extraction at ``fps`` followed by reading the folder would give. None where it is not installed.
+    """
     try:
-        from .dataloaders.decode import load_video_file  # type: ignore[attr-defined]
+        from .dataloaders.frames import load_video_file  # type: ignore[attr-defined]
+        from .dataloaders.video_io import decode_outputs, probe  # type: ignore[attr-defined]
     except ImportError:
         return None
-    return load_video_file
+
+    def read(path: str, *, max_frames: int, framerate: int, image_size: int, mode: str, fps: float):
+        frames, mask, names = load_video_file(path, fps=fps, max_frames=max_frames, framerate=framerate,
+                                              image_size=image_size, mode=mode)
+        index = probe(path)
+        pos = [int(n) - 1 for n in names]
+        picks = [pos[i] for i in sorted({0, len(pos) // 2, len(pos) - 1})] if pos else []
+        thumbs = decode_outputs(path, picks, fps, index=index) if picks else []
+        return frames, mask, thumbs, {"duration": float(index.duration), "frames": int(index.n_output(fps))}
+
+    return read
 
 
 def read_source(src: Source, *, max_frames: int, framerate: int, image_size: int, mode: str,
@@ -199,9 +216,8 @@ def read_source(src: Source, *, max_frames: int, framerate: int, image_size: int
     if reader is None:
         raise ValueError(f"{src.path}: video files need the direct decoder, which this installation lacks; "
                          "extract frames with sample_frame.py and index the frame folders")
-    out = reader(src.path, max_frames=max_frames, framerate=framerate, image_size=image_size, mode=mode,
-                 fps=video_fps)
-    frames, mask, thumbs, info = out
+    frames, mask, thumbs, info = reader(src.path, max_frames=max_frames, framerate=framerate,
+                                        image_size=image_size, mode=mode, fps=video_fps or DEFAULT_VIDEO_FPS)
     return frames, mask, list(thumbs), dict(info)
 
 
@@ -280,11 +296,27 @@ def _reusable(folder: Path, key: str) -> dict[str, tuple[Item, str, int]]:
     return found
 
 
+LOCK = ".build.lock"
+
+
+def _lock(folder: Path):
+    """An exclusive lock on the index folder for one build (released when the process ends, also on kill -9)."""
+    import fcntl
+
+    f = open(folder / LOCK, "a")  # noqa: SIM115 - held for the whole build
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ValueError(f"--index {folder}: another build is writing this index") from None
+    return f
+
+
 def _check_target(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--index {folder}: exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()):
-        ours = (folder / CURRENT).exists() or (folder / SHARDS).is_dir()
+        ours = (folder / CURRENT).exists() or (folder / SHARDS).is_dir() or (folder / LOCK).exists()
         if not ours:
             raise ValueError(f"--index {folder}: folder is not empty and holds no search index; refusing to write "
                              "into it")
@@ -332,6 +364,7 @@ def build_from_folder(
     if is_main:
         _check_target(index_dir)
         index_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock(index_dir)
         sources = list_videos(features_path)
         have = _reusable(index_dir, key)
         reuse, todo = [], []
@@ -416,6 +449,7 @@ def build_from_folder(
         kept = {e[0].video_id for e in entries}
         removed = max(old_count - len({e[0].video_id for e in reuse}), 0)
         result = BuildResult(gen, len(kept), encoded, len(reuse), removed, failed)
+        lock.close()
     barrier(info) if info is not None else None
     return result
 
@@ -482,6 +516,7 @@ def build_from_embeddings(emb_dir: str | os.PathLike, index_dir: str | os.PathLi
     index_dir = Path(index_dir).resolve()
     _check_target(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(index_dir)
     feats = meta.get("features_path")
     items = []
     for v in ids:
@@ -499,6 +534,7 @@ def build_from_embeddings(emb_dir: str | os.PathLike, index_dir: str | os.PathLi
     gen = write_generation(index_dir, [(it, name, r) for r, it in enumerate(items)], model_meta=meta,
                            encoding={"key": key, "from_embeddings": str(emb.resolve())}, index_type=index_type,
                            search_params=search_params, source=str(emb.resolve()))
+    lock.close()
     return BuildResult(gen, len(items), 0, 0, old_count, [])
 
 

@@ -7,7 +7,8 @@ CLIP) for mean pooling, TDB and TDB+TAB (and CLIP-ViP), each evaluated with infe
 Besides the usual R@K, the table reports the accuracy on direction-only distinctions: how often a caption
 scores its own clip above the clip's reversed twin. The twins show the same 12 frames in opposite order, so mean
 pooling (blind to order) can only separate them through video-compression noise and sits near 50%; temporal
-models can do better.
+models can do better. The demo ends by indexing the test clips with the TDB + TAB model (``search.py build``)
+and running three text queries against that index (top-5, ground truth marked).
 
     python scripts/demo.py [--out demo_out] [--quick] [--seed 0] [--epochs 12] [--variants meanP,tdb,tab_tdb,vip]
 """
@@ -137,7 +138,45 @@ def main(argv: list[str] | None = None) -> int:
     log(f"report: {out / 'report.md'}")
     if (out / "retrieval_tab_tdb.png").exists():
         log(f"picture: {out / 'retrieval_tab_tdb.png'} (top-5 clips per query, ground truth framed green)")
+    if "tab_tdb" in variants:
+        rc = search_step(out, frames, rset, a.workers)
+        if rc != 0:
+            return rc
     log(f"total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+def search_step(out: Path, frames: Path, rset, workers: int) -> int:
+    """Index the test clips with the TDB + TAB model and run three text queries against the index."""
+    import os
+    import shutil
+
+    from clip2video import search
+    from clip2video.index import SearchIndex
+
+    test_frames, index = out / "test_frames", out / "index"
+    if test_frames.exists():
+        shutil.rmtree(test_frames)
+    test_frames.mkdir()
+    for v in rset.video_ids:  # hard links: the test clips' frame folders without copying the JPEGs
+        shutil.copytree(frames / v, test_frames / v, copy_function=os.link)
+    log(f"indexing the {len(rset.video_ids)} test clips with the TDB + TAB model (search.py build)")
+    rc = search.main(["build", "--features_path", str(test_frames), "--index", str(index),
+                      "--checkpoint", str(out / "runs" / "tab_tdb" / "best.pt"), "--max_words", "16",
+                      "--max_frames", "12", "--feature_framerate", "1", "--num_thread_reader", str(workers),
+                      "--no_progress"])
+    if rc != 0:
+        log(f"indexing failed (exit {rc})")
+        return rc
+    ix = SearchIndex.open(index)
+    picks = sorted({len(rset.captions) * i // 3 for i in range(3)})
+    queries = [rset.captions[i] for i in picks]
+    for ci, q, hits in zip(picks, queries, ix.query(queries, 5), strict=True):
+        truth = rset.video_ids[rset.caption_video[ci]]
+        print(f"query: {q!r} (ground truth {truth})")
+        for r, h in enumerate(hits, 1):
+            print(f"  {r}. {h.score:8.3f}  {h.video_id}{'  <- ground truth' if h.video_id == truth else ''}")
+    log(f"serve the index in a browser: python search.py serve --index {index}")
     return 0
 
 
