@@ -91,6 +91,9 @@ def main() -> None:
     ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default: the index's auto rule)")
     ap.add_argument("--nprobes", default="8,16,32,64,128")
     ap.add_argument("--flat_timed", type=int, default=20, help="queries timed one by one for exact search")
+    ap.add_argument("--train_per_list", type=int, default=256,
+                    help="k-means training vectors per IVF list (few per underlying cluster split clusters over lists)")
+    ap.add_argument("--no_sizes", action="store_true", help="skip the exact-search-by-size sweep")
     ap.add_argument("--no_text", action="store_true", help="skip the text tower")
     ap.add_argument("--no_pq", action="store_true", help="skip the IVF-PQ + SQ8 refine setting")
     ap.add_argument("--quick", action="store_true")
@@ -144,7 +147,7 @@ def main() -> None:
           f"{flat[0]:.1f} ms p99 {flat[1]:.1f} ms", flush=True)
 
     # ---- exact search at growing sizes -------------------------------------------------------------------------
-    sizes = [s for s in (25_000, 50_000, 100_000, 200_000, 400_000) if s < a.n]
+    sizes = [s for s in (25_000, 50_000, 100_000, 200_000, 400_000) if s < a.n and not a.no_sizes]
     report["flat_by_size"] = []
     for s in sizes:
         times = []
@@ -161,10 +164,11 @@ def main() -> None:
     nlist = a.nlist or (int(factory.split(",")[0][3:]) if factory.startswith("IVF") else 1024)
     report["auto"] = {"factory": factory, "params": params, "exact_max": EXACT_MAX}
     rng = np.random.default_rng(a.seed)
-    train_n = min(a.n, 30 * nlist)
+    train_n = min(a.n, a.train_per_list * nlist)
     sample = xb[np.sort(rng.choice(a.n, size=train_n, replace=False))]
     t0 = time.perf_counter()
-    km = faiss.Kmeans(a.dim, nlist, niter=10, seed=a.seed, spherical=True, verbose=False)
+    km = faiss.Kmeans(a.dim, nlist, niter=8, seed=a.seed, spherical=True, verbose=False,
+                      max_points_per_centroid=a.train_per_list)
     km.train(sample)
     quantizer = faiss.IndexFlatIP(a.dim)
     quantizer.add(km.centroids)
