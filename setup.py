@@ -43,6 +43,7 @@ setup(
     packages=["clip2video", "clip2video.modules", "clip2video.dataloaders"],
     package_dir={"clip2video": "clip2video", "clip2video.modules": "modules",
                  "clip2video.dataloaders": "dataloaders"},
+    package_data={"clip2video": ["static/*"]},  # the search page served by `search.py serve`
     cmdclass={"build_py": BuildPy},
     entry_points={"console_scripts": [f"{cmd} = clip2video.{mod}:main" for cmd, mod in CONSOLE_SCRIPTS.items()
                                       if (ROOT / f"{mod}.py").is_file()]},

@@ -106,7 +106,7 @@ def auto_index_type(n: int) -> tuple[str, str]:
     return f"IVF{nlist},SQ8", f"nprobe={max(nlist // 64, 16)}"
 
 
-EXACT_MAX = 200_000
+EXACT_MAX = 50_000
 
 
 def build_faiss(vectors: np.ndarray, factory: str, *, seed: int = 0, train_size: int | None = None):

@@ -1,0 +1,296 @@
+#!/usr/bin/env python
+"""Load on ``search.py serve``: 32 concurrent clients on loopback for a bounded time, against a 100k-video index.
+
+Set-up (in a temporary folder): a CLIP2Video model whose text tower has ViT-B/32's size (random weights; the
+vision tower is shrunk, queries never use it), ``--n`` synthetic video vectors (a mixture of clusters on the
+sphere per 512-d half, as a real embedding collection has, 1024-d like a TAB model) exported as
+``--save_embeddings`` output with that model recorded, then ``search.py build --from_embeddings`` and
+``search.py serve --port 0`` as a user runs them. The index type is what ``build`` picks for that size.
+
+Phases, one after the other, each bounded in time:
+
+1. baseline: the same queries through ``SearchIndex.query`` in this process, one at a time, in a worker thread
+   as the server runs them (the work itself);
+2. ``/api/search``, one client (the work + HTTP + JSON);
+3. ``/api/search``, ``--clients`` clients for ``--seconds`` (the figure);
+4. ``/api/similar`` (no text encoding) and ``/api/health`` (the HTTP floor), same clients, shorter;
+5. phase 3 again on a server started with ``--max_batch 1`` (every query encoded and searched alone).
+
+Every client is a thread with its own keep-alive connection; the clients run on the same 2 cores as the
+server, so they take part of its CPU. Queries are distinct texts from a template grammar (the server caches
+nothing). Errors (any status but 200, or a broken connection) are counted and must be 0. The server's
+memory (VmRSS from /proc) is read before and after the load and its peak (VmHWM) at the end.
+
+    python benchmarks/bench_server.py [--n 100000] [--clients 32] [--seconds 20] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlencode
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SUBJECTS = ["a man", "a woman", "two kids", "a dog", "a cat", "a chef", "a band", "people", "a girl", "an old man",
+            "a crowd", "a racing car", "a horse", "a cartoon character", "a reporter", "a soccer team"]
+ACTIONS = ["is singing", "is cooking pasta", "rides a bicycle", "plays the guitar", "is dancing", "runs",
+           "explains a recipe", "swims", "is talking to the camera", "jumps over a fence", "drives fast",
+           "plays football", "reads the news", "climbs a rock", "is painting", "laughs"]
+PLACES = ["on a stage", "in a kitchen", "on a beach", "in the street", "in a park", "at night", "in the snow",
+          "in a studio", "on a farm", "in a stadium", "in a forest", "at a wedding", "on television", "indoors"]
+
+
+def queries(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.RandomState(seed)
+    out = set()
+    while len(out) < n:
+        out.add(f"{SUBJECTS[rng.randint(len(SUBJECTS))]} {ACTIONS[rng.randint(len(ACTIONS))]} "
+                f"{PLACES[rng.randint(len(PLACES))]}")
+    return sorted(out)
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def clustered_vectors(n: int, half: int, clusters: int, seed: int) -> np.ndarray:
+    """``[v_g, v_a]``: each half a unit vector near one of ``clusters`` random centres."""
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, clusters, n)
+    parts = []
+    for _ in range(2):
+        centres = normalise(rng.standard_normal((clusters, half)).astype(np.float32))
+        spread = rng.uniform(0.6, 1.2, clusters).astype(np.float32)[label, None] / np.sqrt(half)
+        parts.append(normalise(centres[label] + spread * rng.standard_normal((n, half)).astype(np.float32)))
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def make_model_and_embeddings(work: Path, n: int, clusters: int) -> Path:
+    """A ViT-B/32-text-size TDB + TAB model saved as a checkpoint, and an export of ``n`` vectors naming it."""
+    import torch
+
+    from clip2video.index_build import describe_model, write_embeddings
+    from clip2video.modules.backbone import ClipConfig
+    from clip2video.modules.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tab_tdb", clip_config=ClipConfig(vision_width=64, vision_layers=1),
+                         mask_layout="per_video").eval()
+    ckpt = work / "model" / "pytorch_model.bin.0"
+    ckpt.parent.mkdir(parents=True)
+    torch.save(model.state_dict(), ckpt)
+    args = argparse.Namespace(checkpoint=str(ckpt), model_num=None, clip_path=None, zero_shot=False, max_words=32)
+    meta = describe_model(model, args)
+    half = meta["global_dim"]
+    video = clustered_vectors(n, half, clusters, seed=1)
+    ids = [f"video{i:06d}" for i in range(n)]
+    return write_embeddings(work / "emb", np.zeros((0, video.shape[1]), np.float32), video, [], ids, meta)
+
+
+def start_server(index: Path, env: dict, extra: list[str]) -> tuple[subprocess.Popen, int]:
+    """``search.py serve --port 0``; returns once it logs its URL (model and index loaded)."""
+    proc = subprocess.Popen([sys.executable, "search.py", "serve", "--index", str(index), "--port", "0", *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    for line in proc.stderr:
+        m = re.search(r"serving \d+ videos at http://127\.0\.0\.1:(\d+)/", line)
+        if m:
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep draining
+            return proc, int(m.group(1))
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise SystemExit(f"search.py serve did not start (exit code {proc.wait()})")
+
+
+def make_model_and_embeddings_subprocess(work: Path, n: int, clusters: int, env: dict) -> Path:
+    """The set-up in its own process, so that this one measures with a fresh heap and thread pool."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; import bench_server as b; "
+            "print(b.make_model_and_embeddings(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))")
+    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(work), str(n), str(clusters)],
+                       cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+def rss_kb(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line.split(":")[0]] = int(line.split()[1])
+    return out
+
+
+def pct(ms: list[float]) -> tuple[float, float]:
+    if not ms:
+        return float("nan"), float("nan")
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def load(port: int, paths: list[str], clients: int, seconds: float) -> dict:
+    """``clients`` threads, each with one keep-alive connection, requesting ``paths`` round-robin."""
+    stop = time.monotonic() + seconds
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def client(c: int):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        i = c
+        while time.monotonic() < stop:
+            path = paths[i % len(paths)]
+            i += clients
+            t0 = time.perf_counter()
+            try:
+                conn.request("GET", path)
+                r = conn.getresponse()
+                r.read()
+                ok = r.status == 200
+                if not ok:
+                    with lock:
+                        statuses[r.status] = statuses.get(r.status, 0) + 1
+            except (OSError, http.client.HTTPException):
+                ok = False
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            dt = (time.perf_counter() - t0) * 1000
+            if ok:
+                lat[c].append(dt)
+            else:
+                errors[c] += 1
+        conn.close()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ms = [x for row in lat for x in row]
+    p50, p99 = pct(ms)
+    return {"clients": clients, "seconds": round(wall, 2), "requests": len(ms), "rps": len(ms) / wall,
+            "p50_ms": p50, "p99_ms": p99, "errors": sum(errors), "error_statuses": statuses}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=100_000, help="indexed videos")
+    ap.add_argument("--clusters", type=int, default=2000)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=20.0, help="length of the main phase")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--encoders", type=int, default=2, help="serve --max_concurrent_encodes")
+    ap.add_argument("--json", default=None, help="write the figures here too")
+    ap.add_argument("--work", default=None, help="keep the model, vectors and index here (reused when present)")
+    args = ap.parse_args()
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    texts = queries(400)
+    with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
+        work = Path(args.work or tmp)
+        index = work / "index"
+        if not (index / "CURRENT").is_file():
+            t0 = time.perf_counter()
+            work.mkdir(parents=True, exist_ok=True)
+            emb = make_model_and_embeddings_subprocess(work, args.n, args.clusters, env)
+            subprocess.run([sys.executable, "search.py", "build", "--from_embeddings", str(emb), "--index",
+                            str(index)], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+            print(f"set-up: {args.n} vectors, model and index in {time.perf_counter() - t0:.1f} s", flush=True)
+
+        # 1. baseline: the work itself, in this process
+        from clip2video.index import SearchIndex
+        from clip2video.server import set_compute_threads
+
+        threads = set_compute_threads(None, args.encoders)  # what serve sets for itself
+        ix = SearchIndex.open(index)
+        kind = ix.manifest.get("index_type")
+        def run_direct():
+            ix.query(["warm up"], args.k)
+            times, enc = [], []
+            stop = time.monotonic() + min(8.0, args.seconds)
+            i = 0
+            while time.monotonic() < stop:
+                t1 = time.perf_counter()
+                ix.query([texts[i % len(texts)]], args.k)
+                times.append((time.perf_counter() - t1) * 1000)
+                i += 1
+            for t in texts[:30]:
+                t1 = time.perf_counter()
+                ix.encode_text([t])
+                enc.append((time.perf_counter() - t1) * 1000)
+            return times, enc
+
+        # in a worker thread with serve's thread setting, as the server runs its encodes
+        with ThreadPoolExecutor(1) as pool:
+            direct, enc = pool.submit(run_direct).result()
+        ix.close()
+        d50, d99 = pct(direct)
+        e50, _ = pct(enc)
+        print(f"baseline (SearchIndex.query in-process, 1 at a time, {kind}, {threads} thread(s)): "
+              f"p50 {d50:.1f} ms, p99 {d99:.1f} ms, {1000 / np.mean(direct):.1f} queries/s "
+              f"(text encoding alone p50 {e50:.1f} ms)", flush=True)
+
+        proc, port = start_server(index, env, ["--max_concurrent_encodes", str(args.encoders)])
+        try:
+            search_paths = [f"/api/search?{urlencode({'q': t, 'k': args.k})}" for t in texts]
+            similar_paths = [f"/api/similar?{urlencode({'video_id': f'video{(i * 7919) % args.n:06d}', 'k': args.k})}"
+                             for i in range(400)]
+            mem0 = rss_kb(proc.pid)
+            one = load(port, search_paths, 1, min(8.0, args.seconds))
+            many = load(port, search_paths, args.clients, args.seconds)
+            mem1 = rss_kb(proc.pid)
+            sim = load(port, similar_paths, args.clients, max(3.0, args.seconds / 4))
+            health = load(port, ["/api/health"], args.clients, max(3.0, args.seconds / 4))
+            mem2 = rss_kb(proc.pid)
+        finally:
+            proc.terminate()
+            rc = proc.wait(30)
+        # the same load on a server that encodes every query alone (no batching), same run
+        proc, port = start_server(index, env, ["--max_concurrent_encodes", str(args.encoders), "--max_batch", "1"])
+        try:
+            unbatched = load(port, search_paths, args.clients, args.seconds)
+        finally:
+            proc.terminate()
+            rc = max(rc, proc.wait(30))
+    rows = [("/api/search, 1 client", one), (f"/api/search, {args.clients} clients", many),
+            (f"/api/search, {args.clients} clients, --max_batch 1 (no batching)", unbatched),
+            (f"/api/similar, {args.clients} clients", sim), (f"/api/health, {args.clients} clients", health)]
+    print("\n| phase | requests | req/s | p50 ms | p99 ms | errors |\n| --- | --- | --- | --- | --- | --- |")
+    print(f"| baseline: SearchIndex.query in-process, 1 at a time | {len(direct)} | {1000 / np.mean(direct):.1f} | "
+          f"{d50:.1f} | {d99:.1f} | 0 |")
+    for name, r in rows:
+        print(f"| {name} | {r['requests']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+              f"{r['errors']}{' ' + str(r['error_statuses']) if r['error_statuses'] else ''} |")
+    mb = 1024
+    print(f"\nserver RSS: {mem0['VmRSS'] / mb:.0f} MiB before the load, {mem1['VmRSS'] / mb:.0f} MiB after "
+          f"/api/search, {mem2['VmRSS'] / mb:.0f} MiB at the end (peak {mem2['VmHWM'] / mb:.0f} MiB); "
+          f"server exit code after SIGTERM: {rc}")
+    errors = sum(r["errors"] for _, r in rows)
+    figures = {"n": args.n, "index_type": kind, "baseline": {"requests": len(direct), "p50_ms": d50, "p99_ms": d99,
+                                                               "encode_p50_ms": e50},
+               "phases": {name: r for name, r in rows}, "rss_kb": {"before": mem0, "after_search": mem1, "end": mem2},
+               "exit_code": rc}
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+    print(f"{args.clients} clients: {many['rps']:.1f} req/s on /api/search = {many['rps'] / one['rps']:.2f}x one "
+          f"client ({one['rps']:.1f}), {many['rps'] / unbatched['rps']:.2f}x without batching "
+          f"({unbatched['rps']:.1f}); p50 {many['p50_ms']:.0f} ms, p99 {many['p99_ms']:.0f} ms; errors {errors}; "
+          f"1-client p50 {one['p50_ms']:.1f} ms vs in-process {d50:.1f} ms (HTTP + JSON +{one['p50_ms'] - d50:.1f} ms)")
+    return 1 if errors or rc != 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

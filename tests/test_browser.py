@@ -1,0 +1,220 @@
+"""The search page in a real headless browser (Debian's chromium driven by Playwright's Python package).
+
+First against ``search.py serve`` on an index built by ``search.py build``: type a query, the first result is
+the one ``search.py query --json`` ranks first, and its thumbnails loaded. Then, over a small in-test index
+with real H.264 clips: playback and seeking (Range requests), the frame viewer, "more like this", the
+server's error message, and that the page fetched nothing from anywhere but the server.
+
+The screenshot of the real index goes to ``$CLIP2VIDEO_SCREENSHOT`` when set (the README's picture:
+``CLIP2VIDEO_SCREENSHOT=docs/search-page.png python -m pytest tests/test_browser.py``), else into the test's
+temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from server_utils import BagOfWordsIndex, ServerThread, VideoRecord
+
+from clip2video.server import create_app
+
+from conftest import REFERENCE
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="needs a chromium binary: apt-get install chromium"),
+]
+sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package: pip install playwright")
+
+CAPTIONS = {
+    "bikes": "people ride bicycles down a road",
+    "bunny": "a big rabbit in a green forest",
+    "dog": "a dog catches a frisbee in the park",
+    "cook": "a man cooks pasta in a kitchen",
+    "cat-frames": "a cat sleeps on a sofa",
+    "<b>odd id</b>": "fireworks over a river at night",
+}
+
+
+def _picture(path: Path, rng, size=(96, 64)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = size[1], size[0]
+    y, x = np.mgrid[0:h, 0:w]
+    base = rng.randint(0, 255, 3)
+    img = np.stack([(base[c] + x * (c + 1) + y * (3 - c)) % 256 for c in range(3)], -1).astype(np.uint8)
+    Image.fromarray(img).save(path, quality=90)
+    return path
+
+
+def launch(p):
+    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--mute-audio"])
+
+
+def wait_js(page, expr: str, timeout: float = 10000):
+    """Poll a JavaScript expression until it is truthy. (Playwright's wait_for_function evaluates strings
+    inside the page, which the page's Content-Security-Policy rightly forbids; evaluate() does not.)"""
+    deadline = time.monotonic() + timeout / 1000
+    while True:
+        value = page.evaluate(expr)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {expr!r} in the page")
+        time.sleep(0.05)
+
+
+def screenshot_path(tmp_path: Path, name: str, env: bool) -> Path:
+    path = Path(os.environ.get("CLIP2VIDEO_SCREENSHOT") if env and os.environ.get("CLIP2VIDEO_SCREENSHOT")
+                else tmp_path / name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def page_index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    rng = np.random.RandomState(1)
+    videos = REFERENCE / "videos"
+    records = {}
+    for n, vid in enumerate(CAPTIONS):
+        thumbs = [_picture(root / "index" / "thumbs" / f"{n}_{j}.jpg", rng) for j in range(3)]
+        if vid == "cat-frames":
+            for j in range(6):
+                _picture(root / "frames" / vid / f"{j + 1:08d}.jpg", rng, (320, 240))
+            records[vid] = VideoRecord(vid, root / "frames" / vid, "frames", thumbs, 6.0, 6)
+        elif vid in ("bikes", "bunny") and (videos / f"{'bigbuckbunny' if vid == 'bunny' else vid}.mp4").is_file():
+            records[vid] = VideoRecord(vid, videos / f"{'bigbuckbunny' if vid == 'bunny' else vid}.mp4", "file",
+                                       thumbs, None, None)
+        else:
+            path = root / "videos" / f"{n}.mp4"
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(b"\0" * 100)  # not playable; only the real clips are played
+            records[vid] = VideoRecord(vid, path, "file", thumbs, None, None)
+    return BagOfWordsIndex(root / "index", CAPTIONS, records)
+
+
+def test_search_page_on_a_real_index(tmp_path_factory, tmp_path, parity_weights):
+    from server_utils import build_real_index, query_json, start_serve
+
+    from conftest import PARITY, ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    index = build_real_index(tmp_path_factory.getbasetemp(), parity_weights, PARITY / "msrvtt" / "frames", ROOT, env)
+    query = "a man is singing on a stage"
+    (want,) = query_json(index, ROOT, env, "-k", "20", query)
+    proc, url, _ = start_serve(["--index", str(index), "--port", "0"], ROOT, env)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = launch(p)
+            page = browser.new_page(viewport={"width": 1200, "height": 640})
+            page.goto(url + "/")
+            wait_js(page, "document.getElementById('info').textContent.includes('videos')", timeout=30000)
+            page.fill("#q", query)
+            page.press("#q", "Enter")
+            page.wait_for_selector(".result", timeout=60000)
+            ids = page.eval_on_selector_all(".result .vid", "els => els.map(e => e.textContent)")
+            assert ids[0] == want["results"][0]["video_id"]
+            assert ids == [h["video_id"] for h in want["results"]]
+            wait_js(page, """() => {
+                const imgs = [...document.querySelectorAll('.result:first-child img.thumb')];
+                return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
+            }""", timeout=15000)
+            shot = screenshot_path(tmp_path, "search-page.png", env=True)
+            page.screenshot(path=str(shot))
+            assert shot.stat().st_size > 10_000
+            browser.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+
+
+def test_search_page(page_index, tmp_path):
+    index = page_index
+    query = "people riding bicycles on a road"
+    want = index.query([query], 20)[0]
+    with ServerThread(create_app(index, max_query_chars=300)) as srv, sync_api.sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1200, "height": 720})
+        requested = []
+        page.on("request", lambda r: requested.append(r.url))
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(srv.url + "/")
+        wait_js(page, "document.getElementById('info').textContent.includes('videos')")
+        assert page.inner_text("#info").startswith(f"{len(index)} videos")
+
+        page.fill("#q", query)
+        page.press("#q", "Enter")
+        page.wait_for_selector(".result")
+        ids = page.eval_on_selector_all(".result .vid", "els => els.map(e => e.textContent)")
+        assert ids == [h.video_id for h in want]
+        assert ids[0] == "bikes"
+        scores = page.eval_on_selector_all(".result .score", "els => els.map(e => Number(e.textContent))")
+        assert scores == pytest.approx([h.score for h in want], abs=1e-3)
+        # the odd id is shown as text, not parsed as HTML
+        assert page.locator(".result .vid", has_text="<b>odd id</b>").count() == 1
+        wait_js(page, """() => {
+            const imgs = [...document.querySelectorAll('.result:first-child img.thumb')];
+            return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth > 0);
+        }""", timeout=15000)
+        widths = page.eval_on_selector_all(".result:first-child img.thumb", "els => els.map(i => i.naturalWidth)")
+        assert widths == [96, 96, 96]
+        shot = screenshot_path(tmp_path, "stub-page.png", env=False)
+        page.screenshot(path=str(shot))
+        assert shot.stat().st_size > 10_000
+
+        # click → the video plays and seeks (the browser sends Range requests; needs the real clip)
+        if index.record("bikes").path.suffix == ".mp4" and index.record("bikes").path.stat().st_size > 1000:
+            page.click(".result:first-child .strip")
+            wait_js(page, "document.getElementById('player').readyState >= 1", timeout=20000)
+            duration = page.evaluate("document.getElementById('player').duration")
+            assert duration == pytest.approx(10.0, abs=0.1)
+            t = page.evaluate("""() => new Promise((ok, bad) => {
+                const v = document.getElementById('player');
+                v.pause();
+                v.addEventListener('seeked', () => ok(v.currentTime), {once: true});
+                v.addEventListener('error', () => bad(String(v.error && v.error.message)), {once: true});
+                v.currentTime = 7.5;
+            })""")
+            assert t == pytest.approx(7.5, abs=0.5)
+            page.click("#viewer-close")
+            assert page.is_hidden("#viewer")
+
+        # "more like this" on the first result
+        page.click(".result:first-child button.like")
+        wait_js(page, "location.hash.includes('like=')")
+        wait_js(page, "document.getElementById('status').textContent.includes('videos like bikes')")
+        ids = page.eval_on_selector_all(".result .vid", "els => els.map(e => e.textContent)")
+        assert ids == [h.video_id for h in index.similar("bikes", 20)]
+
+        # a frame folder: the viewer shows its frames
+        page.fill("#q", "a cat asleep on the sofa")
+        page.press("#q", "Enter")
+        wait_js(page, "document.querySelector('.result .vid').textContent === 'cat-frames'")
+        page.click(".result:first-child .strip")
+        wait_js(page, """() => {
+            const i = document.getElementById('flip-img');
+            return !document.getElementById('flip').hidden && i.complete && i.naturalWidth === 320;
+        }""", timeout=15000)
+        assert page.inner_text("#flip-count").endswith("/ 6")
+        page.keyboard.press("Escape")
+
+        # a query over the bound: the page shows the server's message
+        page.fill("#q", "x" * 400)
+        page.press("#q", "Enter")
+        wait_js(page, "document.getElementById('status').className === 'error'")
+        assert "limit is 300" in page.inner_text("#status")
+        assert page.locator(".result").count() == 0
+
+        browser.close()
+    assert srv.stopped_cleanly
+    assert not errors, errors
+    outside = [u for u in requested if not u.startswith(srv.url)]
+    assert not outside, outside
