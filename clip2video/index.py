@@ -103,7 +103,7 @@ def auto_index_type(n: int) -> tuple[str, str]:
         return "Flat", ""
     nlist = int(2 ** round(np.log2(max(2 * np.sqrt(n), 256))))
     nlist = min(nlist, max(n // 64, 1))
-    return f"IVF{nlist},SQ8", f"nprobe={max(nlist // 64, 16)}"
+    return f"IVF{nlist},SQ8", f"nprobe={max(nlist // 32, 16)}"
 
 
 EXACT_MAX = 50_000
