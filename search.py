@@ -36,7 +36,7 @@ logger = logging.getLogger("clip2video.search")
 MAX_QUERY_CHARS = 10_000
 
 
-def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("checkpoint (as infer_retrieval.py)")
     c.add_argument("--checkpoint", default=None, help="folder of pytorch_model.bin.N, or a weight file")
     c.add_argument("--model_num", default=None, help="N of pytorch_model.bin.N")
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--batch_size", type=int, default=16)
     src.add_argument("--batch_size_val", type=int, default=None, help="alias of --batch_size")
     src.add_argument("--num_thread_reader", type=int, default=2, help="data-loading processes")
-    _add_checkpoint_args(b)
+    add_checkpoint_args(b)
     ix = b.add_argument_group("index")
     ix.add_argument("--index_type", default="auto",
                     help="auto (by size), Flat, or a FAISS factory string such as IVF1024,SQ8")
@@ -88,16 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON: [{query, results: [{video_id, score, path}]}]")
     q.add_argument("--device", default=None)
     add_precision_arg(q)
-    _add_checkpoint_args(q)
+    add_checkpoint_args(q)
     q.add_argument("--max_words", type=int, default=None, help=argparse.SUPPRESS)
 
-    # ---- serve: registered by the server module when it is installed --------------------------------------
-    try:
-        from clip2video.server import add_serve_parser
-    except ImportError:
-        add_serve_parser = None
-    if add_serve_parser is not None:
-        add_serve_parser(sub)
+    # ---- serve: the server module owns its flags; the model flags are query's
+    from clip2video.server import add_serve_parser
+
+    add_serve_parser(sub, add_model_flags=add_checkpoint_args)
     return p
 
 

@@ -84,7 +84,7 @@ def make_model_and_embeddings(work: Path, n: int, clusters: int) -> Path:
 
     from clip2video.index_build import describe_model, write_embeddings
     from clip2video.modules.backbone import ClipConfig
-    from clip2video.modules.model import create_model
+    from clip2video.modules.factory import create_model
 
     torch.manual_seed(0)
     model = create_model("tab_tdb", clip_config=ClipConfig(vision_width=64, vision_layers=1),

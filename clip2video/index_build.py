@@ -94,6 +94,8 @@ def describe_model(model, args=None) -> dict[str, Any]:
         "zero_shot": bool(getattr(args, "zero_shot", False)) and not ckpt_file,
         "config": model.config.to_dict(),
         "max_words": int(getattr(args, "max_words", 32) or 32),
+        # zero-shot heads that CLIP does not determine (TAB centres) come from the RNG: rebuilt from this seed
+        "seed": getattr(args, "seed", None),
     }
 
 
@@ -119,6 +121,8 @@ def load_model_from_meta(meta: dict[str, Any], device: str | None = None):
     elif meta.get("zero_shot") and meta.get("clip_path"):
         # the recorded config carries the backbone (activation, normalisation); the file gives the tensors
         sd = load_clip_tensors(meta["clip_path"])[0]
+        if meta.get("seed") is not None:
+            torch.manual_seed(int(meta["seed"]))  # as the build did before creating the model
         model = create_model(cfg, clip_state_dict=sd, mask_layout="per_video")
     else:
         raise ValueError("the index records no model file (built from vectors without one): text queries need "

@@ -445,11 +445,8 @@ def set_compute_threads(per_encode: int | None, encoders: int) -> int:
     return n
 
 
-def add_serve_parser(subparsers, add_model_flags=None) -> argparse.ArgumentParser:
-    """Register ``serve`` on ``search.py``'s subcommands, with the same model flags as ``query``.
-
-    ``add_model_flags(p)`` adds them (default: ``search.py``'s own checkpoint/model flag group).
-    """
+def add_serve_parser(subparsers, add_model_flags) -> argparse.ArgumentParser:
+    """Register ``serve`` on ``search.py``'s subcommands; ``add_model_flags(p)`` adds ``query``'s model flags."""
     from .cli import add_precision_arg
 
     p = subparsers.add_parser(
@@ -473,13 +470,7 @@ def add_serve_parser(subparsers, add_model_flags=None) -> argparse.ArgumentParse
                    help="compute threads per query (default: cores / --max_concurrent_encodes)")
     p.add_argument("--device", default=None)
     add_precision_arg(p)
-    if add_model_flags is None:
-        try:
-            from .search import _add_checkpoint_args as add_model_flags
-        except ImportError:
-            add_model_flags = None
-    if add_model_flags is not None:
-        add_model_flags(p)
+    add_model_flags(p)
     p.set_defaults(func=serve_main)
     return p
 
