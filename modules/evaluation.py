@@ -45,6 +45,22 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Caption indices in batches of equal real length (at most ``batch_size`` each), shortest first.
+
+    ``encode_text`` cuts a batch to its longest caption, so a batch of equal lengths runs no padding at all;
+    each caption's vector does not depend on its batch, so the order is restored afterwards.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and lengths[batches[-1][0]] == lengths[i]:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 @torch.no_grad()
 def encode_captions(
     model: CLIP2Video,
@@ -56,17 +72,26 @@ def encode_captions(
     precision: str = "fp32",
     progress: bool = False,
 ) -> TextEmbedding:
-    """Normalised caption vectors (on CPU, float32), each caption encoded once."""
+    """Normalised caption vectors (on CPU, float32, in the order of ``captions``), each caption encoded once,
+    in batches of equal token length (:func:`length_batches`)."""
     device = torch.device(device)
-    globals_, aligned = [], []
-    for start in tqdm(range(0, len(captions), batch_size), desc="captions", disable=not progress):
-        ids, mask = tokenizer.batch(captions[start : start + batch_size])
+    ids, mask = tokenizer.batch(captions)
+    n = ids.shape[0]
+    globals_ = aligned = None
+    for rows in tqdm(length_batches(mask.sum(dim=1).tolist(), batch_size), desc="captions", disable=not progress):
+        index = torch.tensor(rows)
         with autocast(device, precision):
-            t = model.encode_text(ids.to(device), mask.to(device))
-        globals_.append(t.global_.float().cpu())
-        if t.aligned is not None:
-            aligned.append(t.aligned.float().cpu())
-    return TextEmbedding(torch.cat(globals_), torch.cat(aligned) if aligned else None)
+            t = model.encode_text(ids[index].to(device), mask[index].to(device))
+        if globals_ is None:
+            globals_ = torch.zeros(n, t.global_.shape[-1])
+            aligned = torch.zeros(n, t.aligned.shape[-1]) if t.aligned is not None else None
+        globals_[index] = t.global_.float().cpu()
+        if aligned is not None:
+            aligned[index] = t.aligned.float().cpu()
+    if globals_ is None:  # no captions: an empty embedding of the model's width
+        dim = model.config.clip.embed_dim
+        return TextEmbedding(torch.zeros(0, dim), torch.zeros(0, dim) if model.config.use_tab else None)
+    return TextEmbedding(globals_, aligned)
 
 
 def _per_video(
