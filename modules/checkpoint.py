@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .backbone import OPENAI_EXTRA_KEYS, ClipConfig
+from .init_skip import skip_random_init
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ def load_model(
         )
     if mask_layout:
         cfg = replace(cfg, mask_layout=mask_layout)
-    model = CLIP2Video(cfg)
+    with skip_random_init():  # every parameter is loaded strictly below: no random draws to throw away
+        model = CLIP2Video(cfg)
     try:
         load_into(model, sd, what=f"{file.name}")
     except CheckpointError as e:
@@ -174,12 +176,25 @@ def load_model(
     return model
 
 
+def _load_mapped(file: Path) -> Any:
+    """``torch.load`` with the file memory-mapped where its format allows (the zip format of every
+    ``torch.save`` since torch 1.6): tensors are read from the page cache straight into the parameters by the
+    load that follows, with no intermediate copy; older formats are read the ordinary way."""
+    if zipfile.is_zipfile(file):
+        try:
+            return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
 def read_checkpoint(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(state dict, stored model config or None) of a released file, an export or a training checkpoint."""
     if _is_torchscript(file):
         return read_state_dict(file), None
     try:
-        raw = torch.load(file, map_location="cpu", weights_only=False)
+        raw = _load_mapped(file)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{file}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and isinstance(raw.get("config"), dict):
