@@ -172,6 +172,29 @@ def encode_videos_direct(
     return VideoEmbedding(outs[0] if outs else torch.zeros(0, model.config.clip.embed_dim))
 
 
+def merge_uniform_groups(groups: Sequence[Sequence[int]], masks: torch.Tensor, batch_size: int) -> list[list[int]]:
+    """Head groups with the same vectors in fewer, larger batches.
+
+    Under the ``original`` layout head h of video b takes the key mask of another video of its batch; when
+    every video of a batch has the same frame mask, that is its own mask, so each video's vectors are those
+    it has alone and any batch of videos sharing that mask gives them too. Such groups (the common case:
+    videos with at least ``max_frames`` frames) are pooled by mask pattern into batches of up to
+    ``batch_size``; groups with mixed masks stay exactly as they are.
+    """
+    kept: list[list[int]] = []
+    pools: dict[tuple[int, ...], list[int]] = {}
+    for g in groups:
+        g = list(g)
+        rows = masks[g]
+        if len(g) and bool((rows == rows[:1]).all()):
+            pools.setdefault(tuple(rows[0].tolist()), []).extend(g)
+        else:
+            kept.append(g)
+    for pool in pools.values():
+        kept.extend(pool[s : s + batch_size] for s in range(0, len(pool), batch_size))
+    return kept
+
+
 @torch.no_grad()
 def encode_video_heads(
     model: CLIP2Video,
@@ -184,11 +207,14 @@ def encode_video_heads(
     precision: str = "fp32",
 ) -> VideoEmbedding:
     """Temporal heads once per video. ``groups`` (lists of column indices) fix which videos share a head
-    batch; needed for the ``original`` mask layout, optional otherwise."""
+    batch; needed for the ``original`` mask layout, optional otherwise (:func:`merge_uniform_groups` then
+    runs groups whose videos all have the same frame mask together)."""
     device = torch.device(device)
     n = feats.shape[0]
     if groups is None:
         groups = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    else:
+        groups = merge_uniform_groups(groups, masks, batch_size)
     vg = torch.zeros(n, feats.shape[-1])
     va = torch.zeros(n, feats.shape[-1]) if model.config.use_tab else None
     done = torch.zeros(n, dtype=torch.bool)
