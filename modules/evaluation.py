@@ -47,17 +47,23 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Caption indices in batches of equal real length (at most ``batch_size`` each), shortest first.
+def length_batches(lengths: Sequence[int], batch_size: int, min_batch: int = 32) -> list[list[int]]:
+    """Caption indices in batches of at most ``batch_size``, by increasing real length, each of one length
+    unless it would hold fewer than ``min_batch`` captions.
 
     ``encode_text`` cuts a batch to its longest caption, so a batch of equal lengths runs no padding at all;
-    each caption's vector does not depend on its batch, so the order is restored afterwards.
+    the rare long lengths are pooled into batches of ``min_batch`` instead of many tiny ones (a little
+    padding against many small matrix products). A caption's vector does not depend on its batch, so the
+    order is restored afterwards.
     """
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     for i in order:
-        if batches and len(batches[-1]) < batch_size and lengths[batches[-1][0]] == lengths[i]:
-            batches[-1].append(i)
+        last = batches[-1] if batches else None
+        if last is not None and len(last) < batch_size and (
+            lengths[last[-1]] == lengths[i] or len(last) < min(min_batch, batch_size)
+        ):
+            last.append(i)
         else:
             batches.append([i])
     return batches

@@ -123,11 +123,15 @@ def test_real_length_counts_every_real_position():
 
 def test_length_batches_group_equal_lengths_and_cover_every_caption():
     lengths = [5, 3, 5, 9, 3, 5, 5, 12]
-    batches = length_batches(lengths, batch_size=2)
+    batches = length_batches(lengths, batch_size=2, min_batch=1)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(len(b) <= 2 and len({lengths[i] for i in b}) == 1 for b in batches)
     assert [lengths[b[0]] for b in batches] == sorted(lengths[b[0]] for b in batches)  # shortest first
     assert length_batches([], 4) == []
+    # rare lengths are pooled up to min_batch; full-size groups of one length stay pure
+    lengths = [7] * 6 + [20, 21, 25, 30, 31, 32]
+    batches = length_batches(lengths, batch_size=6, min_batch=3)
+    assert [sorted({lengths[i] for i in b}) for b in batches] == [[7], [20, 21, 25], [30, 31, 32]]
 
 
 def test_training_gradients_unchanged_by_the_cut():
