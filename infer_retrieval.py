@@ -119,15 +119,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clip2video.modules.distributed import cleanup_distributed, init_distributed
+
+    out_dir, log_file = output_paths(args.output_dir)
+    info = init_distributed(args.device)  # under torchrun: one rank per process, each encodes a share
+    try:
+        return _run(args, info, out_dir, log_file)
+    finally:
+        cleanup_distributed()
+
+
+def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
     from clip2video.dataloaders.annotations import load_eval_set
     from clip2video.dataloaders.dataset import VideoDataset
-    from clip2video.modules.evaluation import evaluate
+    from clip2video.modules.evaluation import evaluate, video_share
     from clip2video.modules.logging_utils import setup_logging
     from clip2video.modules.metrics import format_table, markdown_row
     from clip2video.modules.tokenizer import ClipTokenizer
 
-    out_dir, log_file = output_paths(args.output_dir)
-    setup_logging(log_file)
+    setup_logging(log_file, is_main=info.is_main)  # only rank 0 writes the log and the outputs
     if args.visualize:
         try:
             args.visualize[0] = int(args.visualize[0])
@@ -136,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.features_path:
         raise UsageError("--features_path is required (folder of frame folders)")
     check_paths(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = info.device
     torch.manual_seed(args.seed)
 
     rset = load_eval_set(args.datatype, data_path=args.data_path, features_path=args.features_path,
@@ -150,12 +160,18 @@ def run(args: argparse.Namespace) -> int:
     dataset = VideoDataset(rset.video_ids, args.features_path, video_fps=args.video_fps, max_frames=args.max_frames,
                            framerate=args.feature_framerate, image_size=model.config.clip.image_size,
                            mode=args.image_mode)
+    if info.is_distributed:  # this rank reads only its share of the videos (whole head groups, see video_share)
+        share, _ = video_share(rset, model, args.batch_size_val, info)
+        dataset = torch.utils.data.Subset(dataset, share)
+        logger.info("%d processes: rank 0 encodes %d of %d videos", info.world_size, len(share), len(rset.video_ids))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_val, shuffle=False,
                                          num_workers=args.num_thread_reader, pin_memory=device.type == "cuda")
     t0 = time.perf_counter()
     res = evaluate(model, rset, loader, tokenizer=ClipTokenizer(args.max_words), batch_size_val=args.batch_size_val,
                    device=device, precision=args.precision, save_sim=args.save_sim,
-                   keep_sim=bool(args.visualize), dsl=args.dsl, progress=True)
+                   keep_sim=bool(args.visualize), dsl=args.dsl, progress=info.is_main, info=info)
+    if not info.is_main:
+        return 0
     logger.info("timings: %s (total %.1f s)", {k: round(v, 2) for k, v in res.timings.items()},
                 time.perf_counter() - t0)
     table = format_table(res.metrics, f"{args.datatype} ({len(rset.captions)} captions × {len(rset.video_ids)} videos)")

@@ -116,6 +116,19 @@ def released_path(checkpoint: str | os.PathLike, model_num: int | str | None = N
     return p
 
 
+def load_mapped(file: Path) -> Any:
+    """``torch.load`` with the file memory-mapped where its format allows (the zip format of every
+    ``torch.save`` since torch 1.6): tensors are read from the page cache straight into the parameters by the
+    load that follows, with no intermediate copy; older formats are read the ordinary way."""
+    if zipfile.is_zipfile(file):
+        try:
+            return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through :func:`clip2video.fileio.atomic_path`: never a half-written file."""
     with atomic_path(path) as tmp:

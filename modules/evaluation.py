@@ -27,9 +27,11 @@ import torch
 from tqdm import tqdm
 
 from ..fileio import atomic_path
+from .distributed import DistInfo
 from .metrics import RankAccumulator, dual_softmax, retrieval_metrics
 from .model import CLIP2Video, TextEmbedding, VideoEmbedding
 from .precision import autocast
+from .sharding import gather_rows, shard
 from .tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,28 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def length_batches(lengths: Sequence[int], batch_size: int, min_batch: int = 32) -> list[list[int]]:
+    """Caption indices in batches of at most ``batch_size``, by increasing real length, each of one length
+    unless it would hold fewer than ``min_batch`` captions.
+
+    ``encode_text`` cuts a batch to its longest caption, so a batch of equal lengths runs no padding at all;
+    the rare long lengths are pooled into batches of ``min_batch`` instead of many tiny ones (a little
+    padding against many small matrix products). A caption's vector does not depend on its batch, so the
+    order is restored afterwards.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        last = batches[-1] if batches else None
+        if last is not None and len(last) < batch_size and (
+            lengths[last[-1]] == lengths[i] or len(last) < min(min_batch, batch_size)
+        ):
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 @torch.no_grad()
 def encode_captions(
     model: CLIP2Video,
@@ -57,39 +81,57 @@ def encode_captions(
     precision: str = "fp32",
     progress: bool = False,
 ) -> TextEmbedding:
-    """Normalised caption vectors (on CPU, float32), each caption encoded once."""
+    """Normalised caption vectors (on CPU, float32, in the order of ``captions``), each caption encoded once,
+    in batches of equal token length (:func:`length_batches`)."""
     device = torch.device(device)
-    globals_, aligned = [], []
-    for start in tqdm(range(0, len(captions), batch_size), desc="captions", disable=not progress):
-        ids, mask = tokenizer.batch(captions[start : start + batch_size])
+    ids, mask = tokenizer.batch(captions)
+    n = ids.shape[0]
+    globals_ = aligned = None
+    for rows in tqdm(length_batches(mask.sum(dim=1).tolist(), batch_size), desc="captions", disable=not progress):
+        index = torch.tensor(rows)
         with autocast(device, precision):
-            t = model.encode_text(ids.to(device), mask.to(device))
-        globals_.append(t.global_.float().cpu())
-        if t.aligned is not None:
-            aligned.append(t.aligned.float().cpu())
-    return TextEmbedding(torch.cat(globals_), torch.cat(aligned) if aligned else None)
+            t = model.encode_text(ids[index].to(device), mask[index].to(device))
+        if globals_ is None:
+            globals_ = torch.zeros(n, t.global_.shape[-1])
+            aligned = torch.zeros(n, t.aligned.shape[-1]) if t.aligned is not None else None
+        globals_[index] = t.global_.float().cpu()
+        if aligned is not None:
+            aligned[index] = t.aligned.float().cpu()
+    if globals_ is None:  # no captions: an empty embedding of the model's width
+        dim = model.config.clip.embed_dim
+        return TextEmbedding(torch.zeros(0, dim), torch.zeros(0, dim) if model.config.use_tab else None)
+    return TextEmbedding(globals_, aligned)
 
 
 def _per_video(
-    batches: Iterable[dict], n_videos: int, encode, device: torch.device, precision: str, progress: bool
+    batches: Iterable[dict], n_videos: int, encode, device: torch.device, precision: str, progress: bool,
+    videos: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """Run ``encode(frames, mask) -> tuple of (B, ...) tensors`` over video batches ``{"frames", "mask",
-    "index"}`` and place each output row at its video's index (arrival order does not matter). Every video
-    must arrive exactly once: a loader that drops one is an error, not a zero vector."""
+    "index"}`` and place each output row at its video's index (arrival order does not matter). With
+    ``videos`` (column indices: one rank's share) the rows follow that list instead of ``range(n_videos)``.
+    Every video must arrive exactly once: a loader that drops one is an error, not a zero vector."""
+    videos = range(n_videos) if videos is None else videos
+    row_of = {int(v): r for r, v in enumerate(videos)}
+    n = len(row_of)
     outs: list[torch.Tensor] | None = None
-    seen = torch.zeros(n_videos, dtype=torch.bool)
+    seen = torch.zeros(n, dtype=torch.bool)
     for b in tqdm(batches, desc="videos", disable=not progress):
-        frames, mask, index = b["frames"].to(device), b["mask"].to(device), b["index"]
+        frames, mask = b["frames"].to(device), b["mask"].to(device)
+        try:
+            index = torch.tensor([row_of[int(i)] for i in b["index"]], dtype=torch.long)
+        except KeyError as e:
+            raise RuntimeError(f"the data loader gave video {e.args[0]}, which is not in this share") from None
         with autocast(device, precision):
             parts = [p.cpu() for p in encode(frames, mask)]
         if outs is None:
-            outs = [torch.zeros(n_videos, *p.shape[1:], dtype=p.dtype) for p in parts]
+            outs = [torch.zeros(n, *p.shape[1:], dtype=p.dtype) for p in parts]
         for out, p in zip(outs, parts, strict=True):
             out[index] = p
         seen[index] = True
-    if outs is None or not bool(seen.all()):
-        raise RuntimeError(f"{int((~seen).sum())} of {n_videos} videos were not encoded (data loader dropped them)")
-    return outs
+    if n and (outs is None or not bool(seen.all())):
+        raise RuntimeError(f"{int((~seen).sum())} of {n} videos were not encoded (data loader dropped them)")
+    return outs if outs is not None else []
 
 
 @torch.no_grad()
@@ -101,13 +143,18 @@ def encode_frame_features(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     progress: bool = False,
+    videos: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw frame features (N, T, D) and masks (N, T): each video decoded and through the image tower once."""
+    """Raw frame features (N, T, D) and masks (N, T): each video decoded and through the image tower once.
+    With ``videos``, the batches hold those columns only and the rows follow that list."""
 
     def encode(frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return model.encode_frames(frames, mask).float(), mask.long()
 
-    feats, masks = _per_video(batches, n_videos, encode, torch.device(device), precision, progress)
+    outs = _per_video(batches, n_videos, encode, torch.device(device), precision, progress, videos)
+    if not outs:  # an empty share
+        return torch.zeros(0, 1, model.config.clip.embed_dim), torch.zeros(0, 1, dtype=torch.long)
+    feats, masks = outs
     return feats, masks
 
 
@@ -120,14 +167,39 @@ def encode_videos_direct(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     progress: bool = False,
+    videos: Sequence[int] | None = None,
 ) -> VideoEmbedding:
-    """Video vectors straight from frames, for encoders whose vector depends on the video alone (CLIP-ViP)."""
+    """Video vectors straight from frames, for encoders whose vector depends on the video alone (CLIP-ViP).
+    With ``videos``, the batches hold those columns only and the rows follow that list."""
 
     def encode(frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor]:
         return (model.encode_video(frames, mask).global_.float(),)
 
-    (vectors,) = _per_video(batches, n_videos, encode, torch.device(device), precision, progress)
-    return VideoEmbedding(vectors)
+    outs = _per_video(batches, n_videos, encode, torch.device(device), precision, progress, videos)
+    return VideoEmbedding(outs[0] if outs else torch.zeros(0, model.config.clip.embed_dim))
+
+
+def merge_uniform_groups(groups: Sequence[Sequence[int]], masks: torch.Tensor, batch_size: int) -> list[list[int]]:
+    """Head groups with the same vectors in fewer, larger batches.
+
+    Under the ``original`` layout head h of video b takes the key mask of another video of its batch; when
+    every video of a batch has the same frame mask, that is its own mask, so each video's vectors are those
+    it has alone and any batch of videos sharing that mask gives them too. Such groups (the common case:
+    videos with at least ``max_frames`` frames) are pooled by mask pattern into batches of up to
+    ``batch_size``; groups with mixed masks stay exactly as they are.
+    """
+    kept: list[list[int]] = []
+    pools: dict[tuple[int, ...], list[int]] = {}
+    for g in groups:
+        g = list(g)
+        rows = masks[g]
+        if len(g) and bool((rows == rows[:1]).all()):
+            pools.setdefault(tuple(rows[0].tolist()), []).extend(g)
+        else:
+            kept.append(g)
+    for pool in pools.values():
+        kept.extend(pool[s : s + batch_size] for s in range(0, len(pool), batch_size))
+    return kept
 
 
 @torch.no_grad()
@@ -142,11 +214,14 @@ def encode_video_heads(
     precision: str = "fp32",
 ) -> VideoEmbedding:
     """Temporal heads once per video. ``groups`` (lists of column indices) fix which videos share a head
-    batch; needed for the ``original`` mask layout, optional otherwise."""
+    batch; needed for the ``original`` mask layout, optional otherwise (:func:`merge_uniform_groups` then
+    runs groups whose videos all have the same frame mask together)."""
     device = torch.device(device)
     n = feats.shape[0]
     if groups is None:
         groups = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    else:
+        groups = merge_uniform_groups(groups, masks, batch_size)
     vg = torch.zeros(n, feats.shape[-1])
     va = torch.zeros(n, feats.shape[-1]) if model.config.use_tab else None
     done = torch.zeros(n, dtype=torch.bool)
@@ -161,6 +236,42 @@ def encode_video_heads(
     if not bool(done.all()):
         raise ValueError(f"video groups cover {int(done.sum())} of {n} videos")
     return VideoEmbedding(vg, va)
+
+
+def video_share(rset, model: CLIP2Video, batch_size_val: int, info: DistInfo | None) -> tuple[list[int],
+                                                                                           list[list[int]] | None]:
+    """This rank's videos (column indices, in encoding order) and, with the ``original`` mask layout, its
+    head groups (column indices).
+
+    A video's vector under the original layout depends on its head batch-mates, so there the list of the
+    original's evaluation batches is sharded (a group is never split across ranks); otherwise single videos
+    are. One process gets every video.
+    """
+    if model.config.video_encoder != "vip" and model.config.mask_layout == "original":
+        groups = [list(g) for g in shard(rset.video_batches(batch_size_val), info)]
+        return [i for g in groups for i in g], groups
+    return list(shard(range(len(rset.video_ids)), info)), None
+
+
+def _gather_text(text: TextEmbedding, info: DistInfo | None) -> TextEmbedding:
+    """Every rank's caption vectors (contiguous shares) concatenated in caption order."""
+    aligned = gather_rows(text.aligned, info) if text.aligned is not None else None
+    return TextEmbedding(gather_rows(text.global_, info), aligned)
+
+
+def _gather_video(video: VideoEmbedding, videos: Sequence[int], n: int, info: DistInfo | None) -> VideoEmbedding:
+    """Every rank's video vectors placed at their columns; each column must come from exactly one rank."""
+    order = torch.from_numpy(gather_rows(np.asarray(videos, dtype=np.int64).reshape(-1), info))
+    if order.numel() != n or not torch.equal(torch.sort(order).values, torch.arange(n)):
+        raise RuntimeError(f"the ranks' shares cover {order.unique().numel()} of {n} videos")
+
+    def place(rows: torch.Tensor) -> torch.Tensor:
+        gathered = gather_rows(rows, info)
+        out = torch.zeros(n, *gathered.shape[1:], dtype=gathered.dtype)
+        out[order] = gathered
+        return out
+
+    return VideoEmbedding(place(video.global_), place(video.aligned) if video.aligned is not None else None)
 
 
 def score(
@@ -217,43 +328,60 @@ def evaluate(
     keep_sim: bool = False,
     dsl: bool = False,
     progress: bool = False,
+    info: DistInfo | None = None,
 ) -> EvalResult:
     """Full protocol on one ``RetrievalSet``.
 
     Args:
         model: the model, in eval mode, on ``device``.
         rset: the protocol's ``RetrievalSet`` (captions, videos, caption → video, grouping).
-        batches: video batches ``{"frames", "mask", "index"}`` (a DataLoader over a ``VideoDataset``).
+        batches: video batches ``{"frames", "mask", "index"}`` (a DataLoader over a ``VideoDataset``); under
+            several processes, over this rank's videos only (:func:`video_share`).
         batch_size_val: the original's ``--batch_size_val``; with the ``original`` mask layout it decides
             which videos share a head batch, exactly as the original's evaluation batches did.
         save_sim: path of a ``.npy`` for the caption × video matrix.
         dsl: also report dual-softmax re-ranked metrics (needs the full matrix in memory).
+        info: the torchrun job (``modules.distributed``): each rank encodes its share of the captions and of
+            the videos (``modules.sharding``), the vectors are gathered on every rank, and rank 0 alone scores
+            and writes; the other ranks return empty metrics.
     """
     model.eval()
+    n_videos = len(rset.video_ids)
+    videos, groups = video_share(rset, model, batch_size_val, info)
     t0 = time.perf_counter()
     text = encode_captions(
-        model, rset.captions, tokenizer, batch_size=max(batch_size_val, 1) * 8, device=device,
+        model, shard(rset.captions, info), tokenizer, batch_size=max(batch_size_val, 1) * 8, device=device,
         precision=precision, progress=progress,
     )
+    text = _gather_text(text, info)
     t1 = time.perf_counter()
     if model.config.video_encoder == "vip":
         video = encode_videos_direct(
-            model, batches, len(rset.video_ids), device=device, precision=precision, progress=progress
+            model, batches, n_videos, device=device, precision=precision, progress=progress, videos=videos
         )
         t2 = time.perf_counter()
     else:
         feats, masks = encode_frame_features(
-            model, batches, len(rset.video_ids), device=device, precision=precision, progress=progress
+            model, batches, n_videos, device=device, precision=precision, progress=progress, videos=videos
         )
         t2 = time.perf_counter()
-        groups = rset.video_batches(batch_size_val) if model.config.mask_layout == "original" else None
         logger.info(
             "mask layout %s: temporal heads run on %s",
             model.config.mask_layout,
             f"the original's evaluation batches ({batch_size_val} per batch)" if groups else "each video alone",
         )
-        video = encode_video_heads(model, feats, masks, groups, device=device, precision=precision)
+        row_of = {v: r for r, v in enumerate(videos)}
+        local_groups = [[row_of[i] for i in g] for g in groups] if groups is not None else None
+        dim = model.config.clip.embed_dim
+        if videos:
+            video = encode_video_heads(model, feats, masks, local_groups, device=device, precision=precision)
+        else:  # more ranks than videos or groups: this one has none
+            video = VideoEmbedding(torch.zeros(0, dim), torch.zeros(0, dim) if model.config.use_tab else None)
+    video = _gather_video(video, videos, n_videos, info)
     t3 = time.perf_counter()
+    if info is not None and not info.is_main:
+        timings = {"text_s": t1 - t0, "frames_s": t2 - t1, "heads_s": t3 - t2}
+        return EvalResult({}, text, video, None, None, timings)
     metrics, sim = score(
         model, text, video, rset.caption_video, rset.multi_caption, save_sim=save_sim, keep_sim=keep_sim or dsl
     )

@@ -15,6 +15,7 @@ import torch
 
 from .backbone import ClipConfig
 from .checkpoint import CheckpointError, load_into, released_path
+from .init_skip import skip_random_init
 from .model import CLIP2Video, CLIP2VideoConfig, make_config
 from .release import read_checkpoint
 
@@ -91,7 +92,8 @@ def load_model(
         )
     if mask_layout:
         cfg = replace(cfg, mask_layout=mask_layout)
-    model = CLIP2Video(cfg)
+    with skip_random_init():  # every parameter is loaded strictly below: no random draws to throw away
+        model = CLIP2Video(cfg)
     try:
         load_into(model, sd, what=f"{file.name}")
     except CheckpointError as e:

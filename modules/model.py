@@ -24,6 +24,7 @@ from torch import nn
 from .alignment import align_tokens
 from .backbone import ClipConfig, build_clip, frame_features, text_tokens, to_backbone_normalisation
 from .temporal import MASK_LAYOUTS, TemporalTransformer, difference_tokens, l2n, masked_mean
+from .tokenizer import real_length
 
 # The paper's Table 1 rows → the original's flags. TDB-All and TAB-Base are described in the paper but not in
 # the released code; their meaning here is documented on CLIP2VideoConfig.
@@ -312,8 +313,16 @@ class CLIP2Video(nn.Module):
         return text_tokens(self.clip, ids)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEmbedding:
-        """(B, L) ids and mask → normalised global (end token) and TAB vectors."""
-        tokens = self.text_tokens(ids)  # (B, L, D)
+        """(B, L) ids and mask → normalised global (end token) and TAB vectors.
+
+        The tower runs on the batch's real positions only (``real_length``): with the causal mask the padding
+        after the longest caption changes no feature before it, so every caller (evaluation, training, search
+        queries) gets the same vectors for a fraction of the compute at typical caption lengths.
+        """
+        keep = real_length(ids, mask)
+        if 0 < keep < ids.shape[1]:
+            ids, mask = ids[:, :keep], mask[:, :keep]
+        tokens = self.text_tokens(ids)  # (B, L', D)
         eot = tokens[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]  # largest id = end
         aligned = None
         if self.config.use_tab:

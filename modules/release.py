@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..fileio import atomic_write_text
-from .checkpoint import CheckpointError, atomic_save, is_torchscript, read_state_dict, short_keys
+from .checkpoint import CheckpointError, atomic_save, is_torchscript, load_mapped, read_state_dict, short_keys
 
 CONFIG_SUFFIX = ".config.json"  # sidecar written next to an exported pytorch_model.bin.N
 
@@ -47,7 +47,7 @@ def read_checkpoint(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if is_torchscript(file):
         return read_state_dict(file), None
     try:
-        raw = torch.load(file, map_location="cpu", weights_only=False)
+        raw = load_mapped(file)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{file}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and isinstance(raw.get("config"), dict):

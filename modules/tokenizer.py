@@ -77,3 +77,18 @@ class ClipTokenizer:
         """Text of a sequence of ids, special and padding tokens dropped (for logs and figures)."""
         keep = [int(i) for i in ids if int(i) not in (START_ID, END_ID, PAD_ID)]
         return _bpe().decode(keep).strip()
+
+
+def real_length(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Number of leading positions of a (B, L) batch that hold a real token in some row (start, words, end).
+
+    Under CLIP's causal mask, position i attends to positions ≤ i only, so the features of positions before
+    this length do not depend on the padding after it: the text tower may run on ``ids[:, :n]`` and give the
+    same end-token features and the same masked TAB tokens. A position counts as real where its id is not
+    padding or its mask is set, so a mask with holes or ids without an end token are still covered.
+    """
+    if ids.shape[1] == 0:
+        return 0
+    real = (ids != PAD_ID) | (mask != 0)  # (B, L)
+    positions = torch.arange(1, ids.shape[1] + 1, device=ids.device)
+    return int((real * positions).amax()) if real.numel() else ids.shape[1]
