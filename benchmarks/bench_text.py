@@ -29,7 +29,8 @@ import torch
 
 from clip2video.modules.backbone import ClipConfig
 from clip2video.modules.evaluation import encode_captions
-from clip2video.modules.model import TextEmbedding, create_model
+from clip2video.modules.factory import create_model
+from clip2video.modules.model import TextEmbedding
 from clip2video.modules.tokenizer import ClipTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,7 +38,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
-import cv2
 import numpy as np
 
 from ..fileio import atomic_path
@@ -68,6 +67,8 @@ def quiet_backend() -> None:
     """
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET; read when a capture is opened
     if "OPENCV_LOG_LEVEL" not in os.environ:
+        import cv2  # only the writer needs OpenCV; decoding is PyAV's
+
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 
@@ -632,6 +633,8 @@ def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: floa
     for n, f in enumerate(frames):
         if f.dtype != np.uint8 or f.shape != (h, w, 3):
             raise ValueError(f"{path}: frame {n} is {f.dtype} {f.shape}, expected uint8 {(h, w, 3)}")
+    import cv2  # imported here: evaluation and indexing never write videos
+
     path = Path(path)
     with atomic_path(path) as tmp:
         writer = cv2.VideoWriter(os.fspath(tmp), cv2.VideoWriter_fourcc(*fourcc), float(fps), (w, h))

@@ -7,7 +7,7 @@ import torch
 
 from clip2video.modules.backbone import ClipConfig
 from clip2video.modules.evaluation import encode_video_heads, merge_uniform_groups
-from clip2video.modules.model import create_model
+from clip2video.modules.factory import create_model
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.checkpoint import export_original, load_into, load_model, read_checkpoint
+from clip2video.modules.checkpoint import load_into
+from clip2video.modules.factory import create_model, load_model
 from clip2video.modules.init_skip import skip_random_init
-from clip2video.modules.model import CLIP2Video, create_model
+from clip2video.modules.model import CLIP2Video
+from clip2video.modules.release import export_original, read_checkpoint
 
 from conftest import ROOT
 

@@ -17,7 +17,8 @@ import torch
 from clip2video.modules.alignment import align_tokens
 from clip2video.modules.backbone import ClipConfig
 from clip2video.modules.evaluation import encode_captions, length_batches
-from clip2video.modules.model import TextEmbedding, create_model
+from clip2video.modules.factory import create_model
+from clip2video.modules.model import TextEmbedding
 from clip2video.modules.temporal import l2n
 from clip2video.modules.tokenizer import ClipTokenizer, real_length
 
