@@ -29,6 +29,8 @@ def setup_logging(log_file: Path | None, is_main: bool = True, level: int = logg
         handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(level=level if is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+    # faiss's loader reports each instruction-set build it tries (a failed AVX2 import is normal): not news
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def _jsonable(v: Any) -> Any:
