@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from clip2video import infer_retrieval, sample_frame, train
     from clip2video.dataloaders.annotations import load_eval_set
     from clip2video.dataloaders.synthetic import direction_accuracy, make_synthetic_dataset
+    from clip2video.fileio import atomic_write_text
     from clip2video.modules.metrics import markdown_row
 
     out = Path(a.out).resolve()
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
            "(same frames, reversed order, opposite caption). Mean pooling cannot separate the twins (50%).", ""]
     if (out / "retrieval_tab_tdb.png").exists():
         md += ["![top-5 retrievals of the TDB + TAB model](retrieval_tab_tdb.png)", ""]
-    (out / "report.md").write_text("\n".join(md))
+    atomic_write_text(out / "report.md", "\n".join(md))
     log(f"report: {out / 'report.md'}")
     if (out / "retrieval_tab_tdb.png").exists():
         log(f"picture: {out / 'retrieval_tab_tdb.png'} (top-5 clips per query, ground truth framed green)")
