@@ -47,13 +47,19 @@ def is_torchscript(path: Path) -> bool:
         return False
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a weight file: a TorchScript archive (OpenAI's ``ViT-B-32.pt``) or a ``torch.save`` dict."""
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """(tensors, container) of a weight file: a TorchScript archive (OpenAI's ``ViT-B-32.pt``) or a
+    ``torch.save`` dict, unwrapped from a ``{"model": ...}`` / ``{"state_dict": ...}`` checkpoint.
+
+    ``container`` is ``"torchscript"``, ``"state dict"`` or, when a wrapper was removed, ``"checkpoint"``:
+    the CLIP-file reader names formats by it.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weight file")
+    container = "torchscript" if is_torchscript(path) else "state dict"
     try:
-        if is_torchscript(path):
+        if container == "torchscript":
             with warnings.catch_warnings():
                 # OpenAI ships CLIP as TorchScript; the user can do nothing about torch deprecating the reader
                 warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
@@ -62,22 +68,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear line
         raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
-        sd = sd["model"]  # our training checkpoint
-    elif isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
+    for wrapper in ("model", "state_dict"):  # our training checkpoint; open_clip's and others'
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd, container = sd[wrapper], "checkpoint"
+            break
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) for k in sd):
         raise CheckpointError(f"{path}: not a state dict (got {type(sd).__name__})")
-    return dict(sd)
+    return dict(sd), container
 
 
-def load_clip_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """OpenAI-layout CLIP weights as float32 (fp16 tensors upcast, the three integer buffers dropped)."""
-    sd = read_state_dict(path)
-    sd = {k: v for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS}
-    if "visual.conv1.weight" not in sd:
-        raise CheckpointError(f"{path}: no 'visual.conv1.weight': not an OpenAI-layout ViT CLIP file")
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a weight file (see :func:`read_weights`)."""
+    return read_weights(path)[0]
 
 
 def load_into(module: nn.Module, sd: dict[str, torch.Tensor], what: str = "weights") -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from typing import Any
 import torch
 
 from .backbone import OPENAI_EXTRA_KEYS, OPENAI_MEAN, OPENAI_STD, SHAPE_FIELDS, ClipConfig
-from .checkpoint import CheckpointError, is_torchscript
+from .checkpoint import CheckpointError, read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -75,26 +74,21 @@ _TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text"}
 def read_clip_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict with wrapper prefixes removed, format name) of a CLIP weight file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weight file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such weight file")
+        from safetensors.torch import load_file
 
-            raw, fmt = load_file(str(path)), "open_clip safetensors"
-        elif is_torchscript(path):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript; OpenAI ships it
-                raw, fmt = torch.jit.load(str(path), map_location="cpu").state_dict(), "OpenAI TorchScript"
-        else:
-            raw, fmt = torch.load(path, map_location="cpu", weights_only=True), "state dict"
-    except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear line
-        raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
-        raw, fmt = raw["state_dict"], "open_clip training checkpoint"
-    if not isinstance(raw, dict) or not raw or not all(isinstance(k, str) for k in raw):
-        raise CheckpointError(f"{path}: not a state dict (got {type(raw).__name__})")
-    sd = dict(raw)
+        try:
+            sd, fmt = load_file(str(path)), "open_clip safetensors"
+        except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear line
+            raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        if not sd:
+            raise CheckpointError(f"{path}: not a state dict (no tensors)")
+    else:
+        sd, container = read_weights(path)
+        fmt = {"torchscript": "OpenAI TorchScript", "checkpoint": "open_clip training checkpoint"}.get(
+            container, "state dict")
     for prefix in WRAPPER_PREFIXES:
         if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}

@@ -323,7 +323,8 @@ def _torchscript_archive(sd: dict, path) -> None:
 def test_torchscript_clip_loads_without_future_warning(tmp_path):
     import warnings
 
-    from clip2video.modules.checkpoint import is_torchscript, load_clip_weights
+    from clip2video.modules.checkpoint import is_torchscript
+    from clip2video.modules.clip_weights import load_clip_tensors
 
     sd = tiny("meanP").clip.state_dict()
     path = tmp_path / "ViT-tiny.pt"
@@ -331,7 +332,7 @@ def test_torchscript_clip_loads_without_future_warning(tmp_path):
     assert is_torchscript(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loaded = load_clip_weights(path)
+        loaded = load_clip_tensors(path)[0]
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
     assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
 

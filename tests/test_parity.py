@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip2video.modules.checkpoint import load_clip_weights
+from clip2video.modules.clip_weights import load_clip_tensors
 from clip2video.modules.factory import load_model
 from clip2video.modules.model import VideoEmbedding, make_config
 from clip2video.modules.temporal import TemporalLayerNorm
@@ -106,8 +106,8 @@ def test_per_video_layout_differs_from_original_on_short_videos(models):
 
 
 def test_openai_torchscript_and_plain_weights_agree(parity_weights):
-    plain = load_clip_weights(parity_weights / "clip.pt")
-    jit = load_clip_weights(parity_weights / "clip_jit.pt")
+    plain = load_clip_tensors(parity_weights / "clip.pt")[0]
+    jit = load_clip_tensors(parity_weights / "clip_jit.pt")[0]
     assert set(plain) == set(jit) and "input_resolution" not in plain
     assert all(torch.equal(plain[k], jit[k]) for k in plain)
 
