@@ -28,9 +28,9 @@ import torch
 from clip2video.cli import (
     OneLineParser,
     UsageError,
+    add_checkpoint_args,
     add_datatype_arg,
     add_image_mode_arg,
-    add_model_args,
     add_precision_arg,
     check_paths,
     model_fields,
@@ -63,13 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num_thread_reader", type=int, default=2)
     add_image_mode_arg(d)
     d.add_argument("--skip_missing", action="store_true", help="drop listed videos without frames (logged)")
-    c = p.add_argument_group("checkpoint")
-    c.add_argument("--checkpoint", default=None, help="folder of pytorch_model.bin.N, or a weight file")
-    c.add_argument("--model_num", default=None, help="N of pytorch_model.bin.N")
-    c.add_argument("--init_model", default=None, help="alias of --checkpoint with a file path")
-    c.add_argument("--zero_shot", action="store_true",
-                   help="no checkpoint: CLIP weights from --clip_path, heads initialised from CLIP")
-    add_model_args(p)
+    add_checkpoint_args(p)
     o = p.add_argument_group("run and outputs")
     o.add_argument("--output_dir", default=None, help="output folder, or a log-file path (as the original)")
     o.add_argument("--do_eval", action="store_true", help="accepted for compatibility (evaluation always runs)")

@@ -24,8 +24,8 @@ from pathlib import Path
 from clip2video.cli import (
     OneLineParser,
     UsageError,
+    add_checkpoint_args,
     add_image_mode_arg,
-    add_model_args,
     add_precision_arg,
     check_paths,
     parse_with_config,
@@ -34,15 +34,6 @@ from clip2video.cli import (
 
 logger = logging.getLogger("clip2video.search")
 MAX_QUERY_CHARS = 10_000
-
-
-def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
-    c = p.add_argument_group("checkpoint (as infer_retrieval.py)")
-    c.add_argument("--checkpoint", default=None, help="folder of pytorch_model.bin.N, or a weight file")
-    c.add_argument("--model_num", default=None, help="N of pytorch_model.bin.N")
-    c.add_argument("--init_model", default=None, help="alias of --checkpoint with a file path")
-    c.add_argument("--zero_shot", action="store_true", help="no checkpoint: CLIP weights from --clip_path")
-    add_model_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", default=None, help="YAML file of flag defaults")
     b.add_argument("--index", required=True, help="index folder to create or update")
     src = b.add_argument_group("videos")
-    src.add_argument("--features_path", default=None, help="folder of videos: frame folders <id>/00000001.jpg "
-                     "(and video files where the direct decoder is installed)")
+    src.add_argument("--features_path", default=None, help="folder of videos: video files (read directly) and/or "
+                     "frame folders <id>/00000001.jpg")
     src.add_argument("--from_embeddings", default=None, help="folder with video.npy + video_ids.json (+ meta.json)")
     src.add_argument("--max_words", type=int, default=32, help="query length in tokens (start + words + end)")
     src.add_argument("--max_frames", type=int, default=12)
@@ -94,14 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- serve: the server module owns its flags; the model flags are query's
     from clip2video.server import add_serve_parser
 
-    add_serve_parser(sub, add_model_flags=add_checkpoint_args)
+    add_serve_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clip2video.index import IndexFormatError
-
-    return run_main("search.py", lambda: run(argv), codes=[(IndexFormatError, 1)])
+    return run_main("search.py", lambda: run(argv))  # a bad index folder (IndexFormatError) is a ValueError: 1
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -110,8 +99,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if not argv or argv[0] not in p._subparsers._group_actions[0].choices:
         if argv and argv[0] in ("-h", "--help"):
             p.parse_args(argv)
-        raise UsageError("give a command: build, query" + (", serve" if "serve" in
-                                                           p._subparsers._group_actions[0].choices else ""))
+        raise UsageError("give a command: build, query, serve")
     sub = p._subparsers._group_actions[0].choices[argv[0]]
     args = parse_with_config(sub, argv[1:])
     args.command = argv[0]

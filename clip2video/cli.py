@@ -130,6 +130,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "activation (an open_clip file without open_clip_config.json)")
 
 
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """Where the model comes from (a checkpoint, or CLIP weights with ``--zero_shot``) plus the model flags:
+    the same set for evaluation, index building, queries and the server."""
+    c = p.add_argument_group("checkpoint")
+    c.add_argument("--checkpoint", default=None, help="folder of pytorch_model.bin.N, or a weight file")
+    c.add_argument("--model_num", default=None, help="N of pytorch_model.bin.N")
+    c.add_argument("--init_model", default=None, help="alias of --checkpoint with a file path")
+    c.add_argument("--zero_shot", action="store_true",
+                   help="no checkpoint: CLIP weights from --clip_path, heads initialised from CLIP")
+    add_model_args(p)
+
+
 def add_precision_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     from .modules.precision import PRECISIONS
 

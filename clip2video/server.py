@@ -445,9 +445,9 @@ def set_compute_threads(per_encode: int | None, encoders: int) -> int:
     return n
 
 
-def add_serve_parser(subparsers, add_model_flags) -> argparse.ArgumentParser:
-    """Register ``serve`` on ``search.py``'s subcommands; ``add_model_flags(p)`` adds ``query``'s model flags."""
-    from .cli import add_precision_arg
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``serve`` on ``search.py``'s subcommands, with the same model flags as ``query``."""
+    from .cli import add_checkpoint_args, add_precision_arg
 
     p = subparsers.add_parser(
         "serve", help="serve an index: JSON API and a search page",
@@ -470,7 +470,7 @@ def add_serve_parser(subparsers, add_model_flags) -> argparse.ArgumentParser:
                    help="compute threads per query (default: cores / --max_concurrent_encodes)")
     p.add_argument("--device", default=None)
     add_precision_arg(p)
-    add_model_flags(p)
+    add_checkpoint_args(p)
     p.set_defaults(func=serve_main)
     return p
 
