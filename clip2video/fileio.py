@@ -82,11 +82,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; returns ``path``."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically; returns ``path``.
+
+    ``durable`` also flushes the bytes to the disk before the rename, for files whose renaming publishes
+    other files (an index's pointer to its current generation): then even a power loss cannot leave the new
+    name pointing at data the disk never received.
+    """
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
     return Path(path)
 
 

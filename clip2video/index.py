@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from .fileio import TMP_PREFIX, atomic_path, atomic_write_bytes
+
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
@@ -167,15 +169,6 @@ def apply_search_params(index, params: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- writing
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard(folder: Path, name: str, vectors: np.ndarray, items: Sequence[Item], encoding_key: str) -> str:
     """An immutable shard: ``name.npy`` (vectors) then ``name.json`` (its items); the ``.json`` marks it whole."""
     d = Path(folder) / SHARDS
@@ -183,12 +176,11 @@ def write_shard(folder: Path, name: str, vectors: np.ndarray, items: Sequence[It
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if len(vectors) != len(items):
         raise ValueError(f"shard {name}: {len(vectors)} vectors for {len(items)} items")
-    tmp = d / f".{name}.tmp-{os.getpid()}.npy"
-    np.save(tmp, vectors)
-    os.replace(tmp, d / f"{name}.npy")
+    with atomic_path(d / f"{name}.npy") as tmp:
+        np.save(tmp, vectors)
     side = {"format_version": FORMAT_VERSION, "encoding_key": encoding_key, "rows": len(items),
             "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0, "items": [it.to_dict() for it in items]}
-    atomic_write_bytes(d / f"{name}.json", json.dumps(side).encode())
+    atomic_write_bytes(d / f"{name}.json", json.dumps(side).encode(), durable=True)
     return name
 
 
@@ -297,7 +289,7 @@ def write_generation(
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     os.replace(tmp, folder / gen)
-    atomic_write_bytes(folder / CURRENT, (gen + "\n").encode())
+    atomic_write_bytes(folder / CURRENT, (gen + "\n").encode(), durable=True)
     collect_garbage(folder)
     return folder / gen
 
@@ -315,7 +307,7 @@ def collect_garbage(folder: Path) -> None:
     for p in folder.iterdir():
         if p.name.startswith("gen-") and p.name != live or p.name.startswith(".gen-"):
             shutil.rmtree(p, ignore_errors=True)
-        elif p.name.startswith(f".{CURRENT}.tmp"):
+        elif p.name.startswith(TMP_PREFIX) and p.is_file():  # a pointer write interrupted by a kill
             p.unlink(missing_ok=True)
     for p in (folder / SHARDS).glob("*") if (folder / SHARDS).is_dir() else []:
         stem = p.name.split(".")[0] if not p.name.startswith(".") else None

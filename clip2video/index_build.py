@@ -3,9 +3,9 @@
 Steps of :func:`build_from_folder`:
 
 1. :func:`list_videos` walks the folder: a sub-folder holding image files is one video (a frame folder, as
-   ``sample_frame.py`` writes it); files with a video extension are videos read by the direct decoder when it is
-   installed. :func:`read_source` is the one function that turns a listed video into frames, so pointing
-   indexing at another decoder is a change in one place.
+   ``sample_frame.py`` writes it); files with a video extension (``dataloaders.video_io.VIDEO_EXTS``) are
+   videos read by the direct decoder. :func:`read_source` is the one function that turns a listed video into
+   frames, so pointing indexing at another decoder is a change in one place.
 2. Each video's (size, mtime) is compared with the vectors already on disk (the live generation and any
    shard an interrupted build left behind, encoded with the same model and settings); only the rest is encoded.
 3. Under ``torchrun`` the videos to encode go round by round through ``modules.sharding`` (each rank its
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .fileio import atomic_dir, atomic_path
 from .index import (
     CURRENT,
     FORMAT_VERSION,
@@ -47,7 +48,6 @@ from .index import (
 logger = logging.getLogger("clip2video.search")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp")
 THUMB_SIZE = 160
 DEFAULT_VIDEO_FPS = 5.0  # sample_frame.py's default extraction rate
 
@@ -161,6 +161,8 @@ def _folder_state(path: str) -> tuple[int, int, int]:
 
 def list_videos(root: str | os.PathLike) -> list[Source]:
     """Every video under ``root``, sorted by id (relative path; a video file's id drops its extension)."""
+    from .dataloaders.video_io import VIDEO_EXTS
+
     root = os.path.abspath(os.fspath(root))
     out: dict[str, Source] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -183,28 +185,6 @@ def list_videos(root: str | os.PathLike) -> list[Source]:
     return [out[k] for k in sorted(out)]
 
 
-def _video_file_reader() -> Callable | None:
-    """Reader of video files through the direct decoder (``dataloaders.frames.load_video_file``): the same
-    frames an extraction at ``fps`` followed by reading the folder would give. None where it is not installed.
-    """
-    try:
-        from .dataloaders.frames import load_video_file  # type: ignore[attr-defined]
-        from .dataloaders.video_io import decode_outputs, probe  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-
-    def read(path: str, *, max_frames: int, framerate: int, image_size: int, mode: str, fps: float):
-        frames, mask, names = load_video_file(path, fps=fps, max_frames=max_frames, framerate=framerate,
-                                              image_size=image_size, mode=mode)
-        index = probe(path)
-        pos = [int(n) - 1 for n in names]
-        picks = [pos[i] for i in sorted({0, len(pos) // 2, len(pos) - 1})] if pos else []
-        thumbs = decode_outputs(path, picks, fps, index=index) if picks else []
-        return frames, mask, thumbs, {"duration": float(index.duration), "frames": int(index.n_output(fps))}
-
-    return read
-
-
 def read_source(src: Source, *, max_frames: int, framerate: int, image_size: int, mode: str,
                 video_fps: float | None = None) -> tuple[torch.Tensor, torch.Tensor, list[Any], dict[str, Any]]:
     """A listed video → (frames (T, 3, S, S), mask (T,), thumbnail sources, info {duration, frames}).
@@ -219,13 +199,18 @@ def read_source(src: Source, *, max_frames: int, framerate: int, image_size: int
         picks = [chosen[i] for i in sorted({0, len(chosen) // 2, len(chosen) - 1})]
         duration = src.frames / video_fps if video_fps and src.frames else None
         return frames, mask, [os.path.join(src.path, c) for c in picks], {"duration": duration, "frames": src.frames}
-    reader = _video_file_reader()
-    if reader is None:
-        raise ValueError(f"{src.path}: video files need the direct decoder, which this installation lacks; "
-                         "extract frames with sample_frame.py and index the frame folders")
-    frames, mask, thumbs, info = reader(src.path, max_frames=max_frames, framerate=framerate,
-                                        image_size=image_size, mode=mode, fps=video_fps or DEFAULT_VIDEO_FPS)
-    return frames, mask, list(thumbs), dict(info)
+    from .dataloaders.frames import load_video_file
+    from .dataloaders.video_io import decode_outputs, probe
+
+    # the frames an extraction at ``fps`` followed by reading the folder would give
+    fps = video_fps or DEFAULT_VIDEO_FPS
+    frames, mask, names = load_video_file(src.path, fps=fps, max_frames=max_frames, framerate=framerate,
+                                          image_size=image_size, mode=mode)
+    index = probe(src.path)
+    pos = [int(n) - 1 for n in names]
+    picks = [pos[i] for i in sorted({0, len(pos) // 2, len(pos) - 1})] if pos else []
+    thumbs = decode_outputs(src.path, picks, fps, index=index) if picks else []
+    return frames, mask, list(thumbs), {"duration": float(index.duration), "frames": int(index.n_output(fps))}
 
 
 def write_thumbnails(index_dir: Path, key: str, sources: Sequence[Any]) -> list[str]:
@@ -238,10 +223,8 @@ def write_thumbnails(index_dir: Path, key: str, sources: Sequence[Any]) -> list[
     for i, s in enumerate(sources):
         im = Image.open(s).convert("RGB") if isinstance(s, str) else Image.fromarray(np.asarray(s))
         im.thumbnail((THUMB_SIZE, THUMB_SIZE))
-        name = d / f"{i}.jpg"
-        tmp = d / f".{i}.tmp-{os.getpid()}.jpg"
-        im.save(tmp, quality=85)
-        os.replace(tmp, name)
+        with atomic_path(d / f"{i}.jpg") as tmp:
+            im.save(tmp, quality=85)
         rels.append(f"{THUMBS}/{key}/{i}.jpg")
     return rels
 
@@ -471,26 +454,14 @@ def _objects(rows: Sequence[Any]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- embeddings
 def write_embeddings(out_dir: str | os.PathLike, text: np.ndarray, video: np.ndarray, text_ids: Sequence[str],
                      video_ids: Sequence[str], meta: dict[str, Any]) -> Path:
-    """``--save_embeddings`` output: a folder written under a temporary name, then renamed into place."""
-    import shutil
-
+    """``--save_embeddings`` output: a folder written under a temporary name, then swapped into place."""
     out = Path(out_dir).resolve()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    np.save(tmp / "text.npy", np.ascontiguousarray(text, dtype=np.float32))
-    np.save(tmp / "video.npy", np.ascontiguousarray(video, dtype=np.float32))
-    (tmp / "text_ids.json").write_text(json.dumps(list(text_ids), ensure_ascii=False))
-    (tmp / "video_ids.json").write_text(json.dumps(list(video_ids), ensure_ascii=False))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    with atomic_dir(out, replace=True) as tmp:
+        np.save(tmp / "text.npy", np.ascontiguousarray(text, dtype=np.float32))
+        np.save(tmp / "video.npy", np.ascontiguousarray(video, dtype=np.float32))
+        (tmp / "text_ids.json").write_text(json.dumps(list(text_ids), ensure_ascii=False))
+        (tmp / "video_ids.json").write_text(json.dumps(list(video_ids), ensure_ascii=False))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return out
 
 

@@ -590,11 +590,9 @@ def encode_video(
     times = list(times) if times is not None else [k / fps for k in range(len(frames))]
     if len(times) != len(frames) or any(b <= a for a, b in zip(times, times[1:], strict=False)):
         raise ValueError(f"{path}: times must be one increasing value per frame")
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.stem}-{os.getpid()}{path.suffix}")
     tb = Fraction(1, 90000)
     options = {"movflags": "faststart"} if faststart else {}
-    try:
+    with atomic_path(path) as tmp:
         with av.open(os.fspath(tmp), "w", format=None, options=options) as out:
             stream = out.add_stream(codec, rate=_as_fraction(fps))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
@@ -611,10 +609,6 @@ def encode_video(
                     out.mux(packet)
             for packet in stream.encode():
                 out.mux(packet)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: float, fourcc: str = "mp4v") -> None:

@@ -456,10 +456,6 @@ def test_demo_search_step(setup, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------------- video files
 def test_video_files_through_the_direct_decoder(setup, tmp_path, capsys):
-    from clip2video.index_build import _video_file_reader
-
-    if _video_file_reader() is None:
-        pytest.skip("this installation has no direct video decoder (dataloaders.frames.load_video_file)")
     make_synthetic_dataset(tmp_path / "synth", n_videos=6, seed=4, size=32, n_frames=12, fps=10, write="mp4",
                            splits=(0.0, 0.0, 1.0))
     videos = tmp_path / "synth" / "videos"
