@@ -328,17 +328,14 @@ def collect_garbage(folder: Path) -> None:
 def encode_queries(model, tokenizer, texts: Sequence[str], precision: str = "fp32") -> np.ndarray:
     """(n, D) float32 caption vectors ``[w·t_g, (1−w)·t_a]`` for a batch of query texts.
 
-    The text tower is causal and the end token (the largest id) is the last real token, so the positions
-    after it change nothing: the batch is cut to its longest real sequence, which makes a short query cost
-    a fraction of a ``max_words``-long one.
+    ``model.encode_text`` runs the text tower on the batch's real tokens only, so a short query costs a
+    fraction of a ``max_words``-long one.
     """
     import torch
 
     from .modules.precision import autocast
 
     ids, mask = tokenizer.batch(list(texts))
-    length = int(mask.sum(dim=1).max())
-    ids, mask = ids[:, :length], mask[:, :length]  # (n, longest real sequence)
     device = next(model.parameters()).device
     with torch.inference_mode(), autocast(device, precision):
         t = model.encode_text(ids.to(device), mask.to(device))
