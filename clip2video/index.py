@@ -466,20 +466,16 @@ class SearchIndex:
     # ------------------------------------------------------------------ model
     def check_model_flags(self, args) -> None:
         """UsageError when model flags given on the command line describe another model than the index's."""
-        from .cli import UsageError
+        from .cli import MODEL_OVERRIDE_FLAGS, UsageError
 
         given = set(getattr(args, "given_flags", ()))
-        model_keys = {"checkpoint", "init_model", "model_num", "zero_shot", "clip_path", "variant", "sim_type",
-                      "temporal_type", "temporal_proj", "center_type", "center_proj", "centerK", "center_weight",
-                      "cross_num_hidden_layers", "mask_layout"}
+        model_keys = {"checkpoint", "init_model", "model_num", "zero_shot", "clip_path", "clip_model", "mask_layout",
+                      *MODEL_OVERRIDE_FLAGS}
         if not given & model_keys:
             return
         from .index_build import describe_model, load_model_for
 
-        try:
-            model = load_model_for(args)
-        except UsageError:
-            raise
+        model = load_model_for(args)
         theirs = describe_model(model, args)["fingerprint"]
         if theirs != self.fingerprint:
             raise UsageError(f"--index {self.folder}: the model flags describe another model (fingerprint "

@@ -54,10 +54,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .index_build import IMAGE_EXTS  # what makes a folder a frame folder: its frames are these files
+
 logger = logging.getLogger("clip2video.server")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 DEFAULTS = {"max_query_chars": 1000, "max_k": 100, "default_k": 10, "max_concurrent_encodes": 2, "max_waiting": 64,
             "max_batch": 16}
@@ -212,7 +213,7 @@ def create_app(index, *, max_query_chars: int = DEFAULTS["max_query_chars"], max
             base = Path(rec.path)
             try:
                 names = sorted(e.name for e in os.scandir(base)
-                               if e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file())
+                               if e.name.lower().endswith(IMAGE_EXTS) and e.is_file())
             except OSError:
                 names = []
             frame_lists[video_id] = [base / n for n in names]
