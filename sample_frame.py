@@ -58,7 +58,7 @@ class Outcome:
 # --------------------------------------------------------------------------------------------- one video
 
 
-def _write_jpeg(path: Path, frame, quality: int) -> None:
+def _write_frame(path: Path, frame, quality: int) -> None:
     """Encode in memory and write with Python I/O: ``cv2.imwrite`` fails on some non-ASCII paths elsewhere.
 
     The encoder follows the file's extension: ``.png`` is lossless (``quality`` unused), anything else JPEG.
@@ -91,7 +91,7 @@ def _extract(
         n = 0
         for frame in reader:
             n += 1
-            _write_jpeg(tmp / f"{n:08d}{ext}", frame, quality)
+            _write_frame(tmp / f"{n:08d}{ext}", frame, quality)
         if n == 0:  # the reader raises first; kept so that no code path can publish an empty folder
             raise VideoReadError(f"{path}: no frames written")
     return n, reader.warnings

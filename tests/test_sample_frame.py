@@ -123,14 +123,14 @@ def test_process_pool_gives_same_result(videos, tmp_path, capsys):
 
 def test_interrupted_video_leaves_no_folder_and_next_run_completes(videos, tmp_path, monkeypatch, capsys):
     out = tmp_path / "frames"
-    real = sample_frame._write_jpeg
+    real = sample_frame._write_frame
 
     def dies_midway(path, frame, quality):
         if "semi;colon" in path.parent.name and path.name == "00000004.jpg":
             raise KeyboardInterrupt  # Ctrl-C (or any exception) in the middle of one video
         real(path, frame, quality)
 
-    monkeypatch.setattr(sample_frame, "_write_jpeg", dies_midway)
+    monkeypatch.setattr(sample_frame, "_write_frame", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         _run(videos, out, "--fps", "5")
     left = sorted(p.name for p in out.iterdir())
@@ -138,7 +138,7 @@ def test_interrupted_video_leaves_no_folder_and_next_run_completes(videos, tmp_p
     assert all(len(os.listdir(out / n)) == 10 for n in left)  # only whole videos are visible
     finished = len(left)
 
-    monkeypatch.setattr(sample_frame, "_write_jpeg", real)
+    monkeypatch.setattr(sample_frame, "_write_frame", real)
     assert _run(videos, out, "--fps", "5") == 1
     summary = capsys.readouterr().out
     assert f"done {4 - finished} " in summary and f"skipped {finished}, failed 4" in summary
