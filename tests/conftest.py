@@ -20,6 +20,18 @@ def need(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of small matrices: faster than two on a busy machine, and those
+    tests' results do not depend on it (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def reference_dir() -> Path:
     return need(REFERENCE)

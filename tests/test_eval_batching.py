@@ -9,14 +9,7 @@ from clip2video.modules.backbone import ClipConfig
 from clip2video.modules.evaluation import encode_video_heads, merge_uniform_groups
 from clip2video.modules.factory import create_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small matrices: one thread is faster than two on a busy machine, and the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_merge_pools_uniform_groups_and_keeps_mixed_ones():
