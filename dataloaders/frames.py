@@ -151,18 +151,51 @@ def _normalise_lut(mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] =
 
 
 @lru_cache(maxsize=1)
+def _torch_jpeg_op():
+    """torchvision's libjpeg-turbo decoder as a torch operator ``(data, mode, exif) → (C, H, W)``, or None.
+
+    Importing ``torchvision`` itself costs a couple of seconds per process (it imports ``torch._dynamo``), for
+    one function; so the operator library that holds the decoder (``image_stable``, ``image`` in older
+    releases) is loaded straight from torchvision's folder, which registers ``torch.ops.image.decode_jpeg``
+    without running torchvision's package code. Where that library is not found, ``torchvision.io`` is
+    imported after all; where neither works, None (Pillow decodes everything).
+    """
+    import importlib.machinery
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchvision")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        for name in ("image_stable", "image"):
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                lib = os.path.join(folder, name + suffix)
+                if not os.path.isfile(lib):
+                    continue
+                try:
+                    torch.ops.load_library(lib)
+                    return torch.ops.image.decode_jpeg
+                except (OSError, RuntimeError, AttributeError):
+                    continue
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:  # pragma: no cover - torchvision is a requirement
+        return None
+    return lambda data, mode, exif: decode_jpeg(data, mode=ImageReadMode(mode), apply_exif_orientation=exif)
+
+
+@lru_cache(maxsize=1)
 def _torch_jpeg_matches_pillow() -> bool:
     """Whether torchvision's JPEG decoder returns Pillow's pixels in this environment (checked once).
 
     Both wrap libjpeg-turbo with the same defaults (integer IDCT, fancy upsampling), and they agreed on every
     JPEG we tried (random sizes, 4:4:4 / 4:2:2 / 4:2:0 chroma, qualities 75–95); but they are separate builds,
     so a small probe is decoded by both first and any difference sends every frame to Pillow. torchvision
-    0.29 deprecates its image decoders in favour of TorchCodec (the warning is silenced here); once they are
-    gone, the import fails and Pillow decodes everything, with the same results.
+    0.29 deprecates its image decoders in favour of TorchCodec; once they are gone, the decoder is not found
+    and Pillow decodes everything, with the same results.
     """
-    try:
-        from torchvision.io import decode_jpeg  # noqa: F401
-    except ImportError:  # pragma: no cover - torchvision is a requirement
+    if _torch_jpeg_op() is None:  # pragma: no cover - torchvision is a requirement
         return False
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:48, 0:64]
@@ -183,12 +216,9 @@ def _torch_jpeg_matches_pillow() -> bool:
 def _decode_with_torch(data: bytes) -> np.ndarray | None:
     """A colour JPEG's (H, W, 3) pixels from torchvision's decoder (a strided view of its (3, H, W) output), or
     None where it cannot decode the data or the JPEG is not three-channel (grey, CMYK: Pillow handles those)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    decode = _torch_jpeg_op()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29: see _torch_jpeg_matches_pillow
-            chw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+        chw = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, False)  # 0: channels as stored
     except RuntimeError:
         return None  # corrupt or unusual: Pillow decodes it or says what is wrong
     return chw.permute(1, 2, 0).numpy() if chw.shape[0] == 3 else None  # the kernels read the view as is

@@ -1,8 +1,8 @@
-"""CLIP towers (from open_clip) and the two calls CLIP2Video makes of them.
+"""CLIP's towers and the two calls CLIP2Video makes of them.
 
-open_clip provides the model code and the OpenAI weight layout; parameter names are identical to OpenAI's
+The towers (:class:`Clip`) are CLIP's ViT in OpenAI's weight layout; parameter names are OpenAI's
 (``visual.conv1.weight``, ``transformer.resblocks.0.attn.in_proj_weight``, ...), which is what the released
-CLIP2Video checkpoints store under ``clip.``. What this module adds:
+CLIP2Video checkpoints store under ``clip.``, and what open_clip's models hold. What this module adds:
 
 * ``ClipConfig``: the architecture, read from a state dict (width, layers, patch, resolution, MLP width),
   plus what the tensors cannot tell (activation, head width, the image normalisation the weights were trained
@@ -16,6 +16,8 @@ CLIP2Video checkpoints store under ``clip.``. What this module adds:
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import torch
@@ -204,45 +206,130 @@ def activation_module(name: str) -> nn.Module:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
-def use_fast_quick_gelu(model: nn.Module) -> nn.Module:
-    """Swap every open_clip ``QuickGELU`` module of ``model`` for ours (no parameters, same outputs)."""
-    for module in model.modules():
-        for name, child in module.named_children():
-            if type(child).__name__ == "QuickGELU" and not isinstance(child, QuickGELU):
-                setattr(module, name, QuickGELU())
-    return model
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm whose output keeps the input's dtype (CLIP's: under autocast the residual stream
+    stays in its own dtype instead of being promoted by a float32 LayerNorm output)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).to(x.dtype)
 
 
-def _mlp_ratio(mlp_width: int, width: int) -> float:
-    """open_clip sizes an MLP as ``int(width * ratio)``: half a unit above the target survives rounding."""
-    return 4.0 if not mlp_width else (mlp_width + 0.5) / width
+class ClipBlock(nn.Module):
+    """CLIP's pre-LN residual attention block, batch-first, with OpenAI's parameter names
+    (``ln_1``, ``attn``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``)."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, activation: str):
+        super().__init__()
+        self.ln_1 = LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, mlp_width)),
+                                              ("gelu", activation_module(activation)),
+                                              ("c_proj", nn.Linear(mlp_width, width))]))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.ln_1(x)
+        mask = attn_mask.to(h.dtype) if attn_mask is not None else None
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        return x + self.mlp(self.ln_2(x))
 
 
-def build_clip(cfg: ClipConfig) -> nn.Module:
-    """An fp32 open_clip CLIP in OpenAI's layout with the configured activation (QuickGELU for OpenAI weights).
+class ClipTransformer(nn.Module):
+    """A stack of :class:`ClipBlock` over (B, L, W), optionally recomputed in backward (``grad_checkpointing``)."""
 
-    QuickGELU modules are ours (:class:`QuickGELU`): same forward, cheaper backward.
+    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, activation: str):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.grad_checkpointing = False
+        self.resblocks = nn.ModuleList([ClipBlock(width, heads, mlp_width, activation) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask)
+        return x
+
+
+class VisionTower(nn.Module):
+    """CLIP's ViT image tower: patches → class token + positions → ``ln_pre`` → blocks → ``ln_post`` on the
+    class token → ``proj``. (N, 3, H, W) normalised images → (N, D)."""
+
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        width, grid = cfg.vision_width, cfg.image_size // cfg.patch_size
+        scale = width**-0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = ClipTransformer(width, cfg.vision_layers, cfg.vision_heads,
+                                           cfg.vision_mlp_width or 4 * width, cfg.activation)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # (N, grid², W)
+        cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class Clip(nn.Module):
+    """CLIP in OpenAI's layout: ``visual`` (:class:`VisionTower`) and the text tower's parts at the top level
+    (``token_embedding``, ``positional_embedding``, ``transformer``, ``ln_final``, ``text_projection``), plus
+    ``logit_scale`` and the causal mask (a buffer that is not saved).
+
+    Our own module rather than open_clip's ``CLIP`` for one reason, start-up: importing open_clip pulls in
+    torchvision, ``torch._dynamo`` and timm (seconds per process) for a few dozen lines of model code. State
+    dicts are the same, module for module, and so are outputs (tests compare both bit for bit, including the
+    random initialisation, which follows open_clip's order and scales so tiny models trained from scratch are
+    unchanged); reading open_clip's *files* still goes through open_clip (``clip_weights.py``).
     """
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    vision = CLIPVisionCfg(
-        layers=cfg.vision_layers,
-        width=cfg.vision_width,
-        head_width=min(cfg.vision_head_width, cfg.vision_width),
-        mlp_ratio=_mlp_ratio(cfg.vision_mlp_width, cfg.vision_width),
-        patch_size=cfg.patch_size,
-        image_size=cfg.image_size,
-    )
-    text = CLIPTextCfg(
-        context_length=cfg.context_length,
-        vocab_size=cfg.vocab_size,
-        width=cfg.text_width,
-        heads=cfg.text_heads,
-        layers=cfg.text_layers,
-        mlp_ratio=_mlp_ratio(cfg.text_mlp_width, cfg.text_width),
-    )
-    model = CLIP(cfg.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=cfg.quick_gelu)
-    return use_fast_quick_gelu(model.float())
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        self.visual = VisionTower(cfg)
+        width = cfg.text_width
+        self.context_length, self.vocab_size = cfg.context_length, cfg.vocab_size
+        # built in OpenAI's order (it fixes the random draws), registered in open_clip's (it fixes the key order)
+        token_embedding = nn.Embedding(cfg.vocab_size, width)
+        positional_embedding = nn.Parameter(torch.empty(cfg.context_length, width))
+        self.transformer = ClipTransformer(width, cfg.text_layers, cfg.text_heads, cfg.text_mlp_width or 4 * width,
+                                           cfg.activation)
+        self.token_embedding, self.positional_embedding = token_embedding, positional_embedding
+        self.ln_final = LayerNorm(width)
+        causal = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu_(1)
+        self.register_buffer("attn_mask", causal, persistent=False)
+        self.text_projection = nn.Parameter(torch.empty(width, cfg.embed_dim))
+        self._init_text(cfg)
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+
+    def _init_text(self, cfg: ClipConfig) -> None:
+        """OpenAI's text-tower initialisation (the image tower keeps torch's defaults and the randn scales)."""
+        width, layers = cfg.text_width, cfg.text_layers
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std, attn_std, fc_std = width**-0.5 * (2 * layers) ** -0.5, width**-0.5, (2 * width) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.transformer.grad_checkpointing = enable
+        self.transformer.grad_checkpointing = enable
+
+
+def build_clip(cfg: ClipConfig) -> Clip:
+    """An fp32 CLIP of architecture ``cfg``, randomly initialised as OpenAI/open_clip initialise one."""
+    return Clip(cfg)
 
 
 def text_tokens(clip: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -256,7 +343,7 @@ def text_tokens(clip: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"text length {length} exceeds CLIP's context length {clip.positional_embedding.shape[0]}")
     x = clip.token_embedding(ids) + clip.positional_embedding[:length]  # (B, L, W)
     mask = clip.attn_mask[:length, :length].to(dtype=x.dtype, device=x.device)  # causal, -inf above diag
-    x = clip.transformer(x, attn_mask=mask)  # open_clip transformers are batch-first
+    x = clip.transformer(x, attn_mask=mask)
     x = clip.ln_final(x)
     return x @ clip.text_projection  # (B, L, D)
 

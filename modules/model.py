@@ -360,7 +360,10 @@ class CLIP2Video(nn.Module):
         b, t = mask.shape
         keep = mask.reshape(-1).bool()
         flat = frames.reshape(b * t, *frames.shape[2:])  # (B·T, 3, H, W)
-        real = frame_features(self.clip, to_backbone_normalisation(flat[keep], self.config.clip))  # (N_real, D)
+        every = bool(keep.all())  # no padding: the frames go in as they are, without a gathered copy
+        real = frame_features(self.clip, to_backbone_normalisation(flat if every else flat[keep], self.config.clip))
+        if every:
+            return real.view(b, t, -1)
         pad = self.zero_frame_feature(frames.device, flat.dtype).to(real.dtype)
         out = pad.expand(b * t, -1).clone()
         out = out.index_put((keep.nonzero(as_tuple=True)[0],), real) if real.shape[0] else out

@@ -104,8 +104,8 @@ class VideoProxyEncoder(nn.Module):
 
     def _block(self, block: nn.Module, x: torch.Tensor, t: int, n: int, key_mask: torch.Tensor) -> torch.Tensor:
         """One pre-LN residual block of the image tower with proxy-guided attention."""
-        x = x + block.ls_1(self.attention(block.attn, block.ln_1(x), t, n, key_mask))
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
+        x = x + self.attention(block.attn, block.ln_1(x), t, n, key_mask)
+        return x + block.mlp(block.ln_2(x))
 
     def forward(self, visual: nn.Module, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """CLIP image tower, (B, T, 3, H, W) frames + (B, T) mask → (B, D) projected proxy-0 feature (not
