@@ -1,7 +1,11 @@
 """CLIP BPE tokenisation with the sequence rule of the original CLIP2Video.
 
-The BPE itself (lower-casing, ftfy/html clean-up, byte-level BPE with the bundled vocabulary) is open_clip's
-``SimpleTokenizer``. What CLIP2Video adds is the sequence rule:
+The BPE is CLIP's, implemented here (``_ByteBPE``) so that tokenising never imports open_clip (whose package
+import pulls in torchvision, timm and torch._dynamo): ftfy and double html clean-up, whitespace folding,
+lower-casing, the CLIP pre-tokenising regex, byte-level BPE with the vocabulary file that open_clip bundles
+(``bpe_simple_vocab_16e6.txt.gz``, found beside the open_clip package without running it). It gives the same
+ids and the same decoded text as open_clip's ``SimpleTokenizer`` (checked in ``tests/test_tokenizer.py``).
+What CLIP2Video adds is the sequence rule:
 
     [start=49406] + at most ``max_words - 2`` BPE tokens + [end=49407], padded with id 0 to ``max_words``
 
@@ -11,8 +15,13 @@ overwriting the last position) the words are cut *before* the end token is appen
 
 from __future__ import annotations
 
+import gzip
+import html
+import importlib.util
 from collections.abc import Sequence
 from functools import lru_cache
+from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,14 +30,118 @@ START_ID = 49406
 END_ID = 49407
 PAD_ID = 0
 
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+_N_MERGES = 49152 - 256 - 2  # CLIP uses the first 48,894 merges of the file (after its header line)
+_SPECIAL = ("<start_of_text>", "<end_of_text>")
+_WORD_END = "</w>"
+
+
+def _vocab_path() -> Path:
+    """The BPE vocabulary open_clip ships, located from its package folder without importing open_clip."""
+    try:
+        spec = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        spec = None
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / VOCAB_FILE
+        if path.is_file():
+            return path
+    where = f"in {', '.join(folders)}" if folders else "(open_clip is not installed)"
+    raise FileNotFoundError(f"CLIP's BPE vocabulary {VOCAB_FILE} not found {where}; install open_clip_torch")
+
+
+def _byte_alphabet() -> tuple[list[int], list[str]]:
+    """CLIP's 256 byte symbols: (byte values, the character standing for each), in vocabulary order.
+
+    Bytes that are visible Latin-1 characters stand for themselves and come first, in byte order; the other
+    68 bytes (controls, space, DEL, NBSP, soft hyphen, ...) follow in byte order, standing for U+0100, U+0101, ...
+    """
+    visible = [b for b in range(256) if (0x21 <= b <= 0x7E) or (0xA1 <= b <= 0xFF and b != 0xAD)]
+    hidden = sorted(set(range(256)) - set(visible))
+    return visible + hidden, [chr(b) for b in visible] + [chr(0x100 + k) for k in range(len(hidden))]
+
+
+class _ByteBPE:
+    """CLIP's byte-level BPE (Radford et al. 2021), as in OpenAI's and open_clip's tokenisers."""
+
+    def __init__(self, path: Path):
+        import ftfy
+        import regex
+
+        self._fix_text = ftfy.fix_text
+        order, alphabet = _byte_alphabet()
+        self._byte_char = [""] * 256  # byte value -> its stand-in character
+        for b, ch in zip(order, alphabet, strict=True):
+            self._byte_char[b] = ch
+        self._char_byte = {ch: b for b, ch in zip(order, alphabet, strict=True)}
+
+        lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")[1 : _N_MERGES + 1]
+        merges = [tuple(line.split()) for line in lines]
+        symbols = alphabet + [ch + _WORD_END for ch in alphabet] + ["".join(m) for m in merges] + list(_SPECIAL)
+        self._id = {s: i for i, s in enumerate(symbols)}
+        self._symbol = symbols
+        self._rank = {m: r for r, m in enumerate(merges)}
+        # a raw pre-token -> its ids; seeded with the special tokens, which the regex keeps whole
+        self._memo: dict[str, tuple[int, ...]] = {s: (self._id[s],) for s in _SPECIAL}
+        self._split = regex.compile(
+            "|".join(_SPECIAL) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            regex.IGNORECASE,
+        ).findall
+
+    def clean(self, text: str) -> str:
+        text = html.unescape(html.unescape(self._fix_text(text))).strip()
+        return " ".join(text.split()).lower()
+
+    def _merge(self, token: str) -> tuple[int, ...]:
+        """Ids of one pre-token: its bytes as characters, the last marked end-of-word, pairs merged by rank."""
+        chars = [self._byte_char[b] for b in token.encode("utf-8")]
+        parts = chars[:-1] + [chars[-1] + _WORD_END]
+        rank = self._rank
+        while len(parts) > 1:
+            best, best_rank = None, len(rank)
+            for pair in pairwise(parts):
+                r = rank.get(pair, best_rank)
+                if r < best_rank:
+                    best, best_rank = pair, r
+            if best is None:
+                break
+            first, second = best
+            joined, merged, i, n = first + second, [], 0, len(parts)
+            while i < n:
+                if parts[i] == first and i + 1 < n and parts[i + 1] == second:
+                    merged.append(joined)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return tuple(self._id[p] for p in parts)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        memo = self._memo
+        for token in self._split(self.clean(text)):
+            got = memo.get(token)
+            if got is None:
+                got = self._merge(token)
+                if len(memo) < 1_000_000:
+                    memo[token] = got
+            ids.extend(got)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        chars = "".join(self._symbol[int(i)] for i in ids)
+        data = bytes(self._char_byte[c] for c in chars)
+        return data.decode("utf-8", errors="replace").replace(_WORD_END, " ")
+
 
 @lru_cache(maxsize=1)
-def _bpe():
-    from open_clip.tokenizer import SimpleTokenizer
-
-    tok = SimpleTokenizer()
-    if tok.sot_token_id != START_ID or tok.eot_token_id != END_ID:  # pragma: no cover - vocab sanity
-        raise RuntimeError("open_clip's BPE vocabulary does not match CLIP's start/end token ids")
+def _bpe() -> _ByteBPE:
+    """The process's BPE, built on first use (a mere import of this module reads no vocabulary)."""
+    tok = _ByteBPE(_vocab_path())
+    if tok._id[_SPECIAL[0]] != START_ID or tok._id[_SPECIAL[1]] != END_ID:  # pragma: no cover - vocab sanity
+        raise RuntimeError(f"{VOCAB_FILE} does not give CLIP's start/end token ids")
     return tok
 
 

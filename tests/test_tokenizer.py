@@ -1,12 +1,64 @@
-"""Tokeniser: the original's sequence rule on real MSR-VTT captions and edge cases."""
+"""Tokeniser: the original's sequence rule on real MSR-VTT captions and edge cases; our BPE against
+open_clip's ``SimpleTokenizer``; no open_clip import."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from clip2video.modules.tokenizer import END_ID, PAD_ID, START_ID, ClipTokenizer
+from clip2video.modules import tokenizer as tokenizer_module
+from clip2video.modules.tokenizer import END_ID, PAD_ID, START_ID, VOCAB_FILE, ClipTokenizer, _bpe
+
+from conftest import REFERENCE, ROOT, need
+
+HARD_CASES = [
+    "",
+    "   ",
+    "a man &amp; his dog",
+    "it&#39;s &quot;fine&quot; &lt;b&gt;bold&lt;/b&gt; &amp;amp; &amp;amp;amp; &nbsp;x",
+    "cafÃ© â€œquotedâ€\x9d donâ€™t",  # mojibake that ftfy repairs
+    "café naïve résumé Über Ångström façade",
+    "一个男人在厨房里做饭 日本語のテキスト 한국어 문장",
+    "สวัสดี नमस्ते مرحبا שלום",
+    "emoji 👍🏽 🇯🇵 👨‍👩‍👧 ❤️ 😂😂😂",
+    "in 1999 he paid $3.14 for 1,000,000 items at 10:30pm; ١٢٣ ½ ²",
+    "don't It's we're they've I'm you'll he'd DON'T IT'S 'ſ",
+    "multiple   spaces\tand\ttabs\nand\r\nnewlines \x0b\x0c\x1c end\u00a0nbsp\u3000ideographic",
+    "a" * 300,
+    "supercalifragilisticexpialidocious" * 8,
+    "pneumonoultramicroscopicsilicovolcanoconiosis antidisestablishmentarianism",
+    "!!!??? ... --- *** ((()))[[ ]]{{}} ~~~ @#$%^&*_+=|\\/<> -->",
+    "ﬁne ligatures ＦＵＬＬＷＩＤＴＨ “curly” ‘quotes’ — dash … ellipsis",
+    "İstanbul ǅ ẞ ΣΊΣΥΦΟΣ ß",
+    "zero\u200bwidth\u200djoin control\x07bell\x7fdel soft\u00adhyphen",
+    "literal </w> marker and <start_of_text> <end_of_text> tokens",
+    "A Man Is COOKING In The Kitchen.",
+]
+
+
+@pytest.fixture(scope="module")
+def open_clip_bpe():
+    tokenizer = pytest.importorskip("open_clip.tokenizer")
+    return tokenizer.SimpleTokenizer()
+
+
+def msrvtt_sentences() -> list[str]:
+    """Every sentence in the MSR-VTT annotation files beside the checkout (those with a sentence column)."""
+    sentences = []
+    for path in sorted(need(REFERENCE / "msrvtt_data").glob("*.csv")):
+        df = pd.read_csv(path)
+        if "sentence" in df.columns:
+            sentences.extend(df["sentence"].astype(str))
+    for path in sorted((REFERENCE / "msrvtt_data").glob("*.json")):
+        data = json.loads(path.read_text())
+        sentences.extend(str(s["caption"]) for s in data.get("sentences", []) if "caption" in s)
+    assert sentences, "no MSR-VTT sentences found"
+    return sentences
 
 
 def check_invariants(ids: np.ndarray, mask: np.ndarray, max_words: int) -> None:
@@ -57,3 +109,58 @@ def test_cleaning_and_batch():
     assert tok.decode(ids[1].tolist()) == "a dog runs"
     with pytest.raises(ValueError, match="max_words"):
         ClipTokenizer(1)
+
+
+def test_ids_equal_open_clip_on_msrvtt_sentences(open_clip_bpe):
+    sentences = msrvtt_sentences()
+    ours = _bpe()
+    for sentence in sentences:
+        assert ours.encode(sentence) == open_clip_bpe.encode(sentence), sentence
+
+
+@pytest.mark.parametrize("text", HARD_CASES)
+def test_ids_and_decode_equal_open_clip_on_hard_cases(open_clip_bpe, text):
+    ours = _bpe()
+    ids = ours.encode(text)
+    assert ids == open_clip_bpe.encode(text)
+    assert ours.encode(text) == ids  # the memoised second pass gives the same
+    assert ours.decode(ids) == open_clip_bpe.decode(ids)
+    words = [i for i in ids if i not in (START_ID, END_ID)]
+    assert ClipTokenizer(77).decode(words) == open_clip_bpe.decode(words).strip()
+
+
+def test_decode_of_arbitrary_ids_equals_open_clip(open_clip_bpe):
+    rng = np.random.default_rng(0)
+    ours = _bpe()
+    for _ in range(200):  # split multi-byte characters included: both replace them the same way
+        ids = rng.integers(1, START_ID, size=int(rng.integers(1, 20))).tolist()
+        assert ours.decode(ids) == open_clip_bpe.decode(ids)
+
+
+def test_tokenising_imports_no_open_clip():
+    code = (
+        "import sys; from clip2video.modules.tokenizer import ClipTokenizer; "
+        "ClipTokenizer(32).batch(['a man is cooking']); "
+        "print(sorted(m for m in ('open_clip','torchvision','timm','torch._dynamo') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_missing_vocabulary_is_a_clear_error(monkeypatch, tmp_path):
+    class Spec:
+        submodule_search_locations = [str(tmp_path)]
+
+    _bpe.cache_clear()
+    try:
+        monkeypatch.setattr(tokenizer_module.importlib.util, "find_spec", lambda name: Spec())
+        with pytest.raises(FileNotFoundError, match=VOCAB_FILE) as err:
+            ClipTokenizer(8)("a cat")
+        assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
+        monkeypatch.setattr(tokenizer_module.importlib.util, "find_spec", lambda name: None)
+        with pytest.raises(FileNotFoundError, match=f"{VOCAB_FILE}.*open_clip is not installed"):
+            ClipTokenizer(8).decode([320])
+    finally:
+        monkeypatch.undo()
+        _bpe.cache_clear()
+    assert ClipTokenizer(8).decode([320]) == "a"
