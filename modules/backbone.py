@@ -229,9 +229,19 @@ class ClipBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.ln_1(x)
-        mask = attn_mask.to(h.dtype) if attn_mask is not None else None
-        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        x = x + self.self_attention(h, attn_mask.to(h.dtype) if attn_mask is not None else None)
         return x + self.mlp(self.ln_2(x))
+
+    def self_attention(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """``self.attn(x, x, x)`` computed batch-first: the same projections and attention kernel (the result is
+        bit-identical, tested), without ``nn.MultiheadAttention``'s round trip through the sequence-first
+        layout, whose transposes copy every activation twice per block."""
+        a = self.attn
+        b, length, width = x.shape
+        qkv = nn.functional.linear(x, a.in_proj_weight, a.in_proj_bias)
+        q, k, v = qkv.view(b, length, 3, a.num_heads, width // a.num_heads).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, L, d)
+        return a.out_proj(out.transpose(1, 2).reshape(b, length, width))
 
 
 class ClipTransformer(nn.Module):

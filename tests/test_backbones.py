@@ -512,3 +512,62 @@ def test_pretrained_tag_normalisation_and_the_warning_without_it(caplog):
     with caplog.at_level(logging.WARNING, logger="clip2video"):
         _warn_if_tags_differ("ViT-B-16")
     assert caplog.text == ""
+
+
+TOWER_CONFIGS = {
+    "tiny": ClipConfig.tiny(),
+    "odd_widths_gelu": ClipConfig(embed_dim=96, image_size=48, patch_size=16, vision_width=96, vision_layers=3,
+                                  text_width=64, text_layers=2, vision_mlp_width=200, text_mlp_width=150,
+                                  activation="gelu", vision_head_width=32, text_head_width=32, vocab_size=1000,
+                                  context_length=40),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOWER_CONFIGS))
+def test_own_towers_equal_open_clips_model_bit_for_bit(name):
+    """Our CLIP module against open_clip's CLIP of the same architecture: the same random initialisation
+    under one seed (so tiny models trained from scratch are unchanged), the same state-dict keys in the same
+    order, bit-identical image and text features, and gradients within float rounding."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    from clip2video.modules.backbone import build_clip, text_tokens
+
+    cfg = TOWER_CONFIGS[name]
+
+    def ratio(mlp: int, width: int) -> float:
+        return 4.0 if not mlp else (mlp + 0.5) / width
+
+    vision = CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.vision_width, patch_size=cfg.patch_size,
+                           head_width=min(cfg.vision_head_width, cfg.vision_width), image_size=cfg.image_size,
+                           mlp_ratio=ratio(cfg.vision_mlp_width, cfg.vision_width))
+    text = CLIPTextCfg(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
+                       heads=cfg.text_heads, layers=cfg.text_layers, mlp_ratio=ratio(cfg.text_mlp_width, cfg.text_width))
+    torch.manual_seed(7)
+    ref = CLIP(cfg.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=cfg.quick_gelu)
+    torch.manual_seed(7)
+    ours = build_clip(cfg)
+    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
+    assert list(our_sd) == list(ref_sd)
+    assert all(torch.equal(our_sd[k], ref_sd[k]) for k in ref_sd)
+
+    with torch.no_grad():  # non-trivial LayerNorms and biases
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours.load_state_dict(ref.state_dict())
+    images = torch.randn(5, 3, cfg.image_size, cfg.image_size)
+    ids = torch.randint(1, cfg.vocab_size, (4, 13))
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        assert torch.equal(frame_features(ours, images), ref.visual(images))
+        x = ref.token_embedding(ids) + ref.positional_embedding[:13]
+        expected = ref.ln_final(ref.transformer(x, attn_mask=ref.attn_mask[:13, :13])) @ ref.text_projection
+        assert torch.equal(text_tokens(ours, ids), expected)
+
+    for model, run in ((ref, lambda: ref.visual(images)), (ours, lambda: frame_features(ours, images))):
+        model.train()
+        run().square().sum().backward()
+    ref_grads = dict(ref.named_parameters())
+    for key, p in ours.named_parameters():
+        if p.grad is not None:
+            g = ref_grads[key].grad  # QuickGELU's backward is ours on one side: float rounding, not more
+            assert (p.grad - g).abs().max() <= 1e-5 * g.abs().max(), key

@@ -212,6 +212,29 @@ def test_jpeg_decoders_agree_with_pillow(tmp_path, monkeypatch, mode):
     assert torch.equal(preprocess_image(path), ref)
 
 
+def test_torchvision_decoder_is_loaded_without_torchvision_and_falls_back_to_its_package(tmp_path, monkeypatch):
+    # the operator library is loaded from torchvision's folder directly; without it, torchvision.io is used
+    import importlib.util
+
+    from clip2video.dataloaders import frames
+
+    path = tmp_path / "f.jpg"
+    natural_image(200, 150, seed=5).save(path, "JPEG", quality=90)
+    data = path.read_bytes()
+    ref = np.asarray(Image.open(path).convert("RGB"))
+    frames._torch_jpeg_op.cache_clear()
+    try:
+        assert np.array_equal(frames._decode_with_torch(data), ref)
+        real_find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == "torchvision" else real_find_spec(name, *a))
+        frames._torch_jpeg_op.cache_clear()
+        assert np.array_equal(frames._decode_with_torch(data), ref)  # through torchvision.io's wrapper
+        assert frames._decode_with_torch(b"\xff\xd8\xff not a jpeg") is None
+    finally:
+        frames._torch_jpeg_op.cache_clear()
+
+
 def test_normalisation_table_covers_every_level(tmp_path):
     # every uint8 level in every channel, no resize: the look-up table alone against ToTensor + Normalize
     levels = np.arange(224 * 224 * 3) % 256

@@ -111,3 +111,32 @@ def test_eval_entry_point_imports_no_unused_heavy_package():
             "'torch.utils.tensorboard', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_evaluation_path_imports_neither_open_clip_nor_torchvision(tmp_path):
+    """Building a model, tokenising, decoding JPEG frames and encoding both never import open_clip,
+    torchvision, timm or torch._dynamo (seconds of start-up per process, for code we do not run)."""
+    folder = tmp_path / "v"
+    folder.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (64, 48), (40 * i, 90, 200)).save(folder / f"{i + 1:08d}.jpg", quality=90)
+    code = (
+        "import sys, torch\n"
+        "from clip2video.modules.backbone import ClipConfig\n"
+        "from clip2video.modules.factory import create_model\n"
+        "from clip2video.modules.tokenizer import ClipTokenizer\n"
+        "from clip2video.dataloaders.frames import _torch_jpeg_matches_pillow, load_video\n"
+        "model = create_model('tab_tdb', clip_config=ClipConfig.tiny()).eval()\n"
+        "ids, mask = ClipTokenizer(32).batch(['a man is cooking', 'a dog runs'])\n"
+        f"frames, vmask, _ = load_video({str(folder)!r}, max_frames=4, image_size=32)\n"
+        "with torch.no_grad():\n"
+        "    model.encode_text(ids, mask)\n"
+        "    model.encode_video(frames[None], vmask[None])\n"
+        "assert _torch_jpeg_matches_pillow()\n"
+        "print(sorted(m for m in ('open_clip', 'torchvision', 'timm', 'torch._dynamo') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
