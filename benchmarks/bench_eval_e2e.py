@@ -104,6 +104,8 @@ def argv(data: Path, weights: Path, out: Path, batch: int, threads: int) -> list
 def run(name: str, cmd: list[str], env: dict[str, str], out: Path) -> float:
     """Wall-clock seconds of one process (``cmd``), which must exit 0."""
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("msvd.log", "sim.npy", "metrics.json"):  # the original appends to an existing log
+        (out / stale).unlink(missing_ok=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=dict(os.environ, **env), capture_output=True, text=True)
     wall = time.perf_counter() - t0
