@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from clip2video.cli import (
     add_image_mode_arg,
     add_precision_arg,
     check_paths,
+    exit_process,
     model_fields,
     model_flags_given,
     output_paths,
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
     from clip2video.dataloaders.annotations import load_eval_set
     from clip2video.dataloaders.dataset import VideoDataset
-    from clip2video.modules.evaluation import evaluate, video_share
+    from clip2video.modules.evaluation import eval_loader, evaluate, video_share
     from clip2video.modules.logging_utils import setup_logging
     from clip2video.modules.metrics import format_table, markdown_row
     from clip2video.modules.tokenizer import ClipTokenizer
@@ -158,8 +158,7 @@ def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
         share, _ = video_share(rset, model, args.batch_size_val, info)
         dataset = torch.utils.data.Subset(dataset, share)
         logger.info("%d processes: rank 0 encodes %d of %d videos", info.world_size, len(share), len(rset.video_ids))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_val, shuffle=False,
-                                         num_workers=args.num_thread_reader, pin_memory=device.type == "cuda")
+    loader = eval_loader(dataset, args.num_thread_reader, pin_memory=device.type == "cuda")
     t0 = time.perf_counter()
     res = evaluate(model, rset, loader, tokenizer=ClipTokenizer(args.max_words), batch_size_val=args.batch_size_val,
                    device=device, precision=args.precision, save_sim=args.save_sim,
@@ -210,5 +209,10 @@ def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
     return 0
 
 
+def console() -> None:
+    """``python infer_retrieval.py`` and the installed ``clip2video-eval``: :func:`main`, then a quick exit."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

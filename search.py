@@ -28,6 +28,7 @@ from clip2video.cli import (
     add_image_mode_arg,
     add_precision_arg,
     check_paths,
+    exit_process,
     parse_with_config,
     run_main,
 )
@@ -223,5 +224,10 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def console() -> None:
+    """``python search.py`` and the installed ``clip2video-search``: :func:`main`, then a quick exit."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -16,6 +16,8 @@ ENTRY_POINTS = ("train", "infer_retrieval", "sample_frame", "search")
 # console script → entry module; a script is installed only when its module is in the tree, never a dead command
 CONSOLE_SCRIPTS = {"clip2video-train": "train", "clip2video-eval": "infer_retrieval",
                    "clip2video-extract": "sample_frame", "clip2video-search": "search"}
+# the short-running commands end through clip2video.cli.exit_process (no second of interpreter teardown)
+QUICK_EXIT = {"infer_retrieval": "console", "search": "console"}
 
 
 class BuildPy(build_py):
@@ -45,8 +47,8 @@ setup(
                  "clip2video.dataloaders": "dataloaders"},
     package_data={"clip2video": ["static/*"]},  # the search page served by `search.py serve`
     cmdclass={"build_py": BuildPy},
-    entry_points={"console_scripts": [f"{cmd} = clip2video.{mod}:main" for cmd, mod in CONSOLE_SCRIPTS.items()
-                                      if (ROOT / f"{mod}.py").is_file()]},
+    entry_points={"console_scripts": [f"{cmd} = clip2video.{mod}:{QUICK_EXIT.get(mod, 'main')}"
+                                      for cmd, mod in CONSOLE_SCRIPTS.items() if (ROOT / f"{mod}.py").is_file()]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<3",

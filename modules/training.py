@@ -284,10 +284,10 @@ def validate(model: nn.Module, val: ValData, *, device: torch.device, precision:
     Returns:
         ``{"t2v": {R1, R5, R10, MdR, MnR}, "v2t": {...}}``.
     """
-    from .evaluation import evaluate
+    from .evaluation import eval_loader, evaluate
 
     was_training = model.training
-    loader = DataLoader(val.videos, batch_size=val.batch_size_val, shuffle=False, num_workers=val.num_workers)
+    loader = eval_loader(val.videos, val.num_workers)
     res = evaluate(model, val.rset, loader, tokenizer=val.tokenizer, batch_size_val=val.batch_size_val,
                    device=device, precision=precision)
     model.train(was_training)

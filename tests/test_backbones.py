@@ -541,7 +541,8 @@ def test_own_towers_equal_open_clips_model_bit_for_bit(name):
                            head_width=min(cfg.vision_head_width, cfg.vision_width), image_size=cfg.image_size,
                            mlp_ratio=ratio(cfg.vision_mlp_width, cfg.vision_width))
     text = CLIPTextCfg(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
-                       heads=cfg.text_heads, layers=cfg.text_layers, mlp_ratio=ratio(cfg.text_mlp_width, cfg.text_width))
+                       heads=cfg.text_heads, layers=cfg.text_layers,
+                       mlp_ratio=ratio(cfg.text_mlp_width, cfg.text_width))
     torch.manual_seed(7)
     ref = CLIP(cfg.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=cfg.quick_gelu)
     torch.manual_seed(7)
