@@ -182,7 +182,13 @@ def _torch_jpeg_op():
             from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:  # pragma: no cover - torchvision is a requirement
         return None
-    return lambda data, mode, exif: decode_jpeg(data, mode=ImageReadMode(mode), apply_exif_orientation=exif)
+
+    def decode(data: torch.Tensor, mode: int, exif: bool) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # raised by every call in torchvision 0.29
+            return decode_jpeg(data, mode=ImageReadMode(mode), apply_exif_orientation=exif)
+
+    return decode
 
 
 @lru_cache(maxsize=1)

@@ -7,6 +7,8 @@ scripts run), where torch replaces the message; :func:`clip2video.cli.one_line` 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,8 @@ from clip2video.dataloaders.synthetic import make_synthetic_dataset
 from clip2video.modules.backbone import ClipConfig
 from clip2video.modules.factory import create_model
 from clip2video.modules.release import export_original
+
+from conftest import ROOT
 
 
 # ----------------------------------------------------------------------------------------------- one_line
@@ -203,3 +207,34 @@ def test_train_nonexistent_path_is_named(data, tmp_path, capsys, flag):
 def test_folder_where_a_file_is_expected(data, tmp_path, capsys):
     rc = infer_retrieval.main(infer_argv(data, data["frames"], "--clip_path", str(tmp_path)))
     assert rc == 2 and capsys.readouterr().err == f"infer_retrieval.py: error: --clip_path {tmp_path}: not a file\n"
+
+
+def test_exit_process_runs_exit_handlers_flushes_and_keeps_the_code(tmp_path):
+    marker, log = tmp_path / "atexit.txt", tmp_path / "run.log"
+    code = (
+        "import atexit, logging, sys\n"
+        "from clip2video.cli import exit_process\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+        f"logging.basicConfig(filename={str(log)!r}, level=logging.INFO)\n"
+        "logging.getLogger('t').info('last line')\n"
+        "sys.stdout.write('unflushed output')\n"
+        "exit_process(3)\n"
+        "print('never')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 3
+    assert out.stdout == "unflushed output"
+    assert marker.read_text() == "ran" and "last line" in log.read_text()
+
+
+def test_exit_process_waits_for_a_live_thread(tmp_path):
+    done = tmp_path / "thread.txt"
+    code = (
+        "import threading, time\n"
+        "from clip2video.cli import exit_process\n"
+        f"t = threading.Thread(target=lambda: (time.sleep(0.5), open({str(done)!r}, 'w').write('done')))\n"
+        "t.start()\n"
+        "exit_process(0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and done.read_text() == "done"
