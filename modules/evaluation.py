@@ -106,11 +106,12 @@ def encode_captions(
 EVAL_LOADER_BATCH = 16
 
 
-def eval_loader(dataset: torch.utils.data.Dataset, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def eval_loader(dataset: torch.utils.data.Dataset, num_workers: int,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """The loader of an evaluation's videos (``{"frames", "mask", "index"}`` batches in dataset order).
 
     Its batch size is deliberately not ``--batch_size_val``: which videos share a temporal-head batch is fixed
-    by the evaluation from the video ids alone (``modules.evaluation.video_share``), and every frame goes
+    by the evaluation from the video ids alone (:func:`video_share`), and every frame goes
     through the image tower on its own. So the loader's batch only decides how many videos a worker decodes
     before the tower gets any frames, and how many frames one tower call takes: with 16 videos the tower starts
     after a fraction of a second of decoding instead of seconds at 64 (``benchmarks/README.md``).
