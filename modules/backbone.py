@@ -4,6 +4,7 @@ The towers (:class:`Clip`) are CLIP's ViT in OpenAI's weight layout; parameter n
 (``visual.conv1.weight``, ``transformer.resblocks.0.attn.in_proj_weight``, ...), which is what the released
 CLIP2Video checkpoints store under ``clip.``, and what open_clip's models hold. What this module adds:
 
+* :class:`Clip`: the towers themselves (image tower ``visual``, text tower parts at the top level);
 * ``ClipConfig``: the architecture, read from a state dict (width, layers, patch, resolution, MLP width),
   plus what the tensors cannot tell (activation, head width, the image normalisation the weights were trained
   with, the open_clip architecture name), so tiny test models and ViT-B/32, B/16, L/14, L/14@336 from OpenAI
@@ -297,8 +298,9 @@ class Clip(nn.Module):
     Our own module rather than open_clip's ``CLIP`` for one reason, start-up: importing open_clip pulls in
     torchvision, ``torch._dynamo`` and timm (seconds per process) for a few dozen lines of model code. State
     dicts are the same, module for module, and so are outputs (tests compare both bit for bit, including the
-    random initialisation, which follows open_clip's order and scales so tiny models trained from scratch are
-    unchanged); reading open_clip's *files* still goes through open_clip (``clip_weights.py``).
+    random initialisation, which follows open_clip's order and scales, so a model built under a seed starts
+    from the same weights as before); reading open_clip's *files* still goes through open_clip
+    (``clip_weights.py``).
     """
 
     def __init__(self, cfg: ClipConfig):
