@@ -250,7 +250,6 @@ class ClipTransformer(nn.Module):
 
     def __init__(self, width: int, layers: int, heads: int, mlp_width: int, activation: str):
         super().__init__()
-        self.width, self.layers = width, layers
         self.grad_checkpointing = False
         self.resblocks = nn.ModuleList([ClipBlock(width, heads, mlp_width, activation) for _ in range(layers)])
 
