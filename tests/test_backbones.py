@@ -26,6 +26,8 @@ from clip2video.modules.clip_weights import load_clip, open_clip_config, unsuppo
 from clip2video.modules.factory import create_model, load_model
 from clip2video.modules.model import make_config
 
+from conftest import make_colour_clips
+
 FAMILIES = {  # name: (embed/text width, image-tower width, patch, resolution)
     "B-32": (64, 128, 32, 224),
     "B-16": (64, 128, 16, 224),
@@ -353,22 +355,8 @@ def test_frames_reach_the_tower_in_the_backbones_normalisation(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- end to end
-def make_data(root: Path, n_videos: int = 8, frames: int = 3) -> tuple[Path, Path]:
-    names = ["red", "green", "blue", "yellow"]
-    rgb = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
-    rng = np.random.default_rng(0)
-    feats = root / "frames"
-    rows = ["video_id,caption,split"]
-    for v in range(n_videos):
-        c = v % len(names)
-        d = feats / f"video{v}"
-        d.mkdir(parents=True)
-        for f in range(frames):
-            noise = rng.integers(-40, 41, size=(24, 32, 3))
-            Image.fromarray(np.clip(np.array(rgb[c]) + noise, 0, 255).astype(np.uint8)).save(d / f"{f + 1:08d}.png")
-        rows.append(f"video{v},a video that is {names[c]},{'val' if v >= n_videos - 4 else 'train'}")
-    (root / "annotations.csv").write_text("\n".join(rows) + "\n")
-    return root / "annotations.csv", feats
+def make_data(root: Path) -> tuple[Path, Path]:
+    return make_colour_clips(root, n_videos=8, frames=3, colours=4, size=(24, 32), noise=40)
 
 
 # every family with both activations, each from another file format (all formats covered)

@@ -27,9 +27,8 @@ from clip2video.dataloaders.synthetic import make_synthetic_dataset
 from clip2video.dataloaders.video_io import decode_outputs, encode_video, probe
 from clip2video.modules.backbone import ClipConfig
 from clip2video.modules.factory import create_model
-from clip2video.modules.release import export_original
 
-from conftest import REFERENCE, need
+from conftest import REFERENCE, generic_eval_argv, need
 
 RATES = [25, 30000 / 1001, 60]
 VIDEO_FPS = 5
@@ -108,18 +107,8 @@ def test_png_extraction_equals_direct_decoding(synthetic):
             assert_same_tensors(video, png / video.stem)
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = create_model("tab_tdb", clip_config=ClipConfig.tiny(), center_k=3)
-    return export_original(model, tmp_path_factory.mktemp("ckpt") / "pytorch_model.bin.1")
-
-
 def eval_argv(csv_path: Path, features: Path, ckpt: Path, sim: Path, *extra: str) -> list[str]:
-    return ["--datatype", "generic", "--data_path", str(csv_path), "--split", "test", "--features_path",
-            str(features), "--checkpoint", str(ckpt.parent), "--model_num", "1", "--max_words", "16",
-            "--max_frames", "6", "--batch_size_val", "4", "--num_thread_reader", "0", "--device", "cpu",
-            "--video_fps", str(VIDEO_FPS), "--save_sim", str(sim), *extra]
+    return generic_eval_argv(csv_path, features, ckpt, sim, "--video_fps", str(VIDEO_FPS), *extra, max_frames=6)
 
 
 def test_eval_on_video_files_equals_eval_on_png_folders(synthetic, tiny_ckpt, tmp_path, capsys):

@@ -26,6 +26,8 @@ from clip2video.modules.logging_utils import read_log
 from clip2video.modules.optim import OptimConfig
 from clip2video.modules.training import NonFiniteLossError, TrainConfig, ValData, train, validate
 
+from conftest import make_colour_clips
+
 ROOT = Path(__file__).resolve().parents[1]
 N_COLOURS = 8
 PALETTE = 1.5 * torch.tensor(
@@ -189,29 +191,9 @@ def test_gradient_accumulation_runs_and_counts_optimizer_steps(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- train.py end to end
-def make_generic_data(root: Path, n_videos: int = 16, frames: int = 6) -> tuple[Path, Path]:
-    """Frame folders of coloured noise (32×32 JPEG... PNG to stay lossless) + a generic csv naming the colour."""
-    from PIL import Image
-
-    names = ["red", "green", "blue", "yellow", "magenta", "cyan", "white", "black"]
-    rgb = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255), (255, 255, 255),
-           (0, 0, 0)]
-    rng = np.random.default_rng(0)
-    feats = root / "frames"
-    rows = ["video_id,caption,split"]
-    for v in range(n_videos):
-        c = v % len(names)
-        d = feats / f"video{v}"
-        d.mkdir(parents=True)
-        for f in range(frames):
-            noise = rng.integers(-60, 61, size=(32, 32, 3))
-            img = np.clip(np.array(rgb[c])[None, None] + noise, 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(d / f"{f + 1:08d}.png")
-        split = "val" if v >= n_videos - 4 else "train"
-        rows.append(f"video{v},a video that is {names[c]},{split}")
-    csv = root / "annotations.csv"
-    csv.write_text("\n".join(rows) + "\n")
-    return csv, feats
+def make_generic_data(root: Path) -> tuple[Path, Path]:
+    """Frame folders of coloured noise (32×32 PNG, lossless) + a generic csv naming the colour."""
+    return make_colour_clips(root, n_videos=16, frames=6, colours=8, size=(32, 32), noise=60)
 
 
 def train_argv(csv: Path, feats: Path, out: Path, *extra: str) -> list[str]:

@@ -17,7 +17,6 @@ import av
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from clip2video import infer_retrieval, sample_frame
 from clip2video.dataloaders.frames import FrameError, load_video_file
@@ -28,9 +27,8 @@ from clip2video.dataloaders.video_io import (
     probe,
     write_video,
 )
-from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.factory import create_model
-from clip2video.modules.release import export_original
+
+from conftest import generic_eval_argv
 
 
 def levels(n: int) -> list[np.ndarray]:
@@ -155,17 +153,8 @@ def write_csv(path: Path, ids: list[str]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = create_model("tab_tdb", clip_config=ClipConfig.tiny(), center_k=3)
-    return export_original(model, tmp_path_factory.mktemp("ckpt") / "pytorch_model.bin.1")
-
-
 def eval_argv(ann: Path, features: Path, ckpt: Path, sim: Path, *extra: str) -> list[str]:
-    return ["--datatype", "generic", "--data_path", str(ann), "--split", "test", "--features_path", str(features),
-            "--checkpoint", str(ckpt.parent), "--model_num", "1", "--max_words", "16", "--max_frames", "4",
-            "--batch_size_val", "4", "--num_thread_reader", "0", "--device", "cpu", "--save_sim", str(sim), *extra]
+    return generic_eval_argv(ann, features, ckpt, sim, *extra, max_frames=4)
 
 
 def _audio_only(path: Path) -> None:
