@@ -39,7 +39,7 @@ from clip2video.dataloaders.frames import (
     load_video,
     sample_positions,
 )
-from clip2video.modules.tokenizer import ClipTokenizer
+from clip2video.modules.network.tokenizer import ClipTokenizer
 
 
 def make_video(folder: Path, w: int, h: int, n: int, seed: int) -> None:

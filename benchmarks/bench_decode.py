@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 import torch
 
-from clip2video import sample_frame
+from clip2video.cli import sample_frame
 from clip2video.dataloaders import video_io
 from clip2video.dataloaders.frames import load_video, load_video_file, sample_positions
 from clip2video.dataloaders.video_io import decode_outputs, encode_video, probe

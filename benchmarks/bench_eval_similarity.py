@@ -25,12 +25,12 @@ import time
 import numpy as np
 import torch
 
-from clip2video.modules.alignment import align_tokens
-from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.evaluation import encode_video_heads, score
-from clip2video.modules.factory import create_model
-from clip2video.modules.model import TextEmbedding
-from clip2video.modules.temporal import l2n
+from clip2video.modules.evaluation.engine import encode_video_heads, score
+from clip2video.modules.network.alignment import align_tokens
+from clip2video.modules.network.backbone import ClipConfig
+from clip2video.modules.network.model import TextEmbedding
+from clip2video.modules.network.temporal import l2n
+from clip2video.modules.weights.factory import create_model
 
 
 def main() -> None:

@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from clip2video.modules.backbone import ClipConfig, build_clip
-from clip2video.modules.precision import autocast
+from clip2video.modules.network.backbone import ClipConfig, build_clip
+from clip2video.modules.runtime.precision import autocast
 
 
 def vit_flops(cfg: ClipConfig) -> float:

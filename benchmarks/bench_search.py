@@ -12,7 +12,7 @@ For exact search (faiss flat inner product), a brute-force baseline (numpy matri
 over all vectors, the same run) and each approximate setting: recall@10 against exact, p50/p99 latency of the
 search alone (one query at a time) including the exact re-scoring that ``SearchIndex.search`` does, index
 memory (serialised size) and build time. Then the whole query: ViT-B/32-size text tower (random weights)
-on real tokens only (``clip2video.index.encode_queries``), fp32 / bf16 / int8-dynamic, + the search.
+on real tokens only (``clip2video.search.index.encode_queries``), fp32 / bf16 / int8-dynamic, + the search.
 Also the flat-search latency at growing sizes (where exact search stops being cheap).
 
     python benchmarks/bench_search.py [--n 1000000] [--queries 200] [--threads 2] [--json out.json]
@@ -74,8 +74,8 @@ def rescored(xb: np.ndarray, q: np.ndarray, labels: np.ndarray, k: int) -> np.nd
 
 
 def set_params(index, params: str) -> None:
-    """``nprobe=…,k_factor=…`` on an IVF index or an IndexRefine around one (as clip2video.index does)."""
-    from clip2video.index import apply_search_params
+    """``nprobe=…,k_factor=…`` on an IVF index or an IndexRefine around one (as clip2video.search.index does)."""
+    from clip2video.search.index import apply_search_params
 
     apply_search_params(index, params)
 
@@ -106,7 +106,7 @@ def main() -> None:
     import faiss
     import torch
 
-    from clip2video.index import EXACT_MAX, auto_index_type
+    from clip2video.search.index import EXACT_MAX, auto_index_type
 
     faiss.omp_set_num_threads(a.threads)
     torch.set_num_threads(a.threads)
@@ -219,10 +219,10 @@ def main() -> None:
 
     # ---- whole query: text tower + search ---------------------------------------------------------------------
     if not a.no_text:
-        from clip2video.index import encode_queries
-        from clip2video.modules.backbone import ClipConfig
-        from clip2video.modules.factory import create_model
-        from clip2video.modules.tokenizer import ClipTokenizer
+        from clip2video.modules.network.backbone import ClipConfig
+        from clip2video.modules.network.tokenizer import ClipTokenizer
+        from clip2video.modules.weights.factory import create_model
+        from clip2video.search.index import encode_queries
 
         torch.manual_seed(0)
         model = create_model("tab_tdb", clip_config=ClipConfig(), mask_layout="per_video").eval()

@@ -82,9 +82,9 @@ def make_model_and_embeddings(work: Path, n: int, clusters: int) -> Path:
     """A ViT-B/32-text-size TDB + TAB model saved as a checkpoint, and an export of ``n`` vectors naming it."""
     import torch
 
-    from clip2video.index_build import describe_model, write_embeddings
-    from clip2video.modules.backbone import ClipConfig
-    from clip2video.modules.factory import create_model
+    from clip2video.modules.network.backbone import ClipConfig
+    from clip2video.modules.weights.factory import create_model
+    from clip2video.search.build import describe_model, write_embeddings
 
     torch.manual_seed(0)
     model = create_model("tab_tdb", clip_config=ClipConfig(vision_width=64, vision_layers=1),
@@ -211,8 +211,8 @@ def main() -> int:
             print(f"set-up: {args.n} vectors, model and index in {time.perf_counter() - t0:.1f} s", flush=True)
 
         # 1. baseline: the work itself, in this process
-        from clip2video.index import SearchIndex
-        from clip2video.server import set_compute_threads
+        from clip2video.search.app import set_compute_threads
+        from clip2video.search.index import SearchIndex
 
         threads = set_compute_threads(None, args.encoders)  # what serve sets for itself
         ix = SearchIndex.open(index)

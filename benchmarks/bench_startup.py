@@ -42,15 +42,15 @@ def child(checkpoint: str, old: bool) -> None:
     t0 = time.perf_counter()
     import torch
 
-    from clip2video import infer_retrieval  # noqa: F401 - what the entry point imports first
+    from clip2video.cli import infer_retrieval  # noqa: F401 - what the entry point imports first
     from clip2video.dataloaders import annotations, dataset  # noqa: F401
     from clip2video.dataloaders.frames import _torch_jpeg_op
-    from clip2video.modules import checkpoint as ck
-    from clip2video.modules import evaluation  # noqa: F401
-    from clip2video.modules.backbone import ClipConfig
-    from clip2video.modules.factory import load_model
-    from clip2video.modules.model import CLIP2Video, make_config
-    from clip2video.modules.tokenizer import _bpe
+    from clip2video.modules.evaluation import engine  # noqa: F401
+    from clip2video.modules.network.backbone import ClipConfig
+    from clip2video.modules.network.model import CLIP2Video, make_config
+    from clip2video.modules.network.tokenizer import _bpe
+    from clip2video.modules.weights import checkpoint as ck
+    from clip2video.modules.weights.factory import load_model
 
     if old:
         previous_imports()
@@ -70,7 +70,7 @@ def child(checkpoint: str, old: bool) -> None:
     digest = float(sum(p.detach().double().sum() for p in model.parameters()))
     print(json.dumps({"imports_s": t1 - t0, "model_s": t2 - t1, "digest": digest}), flush=True)
     if not old:
-        from clip2video.cli import exit_process
+        from clip2video.cli.common import exit_process
 
         exit_process(0)
 

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.evaluation import encode_captions
-from clip2video.modules.factory import create_model
-from clip2video.modules.model import TextEmbedding
-from clip2video.modules.tokenizer import ClipTokenizer
+from clip2video.modules.evaluation.engine import encode_captions
+from clip2video.modules.network.backbone import ClipConfig
+from clip2video.modules.network.model import TextEmbedding
+from clip2video.modules.network.tokenizer import ClipTokenizer
+from clip2video.modules.weights.factory import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MSRVTT_CSV = ROOT.parent / "shared" / "reference-data" / "msrvtt_data" / "MSRVTT_JSFUSION_test.csv"
@@ -51,8 +51,8 @@ def msrvtt_captions() -> tuple[list[str], str]:
 @torch.no_grad()
 def encode_all_positions(model, captions, tokenizer, batch: int) -> TextEmbedding:
     """The previous path: captions in order, each batch over every position (the tower call without cut)."""
-    from clip2video.modules.alignment import align_tokens
-    from clip2video.modules.temporal import l2n
+    from clip2video.modules.network.alignment import align_tokens
+    from clip2video.modules.network.temporal import l2n
 
     g, a = [], []
     for s in range(0, len(captions), batch):

@@ -98,11 +98,11 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from clip2video.modules.backbone import ClipConfig
-    from clip2video.modules.factory import create_model
-    from clip2video.modules.loss import global_batch_loss
-    from clip2video.modules.optim import OptimConfig, build_optimizer, clamp_logit_scale, param_groups
-    from clip2video.modules.precision import autocast
+    from clip2video.modules.network.backbone import ClipConfig
+    from clip2video.modules.runtime.precision import autocast
+    from clip2video.modules.training.loss import global_batch_loss
+    from clip2video.modules.training.optim import OptimConfig, build_optimizer, clamp_logit_scale, param_groups
+    from clip2video.modules.weights.factory import create_model
 
     torch.manual_seed(0)
     device = torch.device(args.device)

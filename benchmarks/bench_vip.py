@@ -3,7 +3,7 @@
 
 Three ways to encode a 12-frame video, same random ViT-B/32 image tower, same run:
   * per-frame: the CLIP image tower on each frame (what CLIP2Video's heads start from);
-  * vip blocked: proxy-guided attention computed per block (modules/vip.py);
+  * vip blocked: proxy-guided attention computed per block (modules/network/vip.py);
   * vip dense: the same attention through one dense (P+T·N)² boolean mask (the straightforward way).
 The blocked and dense results are checked to agree. The last line is the vip/per-frame time ratio.
 
@@ -18,9 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.factory import create_model
-from clip2video.modules.vip import VideoProxyEncoder
+from clip2video.modules.network.backbone import ClipConfig
+from clip2video.modules.network.vip import VideoProxyEncoder
+from clip2video.modules.weights.factory import create_model
 
 
 def dense_attention(self, attn, x, t, n, key_mask):

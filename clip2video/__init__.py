@@ -1,25 +1,21 @@
-"""CLIP2Video text–video retrieval: the installable package.
+"""CLIP2Video text–video retrieval: the one import root of this project.
 
-Installed (``pip install .``), everything lives under this one name: ``clip2video.modules`` (model side),
-``clip2video.dataloaders`` (data side), ``clip2video.cli`` (the command-line layer shared by the entry
-points) and the entry points themselves (``clip2video.train``, ``clip2video.infer_retrieval``,
-``clip2video.sample_frame``, ``clip2video.search``). Nothing else lands in site-packages, so this tree can
-sit beside the original CLIP2Video / CLIP4Clip trees, whose top-level ``modules`` and ``dataloaders``
-would otherwise collide with ours.
+Everything is imported as ``clip2video.…``:
 
-In a source checkout the repository keeps its historical layout (``modules/``, ``dataloaders/`` and the
-entry scripts at the top level, beside this folder); the repository root is then added to this package's
-search path so that the same import names resolve there, with no ``sys.path`` edits anywhere.
+- ``clip2video.modules``: the model side (network, weights, training, evaluation, runtime); it never imports
+  the data side;
+- ``clip2video.dataloaders``: the data side (annotations, frames, decoding, datasets, synthetic videos);
+- ``clip2video.search``: indexing and searching one's own videos (on-disk format, building, querying, query
+  batching, the HTTP app);
+- ``clip2video.visualize``: retrieval pictures (joins the two sides);
+- ``clip2video.cli``: the command layer (flags, one-line errors, exit codes) and the commands behind the
+  repository's ``train.py``, ``infer_retrieval.py``, ``sample_frame.py`` and ``search.py``.
+
+In the repository, ``modules/`` and ``dataloaders/`` sit at the top level (the layout researchers know from
+CLIP4Clip and the original CLIP2Video) and are installed as the subpackages above (``setup.py`` maps them; an
+editable install, as ``scripts/env.sh`` makes, maps them in a checkout). Nothing else lands in site-packages,
+so this tree can sit beside the original trees, whose top-level ``modules`` and ``dataloaders`` would
+otherwise collide with ours.
 """
 
-from __future__ import annotations
-
-import os as _os
-
-__version__ = "0.2.0"
-
-_here = _os.path.dirname(_os.path.abspath(__file__))
-_root = _os.path.dirname(_here)
-_installed = _os.path.isdir(_os.path.join(_here, "modules"))
-if not _installed and _os.path.isfile(_os.path.join(_root, "modules", "__init__.py")):
-    __path__.append(_root)  # noqa: F821  (a package's __path__ is defined at import time)
+__version__ = "0.3.0"

@@ -40,7 +40,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from ..fileio import atomic_path
+from clip2video.fileio import atomic_path
 
 DEFAULT_FALLBACK_FPS = 25.0
 """Source rate assumed when the container reports none (0, negative, NaN or absurd): the PAL/web default."""

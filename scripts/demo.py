@@ -51,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         a.videos, a.epochs = 40, 1
     variants = [v for v in a.variants.split(",") if v]
 
-    from clip2video import infer_retrieval, sample_frame, train
+    from clip2video.cli import infer_retrieval, sample_frame, train
     from clip2video.dataloaders.annotations import load_eval_set
     from clip2video.dataloaders.synthetic import direction_accuracy, make_synthetic_dataset
     from clip2video.fileio import atomic_write_text
-    from clip2video.modules.metrics import markdown_row
+    from clip2video.modules.evaluation.metrics import markdown_row
 
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -152,8 +152,8 @@ def search_step(out: Path, frames: Path, rset, workers: int) -> int:
     import os
     import shutil
 
-    from clip2video import search
-    from clip2video.index import SearchIndex
+    from clip2video.cli import search
+    from clip2video.search.index import SearchIndex
 
     test_frames, index = out / "test_frames", out / "index"
     if test_frames.exists():

@@ -83,9 +83,9 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     """A tiny TAB-TDB model (seed 0) exported in the release format."""
     import torch
 
-    from clip2video.modules.backbone import ClipConfig
-    from clip2video.modules.factory import create_model
-    from clip2video.modules.release import export_original
+    from clip2video.modules.network.backbone import ClipConfig
+    from clip2video.modules.weights.factory import create_model
+    from clip2video.modules.weights.release import export_original
 
     torch.manual_seed(0)
     model = create_model("tab_tdb", clip_config=ClipConfig.tiny(), center_k=3)

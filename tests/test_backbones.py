@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from clip2video.modules.backbone import OPENAI_MEAN, ClipConfig, QuickGELU, frame_features
-from clip2video.modules.checkpoint import CheckpointError
-from clip2video.modules.clip_weights import load_clip, open_clip_config, unsupported_in_config
-from clip2video.modules.factory import create_model, load_model
-from clip2video.modules.model import make_config
+from clip2video.modules.network.backbone import OPENAI_MEAN, ClipConfig, QuickGELU, frame_features
+from clip2video.modules.network.model import make_config
+from clip2video.modules.weights.checkpoint import CheckpointError
+from clip2video.modules.weights.clip_weights import load_clip, open_clip_config, unsupported_in_config
+from clip2video.modules.weights.factory import create_model, load_model
 
 from conftest import make_colour_clips
 
@@ -295,7 +295,7 @@ def test_multilingual_vocabulary_is_an_unsupported_tokenizer(tmp_path):
 
 
 def test_unsupported_model_through_the_cli_is_one_line_exit_1(tmp_path, capsys):
-    from clip2video import infer_retrieval
+    from clip2video.cli import infer_retrieval
 
     csv, feats = make_data(tmp_path)
     path, _ = write("open_clip_bin", reference("B-32", False), tmp_path / "clip", "B-32", False)
@@ -372,7 +372,7 @@ END_TO_END = [
 def test_train_a_step_evaluate_and_rebuild_without_flags(family, quick, fmt, tmp_path, capsys):
     """train.py from the CLIP file (one step + validation + export), then infer_retrieval.py on the export
     with no backbone flag: the same backbone comes back, and the metrics match the validation's."""
-    from clip2video import infer_retrieval, train
+    from clip2video.cli import infer_retrieval, train
 
     csv, feats = make_data(tmp_path)
     path, name = write(fmt, reference(family, quick), tmp_path / "clip", family, quick)
@@ -410,7 +410,7 @@ def test_train_a_step_evaluate_and_rebuild_without_flags(family, quick, fmt, tmp
 def search_scores(ckpt_dir: Path, feats: Path, ix: Path, capsys, *source: str) -> np.ndarray:
     """search.py build (checkpoint export, or ``source`` flags) + query of the validation captions → the
     (caption × validation video) scores, in infer_retrieval.py's order."""
-    from clip2video import search
+    from clip2video.cli import search
 
     source = source or ("--checkpoint", str(ckpt_dir), "--model_num", "0")
     assert search.main(["build", "--features_path", str(feats), "--index", str(ix), *source, "--max_words", "8",
@@ -432,7 +432,7 @@ def test_zero_shot_index_from_an_open_clip_file_rebuilds_its_backbone(variant, t
     """An index built straight from a GELU open_clip safetensors file records the backbone; querying it
     rebuilds the model from that record and the file's tensors, and gives infer_retrieval's zero-shot scores.
     With TAB the centres are not CLIP's: they come from the seed the index records."""
-    from clip2video import infer_retrieval
+    from clip2video.cli import infer_retrieval
 
     csv, feats = make_data(tmp_path)
     path, name = write("open_clip_safetensors", reference("B-16", False), tmp_path / "clip", "B-16", False)
@@ -448,7 +448,7 @@ def test_zero_shot_index_from_an_open_clip_file_rebuilds_its_backbone(variant, t
 
 @pytest.mark.parametrize("name, centres", [("msrvtt_9k_b16", 5), ("vatex_b16", 7), ("msvd_b16", 5)])
 def test_b16_configs_extend_their_base(name, centres, tmp_path):
-    from clip2video.train import parse_args
+    from clip2video.cli.train import parse_args
 
     (tmp_path / "f").mkdir()
     root = Path(__file__).resolve().parents[1]
@@ -488,7 +488,7 @@ def test_vip_proxies_on_an_l14_336_gelu_backbone(tmp_path):
 
 
 def test_pretrained_tag_normalisation_and_the_warning_without_it(caplog):
-    from clip2video.modules.clip_weights import _warn_if_tags_differ
+    from clip2video.modules.weights.clip_weights import _warn_if_tags_differ
 
     _, pcfg = open_clip_config("ViT-L-14:laion2b_s32b_b82k")
     assert tuple(pcfg["mean"]) == tuple(pcfg["std"]) == (0.5, 0.5, 0.5)
@@ -518,7 +518,7 @@ def test_own_towers_equal_open_clips_model_bit_for_bit(name):
     order, bit-identical image and text features, and gradients within float rounding."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    from clip2video.modules.backbone import build_clip, text_tokens
+    from clip2video.modules.network.backbone import build_clip, text_tokens
 
     cfg = TOWER_CONFIGS[name]
 

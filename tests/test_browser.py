@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from server_utils import BagOfWordsIndex, ServerThread, VideoRecord
 
-from clip2video.server import create_app
+from clip2video.search.app import create_app
 
 from conftest import REFERENCE
 

@@ -1,7 +1,7 @@
 """Bad input to the entry points ends with one line naming what is wrong, a non-zero exit and no traceback.
 
 Frame problems are raised inside DataLoader worker processes (``--num_thread_reader 2``, as the original's
-scripts run), where torch replaces the message; :func:`clip2video.cli.one_line` must recover it.
+scripts run), where torch replaces the message; :func:`clip2video.cli.common.one_line` must recover it.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clip2video import cli, infer_retrieval, train
+from clip2video.cli import common as cli
+from clip2video.cli import infer_retrieval, train
 from clip2video.dataloaders.annotations import load_eval_set, load_train_set
 from clip2video.dataloaders.frames import FrameError
 from clip2video.dataloaders.synthetic import make_synthetic_dataset
-from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.factory import create_model
-from clip2video.modules.release import export_original
+from clip2video.modules.network.backbone import ClipConfig
+from clip2video.modules.weights.factory import create_model
+from clip2video.modules.weights.release import export_original
 
 from conftest import ROOT
 
@@ -213,7 +214,7 @@ def test_exit_process_runs_exit_handlers_flushes_and_keeps_the_code(tmp_path):
     marker, log = tmp_path / "atexit.txt", tmp_path / "run.log"
     code = (
         "import atexit, logging, sys\n"
-        "from clip2video.cli import exit_process\n"
+        "from clip2video.cli.common import exit_process\n"
         f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
         f"logging.basicConfig(filename={str(log)!r}, level=logging.INFO)\n"
         "logging.getLogger('t').info('last line')\n"
@@ -231,7 +232,7 @@ def test_exit_process_waits_for_a_live_thread(tmp_path):
     done = tmp_path / "thread.txt"
     code = (
         "import threading, time\n"
-        "from clip2video.cli import exit_process\n"
+        "from clip2video.cli.common import exit_process\n"
         f"t = threading.Thread(target=lambda: (time.sleep(0.5), open({str(done)!r}, 'w').write('done')))\n"
         "t.start()\n"
         "exit_process(0)\n"

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from clip2video.dataloaders.annotations import load_eval_set
 from clip2video.dataloaders.dataset import PairDataset, VideoDataset
 from clip2video.dataloaders.frames import FrameError, load_video
-from clip2video.modules.tokenizer import ClipTokenizer
+from clip2video.modules.network.tokenizer import ClipTokenizer
 
 S = 16  # tiny image size keeps these tests fast; preprocessing itself is tested in test_frames.py
 

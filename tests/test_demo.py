@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+from clip2video import visualize
 from clip2video.dataloaders.annotations import load_eval_set
 from clip2video.dataloaders.frames import load_video
 from clip2video.dataloaders.synthetic import direction_accuracy
-from clip2video.modules import visualize
-from clip2video.modules.factory import load_model
-from clip2video.modules.metrics import markdown_row, retrieval_metrics
+from clip2video.modules.evaluation.metrics import markdown_row, retrieval_metrics
+from clip2video.modules.weights.factory import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("meanP", "tdb", "tab_tdb", "vip")

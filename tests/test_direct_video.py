@@ -20,13 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-from clip2video import infer_retrieval, sample_frame
+from clip2video.cli import infer_retrieval, sample_frame
 from clip2video.dataloaders.dataset import PairDataset, VideoDataset
 from clip2video.dataloaders.frames import load_video, load_video_file
 from clip2video.dataloaders.synthetic import make_synthetic_dataset
 from clip2video.dataloaders.video_io import decode_outputs, encode_video, probe
-from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.factory import create_model
+from clip2video.modules.network.backbone import ClipConfig
+from clip2video.modules.weights.factory import create_model
 
 from conftest import REFERENCE, generic_eval_argv, need
 
@@ -132,7 +132,7 @@ def test_eval_with_loader_workers(synthetic, tiny_ckpt, tmp_path):
 
 
 def test_visualize_thumbnails_from_video_files(synthetic):
-    from clip2video.modules.visualize import _thumbs
+    from clip2video.visualize import _thumbs
 
     root, videos, _ = synthetic
     vid = sorted(p.stem for p in videos.iterdir())[0]
@@ -160,7 +160,7 @@ def test_mixed_folder_prefers_frame_folders_and_counts(synthetic, tmp_path, capl
 
 def test_training_from_mp4_folder_follows_png_folder(synthetic, tmp_path):
     """A few training steps from video files: the same losses as from the PNG folders (jitter included)."""
-    from clip2video import train
+    from clip2video.cli import train
 
     root, videos, ann = synthetic
     losses = {}

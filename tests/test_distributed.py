@@ -1,6 +1,6 @@
 """Two gloo processes with batch b each train exactly like one process with batch 2b (CPU).
 
-This is the test of the global-batch loss (modules/loss.py): with the common CLIP4Clip gather the two-process
+This is the test of the global-batch loss (modules/training/loss.py): with the common CLIP4Clip gather the two-process
 gradient would be half the single-process one and the weights would drift apart from step 1.
 """
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from clip2video.modules.distributed import DistInfo, init_distributed
-from clip2video.modules.training import GlobalBatchSampler, train
+from clip2video.modules.runtime.distributed import DistInfo, init_distributed
+from clip2video.modules.training.loop import GlobalBatchSampler, train
 
 STEPS = 10
 B = 8  # global batch
@@ -26,7 +26,7 @@ def _grads(model: torch.nn.Module, rank: int, world: int) -> dict[str, torch.Ten
     through DDP (which averages) and the gathered loss."""
     from test_training import ColourPairs
 
-    from clip2video.modules.loss import global_batch_loss
+    from clip2video.modules.training.loss import global_batch_loss
 
     data = ColourPairs(B)
     per = B // world

@@ -19,9 +19,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from clip2video import infer_retrieval
-from clip2video.modules.distributed import DistInfo
-from clip2video.modules.evaluation import video_share
+from clip2video.cli import infer_retrieval
+from clip2video.modules.evaluation.engine import video_share
+from clip2video.modules.runtime.distributed import DistInfo
 
 from conftest import PARITY, need
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.evaluation import encode_video_heads, merge_uniform_groups
-from clip2video.modules.factory import create_model
+from clip2video.modules.evaluation.engine import encode_video_heads, merge_uniform_groups
+from clip2video.modules.network.backbone import ClipConfig
+from clip2video.modules.weights.factory import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

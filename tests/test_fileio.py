@@ -134,8 +134,8 @@ def test_atomic_dir_replaces_empty_folder_and_own_leftover(tmp_path):
 
 def test_sites_use_the_helper(tmp_path, monkeypatch):
     """A failing write at each site leaves no temp file (the sites share the helper's cleanup)."""
-    from clip2video.modules.checkpoint import atomic_save
-    from clip2video.modules.logging_utils import MetricLog
+    from clip2video.modules.runtime.logging_utils import MetricLog
+    from clip2video.modules.weights.checkpoint import atomic_save
 
     class Unpicklable:
         def __reduce__(self):
@@ -158,7 +158,7 @@ def test_sites_use_the_helper(tmp_path, monkeypatch):
 
 def test_save_sim_and_video_writer_clean_up_on_failure(tmp_path, monkeypatch):
     from clip2video.dataloaders.video_io import write_video
-    from clip2video.modules import evaluation
+    from clip2video.modules.evaluation import engine as evaluation
 
     class FakeModel:
         logit_scale = torch.tensor(0.0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from clip2video.dataloaders.frames import load_video
-from clip2video.modules.factory import load_model
-from clip2video.modules.model import make_config
+from clip2video.modules.network.model import make_config
+from clip2video.modules.weights.factory import load_model
 
 from parity_utils import CENTER_K, DATASETS, checkpoint_of, commands, expected
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from clip2video import infer_retrieval
+from clip2video.cli import infer_retrieval
 from clip2video.dataloaders.synthetic import make_synthetic_dataset
-from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.factory import create_model
-from clip2video.modules.release import export_original
+from clip2video.modules.network.backbone import ClipConfig
+from clip2video.modules.weights.factory import create_model
+from clip2video.modules.weights.release import export_original
 
 
 @pytest.fixture(scope="module")

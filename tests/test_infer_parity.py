@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from clip2video import infer_retrieval
+from clip2video.cli import infer_retrieval
 
 from parity_utils import DATASETS, commands
 

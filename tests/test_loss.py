@@ -10,8 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from clip2video.modules.loss import gather_with_grad, global_batch_loss
-from clip2video.modules.model import TextEmbedding, VideoEmbedding
+from clip2video.modules.network.model import TextEmbedding, VideoEmbedding
+from clip2video.modules.training.loss import gather_with_grad, global_batch_loss
 
 
 def _emb(b: int, d: int, seed: int, aligned: bool = True):

@@ -1,4 +1,4 @@
-"""modules/metrics.py on small hand-built matrices whose ranks and metrics are worked out by hand below.
+"""modules/evaluation/metrics.py on small hand-built matrices whose ranks and metrics are worked out by hand below.
 
 Rank = 1 + number of candidates scoring STRICTLY higher than the ground truth (ties favour the ground truth).
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clip2video.modules.metrics import (
+from clip2video.modules.evaluation.metrics import (
     RankAccumulator,
     format_table,
     markdown_row,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.checkpoint import CheckpointError, atomic_save, load_into
-from clip2video.modules.factory import create_model, load_model
-from clip2video.modules.loss import global_batch_loss
-from clip2video.modules.model import VARIANTS, CLIP2VideoConfig, make_config, variant_of_flags
-from clip2video.modules.precision import autocast
-from clip2video.modules.release import export_original
+from clip2video.modules.network.backbone import ClipConfig
+from clip2video.modules.network.model import VARIANTS, CLIP2VideoConfig, make_config, variant_of_flags
+from clip2video.modules.runtime.precision import autocast
+from clip2video.modules.training.loss import global_batch_loss
+from clip2video.modules.weights.checkpoint import CheckpointError, atomic_save, load_into
+from clip2video.modules.weights.factory import create_model, load_model
+from clip2video.modules.weights.release import export_original
 
 T = 12
 
@@ -96,7 +96,7 @@ def test_original_layout_is_batch_dependent_with_short_videos():
 
 def test_original_layout_head_assignment():
     """Head h of video b uses the key mask of video (b·heads + h) mod B."""
-    from clip2video.modules.temporal import NEG, TemporalTransformer
+    from clip2video.modules.network.temporal import NEG, TemporalTransformer
 
     tt = TemporalTransformer(128, 1, heads=2)
     key_mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
@@ -129,7 +129,7 @@ def test_text_start_token_excluded_from_alignment_end_token_included():
         tokens = model.text_tokens(ids)
     # swapping the start token's id changes every later token through attention, so check the rule on the
     # alignment function directly: dropping position 0 from the mask must leave the result unchanged.
-    from clip2video.modules.alignment import align_tokens
+    from clip2video.modules.network.alignment import align_tokens
 
     m = tmask.clone()
     m[:, 0] = 0
@@ -256,7 +256,7 @@ def test_architecture_read_from_weights():
 
 
 def test_quick_gelu_forward_is_openai_and_backward_matches_autograd():
-    from clip2video.modules.backbone import QuickGELU
+    from clip2video.modules.network.backbone import QuickGELU
 
     torch.manual_seed(0)
     x = (torch.randn(64, 256) * 4).requires_grad_()
@@ -273,7 +273,7 @@ def test_quick_gelu_forward_is_openai_and_backward_matches_autograd():
 
 
 def test_every_activation_is_the_fast_quick_gelu():
-    from clip2video.modules.backbone import QuickGELU
+    from clip2video.modules.network.backbone import QuickGELU
 
     model = create_model("tab_tdb", clip_config=ClipConfig.tiny())
     acts = [m for m in model.modules() if type(m).__name__ == "QuickGELU"]
@@ -323,8 +323,8 @@ def _torchscript_archive(sd: dict, path) -> None:
 def test_torchscript_clip_loads_without_future_warning(tmp_path):
     import warnings
 
-    from clip2video.modules.checkpoint import is_torchscript
-    from clip2video.modules.clip_weights import load_clip_tensors
+    from clip2video.modules.weights.checkpoint import is_torchscript
+    from clip2video.modules.weights.clip_weights import load_clip_tensors
 
     sd = tiny("meanP").clip.state_dict()
     path = tmp_path / "ViT-tiny.pt"
@@ -339,7 +339,7 @@ def test_torchscript_clip_loads_without_future_warning(tmp_path):
 
 def test_temporal_layernorm_is_the_originals():
     """ε = 1e-12 inside the square root (the original's temporal blocks), computed in fp32 for any input dtype."""
-    from clip2video.modules.temporal import TemporalLayerNorm
+    from clip2video.modules.network.temporal import TemporalLayerNorm
 
     torch.manual_seed(0)
     ln = TemporalLayerNorm(64)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from clip2video.modules.optim import (
+from clip2video.modules.training.optim import (
     LOGIT_SCALE_MAX,
     OptimConfig,
     build_optimizer,
@@ -117,8 +117,8 @@ def test_freeze_layer_num(k):
 
 
 def test_freeze_counts_blocks_of_both_towers():
-    from clip2video.modules.backbone import ClipConfig
-    from clip2video.modules.factory import create_model
+    from clip2video.modules.network.backbone import ClipConfig
+    from clip2video.modules.weights.factory import create_model
 
     model = create_model("meanP", clip_config=ClipConfig(embed_dim=64, image_size=16, patch_size=8, vision_width=64,
                                                           vision_layers=3, context_length=8, vocab_size=16,

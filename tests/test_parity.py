@@ -20,10 +20,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip2video.modules.clip_weights import load_clip_tensors
-from clip2video.modules.factory import load_model
-from clip2video.modules.model import VideoEmbedding, make_config
-from clip2video.modules.temporal import TemporalLayerNorm
+from clip2video.modules.network.model import VideoEmbedding, make_config
+from clip2video.modules.network.temporal import TemporalLayerNorm
+from clip2video.modules.weights.clip_weights import load_clip_tensors
+from clip2video.modules.weights.factory import load_model
 
 from parity_utils import CENTER_K, DATASETS, checkpoint_of, expected
 

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from clip2video import sample_frame
+from clip2video.cli import sample_frame
 from clip2video.dataloaders import video_io
 from clip2video.dataloaders.video_io import (
     FrameResampler,

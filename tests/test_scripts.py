@@ -57,7 +57,7 @@ def test_launchers_refuse_bad_arguments_before_setup(argv, env, needle):
 
 
 def test_ablation_configs_are_msrvtt_9k_with_another_variant(tmp_path):
-    from clip2video.train import parse_args
+    from clip2video.cli.train import parse_args
 
     feats = tmp_path / "frames"
     feats.mkdir()
@@ -81,11 +81,11 @@ def test_ablation_configs_are_msrvtt_9k_with_another_variant(tmp_path):
 def test_eval_script_on_tiny_msvd_data(tmp_path):
     """scripts/eval_msvd.sh → eval.sh → infer_retrieval.py gives what infer_retrieval.main gives with the
     config's flags and the script's paths."""
-    from clip2video import infer_retrieval
+    from clip2video.cli import infer_retrieval
     from clip2video.dataloaders.synthetic import make_synthetic_dataset
-    from clip2video.modules.backbone import ClipConfig
-    from clip2video.modules.factory import create_model
-    from clip2video.modules.release import export_original
+    from clip2video.modules.network.backbone import ClipConfig
+    from clip2video.modules.weights.factory import create_model
+    from clip2video.modules.weights.release import export_original
 
     synth = make_synthetic_dataset(tmp_path / "synth", n_videos=6, seed=2, size=32, n_frames=4, write="frames")
     meta = json.loads(Path(synth["videos_json"]).read_text())

@@ -1,4 +1,4 @@
-"""search.py and clip2video.index on a tiny random model and synthetic frame folders.
+"""search.py and clip2video.search.index on a tiny random model and synthetic frame folders.
 
 The central check: for every caption, ``search.py query --json`` returns the top-10 videos, order and scores of
 that caption's row of ``infer_retrieval.py --save_sim`` (same model, per_video layout), from frame folders
@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from clip2video import infer_retrieval, search
+from clip2video.cli import infer_retrieval, search
 from clip2video.dataloaders.synthetic import make_synthetic_dataset
-from clip2video.index import CURRENT, MANIFEST, IndexFormatError, SearchIndex
-from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.factory import create_model
-from clip2video.modules.release import export_original
+from clip2video.modules.network.backbone import ClipConfig
+from clip2video.modules.weights.factory import create_model
+from clip2video.modules.weights.release import export_original
+from clip2video.search.index import CURRENT, MANIFEST, IndexFormatError, SearchIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 N_VIDEOS = 14
@@ -260,7 +260,7 @@ def test_unreadable_video_is_listed_and_skipped(setup, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------------- incremental
 def test_incremental_rebuild_encodes_only_new_and_changed(setup, tmp_path, capsys, monkeypatch):
-    from clip2video import index_build
+    from clip2video.search import build as index_build
 
     frames = tmp_path / "frames"
     shutil.copytree(setup["root"] / "synth" / "frames", frames)
@@ -304,8 +304,8 @@ def test_incremental_rebuild_encodes_only_new_and_changed(setup, tmp_path, capsy
 # ----------------------------------------------------------------------------------------------- crash safety
 KILL_SCRIPT = """
 import os, signal, sys
-from clip2video import search
-from clip2video import index_build
+from clip2video.cli import search
+from clip2video.search import build as index_build
 real = index_build.build_from_folder
 def killing(*a, **kw):
     kw["round_size"] = 2
@@ -346,7 +346,7 @@ def test_kill_during_build_then_rerun(setup, tmp_path, capsys):
         proc.wait(timeout=60)
         n = len(SearchIndex.open(ix))
         assert n in (8, N_VIDEOS)
-    from clip2video import index_build
+    from clip2video.search import build as index_build
 
     calls: list[str] = []
     real = index_build.read_source

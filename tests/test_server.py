@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from server_utils import BagOfWordsIndex, ServerThread, VideoRecord, get_json, raw_get
 
-from clip2video.server import create_app
+from clip2video.search.app import create_app
 
 CAPTIONS = {
     "red-car": "a red car drives down a street",
@@ -374,7 +374,7 @@ def test_real_similar_matches_query_like(real):
 
 
 def test_real_health(real):
-    from clip2video.index import SearchIndex
+    from clip2video.search.index import SearchIndex
 
     index = SearchIndex.open(real["index"])
     status, body = get_json(real["port"], "/api/health")

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.checkpoint import load_into
-from clip2video.modules.factory import create_model, load_model
-from clip2video.modules.init_skip import skip_random_init
-from clip2video.modules.model import CLIP2Video
-from clip2video.modules.release import export_original, read_checkpoint
+from clip2video.modules.network.backbone import ClipConfig
+from clip2video.modules.network.model import CLIP2Video
+from clip2video.modules.weights.checkpoint import load_into
+from clip2video.modules.weights.factory import create_model, load_model
+from clip2video.modules.weights.init_skip import skip_random_init
+from clip2video.modules.weights.release import export_original, read_checkpoint
 
 from conftest import ROOT
 
@@ -105,8 +105,9 @@ def test_checkpoint_tensors_are_memory_mapped_and_old_formats_still_load(tmp_pat
 
 
 def test_eval_entry_point_imports_no_unused_heavy_package():
-    code = ("import sys\nfrom clip2video import infer_retrieval\ninfer_retrieval.build_parser()\n"
-            "from clip2video.modules import evaluation, checkpoint, model\n"
+    code = ("import sys\nfrom clip2video.cli import infer_retrieval\ninfer_retrieval.build_parser()\n"
+            "from clip2video.modules.evaluation import engine\nfrom clip2video.modules.weights import checkpoint\n"
+            "from clip2video.modules.network import model\n"
             "print(' '.join(m for m in ('faiss', 'fastapi', 'uvicorn', 'cv2', 'pandas', 'tensorboard', "
             "'torch.utils.tensorboard', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -124,9 +125,9 @@ def test_evaluation_path_imports_neither_open_clip_nor_torchvision(tmp_path):
         Image.new("RGB", (64, 48), (40 * i, 90, 200)).save(folder / f"{i + 1:08d}.jpg", quality=90)
     code = (
         "import sys, torch\n"
-        "from clip2video.modules.backbone import ClipConfig\n"
-        "from clip2video.modules.factory import create_model\n"
-        "from clip2video.modules.tokenizer import ClipTokenizer\n"
+        "from clip2video.modules.network.backbone import ClipConfig\n"
+        "from clip2video.modules.weights.factory import create_model\n"
+        "from clip2video.modules.network.tokenizer import ClipTokenizer\n"
         "from clip2video.dataloaders.frames import _torch_jpeg_matches_pillow, load_video\n"
         "model = create_model('tab_tdb', clip_config=ClipConfig.tiny()).eval()\n"
         "ids, mask = ClipTokenizer(32).batch(['a man is cooking', 'a dog runs'])\n"

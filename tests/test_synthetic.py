@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from clip2video import sample_frame
+from clip2video.cli import sample_frame
 from clip2video.dataloaders.synthetic import (
     COLOURS,
     DIRECTIONS,

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from clip2video.modules.alignment import align_tokens
-from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.evaluation import encode_captions, length_batches
-from clip2video.modules.factory import create_model
-from clip2video.modules.model import TextEmbedding
-from clip2video.modules.temporal import l2n
-from clip2video.modules.tokenizer import ClipTokenizer, real_length
+from clip2video.modules.evaluation.engine import encode_captions, length_batches
+from clip2video.modules.network.alignment import align_tokens
+from clip2video.modules.network.backbone import ClipConfig
+from clip2video.modules.network.model import TextEmbedding
+from clip2video.modules.network.temporal import l2n
+from clip2video.modules.network.tokenizer import ClipTokenizer, real_length
+from clip2video.modules.weights.factory import create_model
 
 from conftest import REFERENCE, need
 

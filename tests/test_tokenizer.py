@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clip2video.modules import tokenizer as tokenizer_module
-from clip2video.modules.tokenizer import END_ID, PAD_ID, START_ID, VOCAB_FILE, ClipTokenizer, _bpe
+from clip2video.modules.network import tokenizer as tokenizer_module
+from clip2video.modules.network.tokenizer import END_ID, PAD_ID, START_ID, VOCAB_FILE, ClipTokenizer, _bpe
 
 from conftest import REFERENCE, ROOT, need
 
@@ -139,7 +139,7 @@ def test_decode_of_arbitrary_ids_equals_open_clip(open_clip_bpe):
 
 def test_tokenising_imports_no_open_clip():
     code = (
-        "import sys; from clip2video.modules.tokenizer import ClipTokenizer; "
+        "import sys; from clip2video.modules.network.tokenizer import ClipTokenizer; "
         "ClipTokenizer(32).batch(['a man is cooking']); "
         "print(sorted(m for m in ('open_clip','torchvision','timm','torch._dynamo') if m in sys.modules))"
     )

@@ -20,11 +20,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.factory import create_model
-from clip2video.modules.logging_utils import read_log
-from clip2video.modules.optim import OptimConfig
-from clip2video.modules.training import NonFiniteLossError, TrainConfig, ValData, train, validate
+from clip2video.modules.network.backbone import ClipConfig
+from clip2video.modules.runtime.logging_utils import read_log
+from clip2video.modules.training.loop import NonFiniteLossError, TrainConfig, ValData, train, validate
+from clip2video.modules.training.optim import OptimConfig
+from clip2video.modules.weights.factory import create_model
 
 from conftest import make_colour_clips
 
@@ -165,7 +165,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path)
 
 
 def test_export_evaluates_like_the_in_memory_model(tmp_path):
-    from clip2video.modules.factory import load_model
+    from clip2video.modules.weights.factory import load_model
 
     model = micro_model()
     val = colour_val(8)
@@ -252,7 +252,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     assert args["resume"] == "latest" and args["batch_size"] == 4
 
     # the last export, evaluated by infer_retrieval.py on the validation split, gives the logged metrics
-    from infer_retrieval import main as infer
+    from clip2video.cli.infer_retrieval import main as infer
 
     metrics = tmp_path / "metrics.json"
     assert infer(["--checkpoint", str(cut), "--model_num", "1", "--datatype", "generic", "--data_path", str(csv),
@@ -264,7 +264,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- flags
 def test_yaml_defaults_and_flag_override(tmp_path):
-    from train import parse_args
+    from clip2video.cli.train import parse_args
 
     feats = tmp_path / "frames"
     feats.mkdir()
@@ -278,7 +278,7 @@ def test_yaml_defaults_and_flag_override(tmp_path):
 
 
 def test_paper_configs_parse(tmp_path):
-    from train import parse_args
+    from clip2video.cli.train import parse_args
 
     feats = tmp_path / "frames"
     feats.mkdir()
@@ -304,7 +304,7 @@ def test_paper_configs_parse(tmp_path):
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, capsys, extra, message):
-    from train import main
+    from clip2video.cli.train import main
 
     feats = tmp_path / "frames"
     feats.mkdir()
@@ -314,7 +314,7 @@ def test_bad_flags_give_one_line_and_exit_2(tmp_path, capsys, extra, message):
 
 
 def test_missing_weights_flag_is_named(tmp_path, capsys):
-    from train import main
+    from clip2video.cli.train import main
 
     assert main(["--features_path", str(tmp_path), "--output_dir", str(tmp_path / "o")]) == 2
     assert "--clip_path" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
-from clip2video import infer_retrieval, sample_frame
+from clip2video.cli import infer_retrieval, sample_frame
 from clip2video.dataloaders.frames import FrameError, load_video_file
 from clip2video.dataloaders.video_io import (
     VideoReadError,
@@ -240,7 +240,7 @@ def test_bad_file_is_one_line_or_a_counted_skip(good_set, tiny_ckpt, tmp_path, c
 
 
 def test_training_stops_on_a_bad_file_or_skips_it(good_set, tmp_path, capsys):
-    from clip2video import train
+    from clip2video.cli import train
 
     root, ids = good_set
     videos = tmp_path / "videos"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clip2video.modules.backbone import ClipConfig
-from clip2video.modules.factory import create_model, load_model
-from clip2video.modules.release import export_original
+from clip2video.modules.network.backbone import ClipConfig
+from clip2video.modules.weights.factory import create_model, load_model
+from clip2video.modules.weights.release import export_original
 
 
 def vip_model(**kw):
@@ -98,7 +98,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_vip_configs_parse(tmp_path):
     from pathlib import Path
 
-    from train import parse_args
+    from clip2video.cli.train import parse_args
 
     root = Path(__file__).resolve().parents[1]
     feats = tmp_path / "frames"
@@ -153,8 +153,8 @@ def to_hf_clipvip(model) -> dict:
 
 
 def test_released_clipvip_layout_maps_to_ours(tmp_path):
-    from clip2video.modules.checkpoint import CheckpointError, atomic_save
-    from clip2video.modules.release import clipvip_to_ours
+    from clip2video.modules.weights.checkpoint import CheckpointError, atomic_save
+    from clip2video.modules.weights.release import clipvip_to_ours
 
     model = vip_model(vip_frames=6)
     with torch.no_grad():

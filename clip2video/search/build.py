@@ -1,4 +1,4 @@
-"""Building a search index: list the videos, encode what is new, write a generation (clip2video/index.py).
+"""Building a search index: list the videos, encode what is new, write a generation (clip2video/search/index.py).
 
 Steps of :func:`build_from_folder`:
 
@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fileio import atomic_dir, atomic_path
-from .index import (
+from clip2video.fileio import atomic_dir, atomic_path
+from clip2video.search.index import (
     CURRENT,
     FORMAT_VERSION,
     SHARDS,
@@ -45,7 +45,7 @@ from .index import (
     write_shard,
 )
 
-logger = logging.getLogger("clip2video.search")
+logger = logging.getLogger("clip2video.cli.search")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 THUMB_SIZE = 160
@@ -72,7 +72,7 @@ def describe_model(model, args=None) -> dict[str, Any]:
     ckpt = getattr(args, "checkpoint", None) or getattr(args, "init_model", None)
     ckpt_file = None
     if ckpt:
-        from .modules.checkpoint import released_path
+        from clip2video.modules.weights.checkpoint import released_path
 
         ckpt_file = str(released_path(ckpt, getattr(args, "model_num", None)).resolve())
     clip_path = getattr(args, "clip_path", None)
@@ -101,16 +101,16 @@ def describe_model(model, args=None) -> dict[str, Any]:
 
 def load_model_for(args):
     """The model that build/query flags describe (the same rules as infer_retrieval.py)."""
-    from .infer_retrieval import load_for_eval
+    from clip2video.cli.infer_retrieval import load_for_eval
 
     return load_for_eval(args)
 
 
 def load_model_from_meta(meta: dict[str, Any], device: str | None = None):
     """Rebuild the model an index or export recorded, and check it is still the same model."""
-    from .modules.clip_weights import load_clip_tensors
-    from .modules.factory import create_model, load_model
-    from .modules.model import CLIP2VideoConfig
+    from clip2video.modules.network.model import CLIP2VideoConfig
+    from clip2video.modules.weights.clip_weights import load_clip_tensors
+    from clip2video.modules.weights.factory import create_model, load_model
 
     if not meta.get("config") or not (meta.get("checkpoint") or meta.get("clip_path")):
         raise ValueError("the index records no model file (built from vectors without one): text queries need "
@@ -161,7 +161,7 @@ def _folder_state(path: str) -> tuple[int, int, int]:
 
 def list_videos(root: str | os.PathLike) -> list[Source]:
     """Every video under ``root``, sorted by id (relative path; a video file's id drops its extension)."""
-    from .dataloaders.video_io import VIDEO_EXTS
+    from clip2video.dataloaders.video_io import VIDEO_EXTS
 
     root = os.path.abspath(os.fspath(root))
     out: dict[str, Source] = {}
@@ -191,7 +191,7 @@ def read_source(src: Source, *, max_frames: int, framerate: int, image_size: int
 
     Thumbnail sources are image paths (frame folders) or HxWx3 uint8 arrays (decoded videos).
     """
-    from .dataloaders.frames import load_video
+    from clip2video.dataloaders.frames import load_video
 
     if src.kind == "frames":
         frames, mask, chosen = load_video(src.path, max_frames=max_frames, framerate=framerate,
@@ -199,8 +199,8 @@ def read_source(src: Source, *, max_frames: int, framerate: int, image_size: int
         picks = [chosen[i] for i in sorted({0, len(chosen) // 2, len(chosen) - 1})]
         duration = src.frames / video_fps if video_fps and src.frames else None
         return frames, mask, [os.path.join(src.path, c) for c in picks], {"duration": duration, "frames": src.frames}
-    from .dataloaders.frames import load_video_file
-    from .dataloaders.video_io import decode_outputs, probe
+    from clip2video.dataloaders.frames import load_video_file
+    from clip2video.dataloaders.video_io import decode_outputs, probe
 
     # the frames an extraction at ``fps`` followed by reading the folder would give
     fps = video_fps or DEFAULT_VIDEO_FPS
@@ -242,7 +242,7 @@ class _SourceDataset(torch.utils.data.Dataset):
         try:
             frames, mask, thumbs, info = read_source(self.sources[i], **self.settings)
         except (ValueError, OSError, RuntimeError) as e:
-            from .cli import one_line
+            from clip2video.cli.common import one_line
 
             return {"index": i, "error": one_line(e)}
         return {"index": i, "frames": frames, "mask": mask, "thumbs": thumbs, "info": info}
@@ -340,9 +340,9 @@ def build_from_folder(
     """
     from tqdm import tqdm
 
-    from .modules.distributed import barrier, broadcast_object
-    from .modules.precision import autocast
-    from .modules.sharding import gather_rows, shard
+    from clip2video.modules.runtime.distributed import barrier, broadcast_object
+    from clip2video.modules.runtime.precision import autocast
+    from clip2video.modules.runtime.sharding import gather_rows, shard
 
     index_dir = Path(index_dir).resolve()
     is_main = info is None or info.is_main

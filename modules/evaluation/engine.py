@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..fileio import atomic_path
-from .distributed import DistInfo
+from clip2video.fileio import atomic_path
+from clip2video.modules.network.model import CLIP2Video, TextEmbedding, VideoEmbedding
+from clip2video.modules.network.tokenizer import ClipTokenizer
+from clip2video.modules.runtime.distributed import DistInfo
+from clip2video.modules.runtime.precision import autocast
+from clip2video.modules.runtime.sharding import gather_rows, shard
+
 from .metrics import RankAccumulator, dual_softmax, retrieval_metrics
-from .model import CLIP2Video, TextEmbedding, VideoEmbedding
-from .precision import autocast
-from .sharding import gather_rows, shard
-from .tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..fileio import atomic_path
-from .backbone import OPENAI_EXTRA_KEYS
+from clip2video.fileio import atomic_path
+from clip2video.modules.network.backbone import OPENAI_EXTRA_KEYS
 
 
 class CheckpointError(ValueError):

@@ -27,7 +27,8 @@ logger = logging.getLogger("clip2video")
 MODEL_FLAGS = ("sim_type", "temporal_type", "temporal_proj", "center_type", "center_proj")
 # Every flag that describes the model; giving any of them overrides a checkpoint's stored config.
 MODEL_OVERRIDE_FLAGS = ("variant", *MODEL_FLAGS, "centerK", "center_weight", "cross_num_hidden_layers")
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped configs (installed package)
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PACKAGE_DIR / "configs"  # shipped configs (installed package)
 
 
 class UsageError(Exception):
@@ -48,7 +49,7 @@ def resolve_config(path: str) -> Path:
     if p.is_file():
         return p
     rel = Path(*p.parts[1:]) if p.parts and p.parts[0] == "configs" else p
-    for cand in (CONFIG_DIR / rel, CONFIG_DIR.parent.parent / "configs" / rel):
+    for cand in (CONFIG_DIR / rel, PACKAGE_DIR.parent / "configs" / rel):  # installed, then the checkout's
         if cand.is_file():
             return cand
     raise UsageError(f"--config {path}: no such file")
@@ -107,8 +108,8 @@ def _flags_on_command_line(p: argparse.ArgumentParser, argv: list[str]) -> set[s
 # ----------------------------------------------------------------------------------------------- model flags
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The original's model flags plus ``--variant`` and ``--mask_layout``, choices from the library."""
-    from .modules.model import FLAG_CHOICES, VARIANTS
-    from .modules.temporal import MASK_LAYOUTS
+    from clip2video.modules.network.model import FLAG_CHOICES, VARIANTS
+    from clip2video.modules.network.temporal import MASK_LAYOUTS
 
     g = p.add_argument_group("model")
     g.add_argument("--variant", default=None, choices=list(VARIANTS),
@@ -143,13 +144,13 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_precision_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    from .modules.precision import PRECISIONS
+    from clip2video.modules.runtime.precision import PRECISIONS
 
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
 
 
 def add_image_mode_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    from .dataloaders.frames import MODES
+    from clip2video.dataloaders.frames import MODES
 
     p.add_argument("--image_mode", default="exact", choices=list(MODES),
                    help="frame preprocessing: exact = the original's PIL pixels; fast = quicker, not bit-exact")
@@ -157,7 +158,7 @@ def add_image_mode_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
 
 def add_datatype_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str = "--datatype",
                      default: str | None = "msrvtt", help: str | None = None) -> None:
-    from .dataloaders.annotations import DATATYPE_ALIASES, DATATYPES
+    from clip2video.dataloaders.annotations import DATATYPE_ALIASES, DATATYPES
 
     p.add_argument(flag, default=default, choices=[*DATATYPES, *DATATYPE_ALIASES],
                    metavar="{" + ",".join(DATATYPES) + "}", help=help)
@@ -165,7 +166,7 @@ def add_datatype_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup, flag:
 
 def model_fields(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """(variant, config fields) from parsed flags."""
-    from .modules.model import VARIANTS, variant_of_flags
+    from clip2video.modules.network.model import VARIANTS, variant_of_flags
 
     if args.variant:
         name, fields = args.variant, dict(VARIANTS[args.variant])

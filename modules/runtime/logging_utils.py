@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_write_text
+from clip2video.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..fileio import atomic_path
+from clip2video.fileio import atomic_path
 
 THUMB = 96  # px, square thumbnails
 FRAMES_PER_CELL = 3
@@ -22,7 +22,7 @@ def _frames_of(folder: Path, n: int) -> list[Image.Image | None]:
     """``n`` evenly spaced frames of a frame folder, or of the video file ``<folder>.<ext>`` when there is no
     folder (read directly); None for what cannot be read."""
     if not folder.is_dir():
-        from ..dataloaders.video_io import VIDEO_EXTS, VideoReadError, decode_outputs, probe
+        from clip2video.dataloaders.video_io import VIDEO_EXTS, VideoReadError, decode_outputs, probe
 
         video = next((folder.with_name(folder.name + e) for e in VIDEO_EXTS
                       if folder.with_name(folder.name + e).is_file()), None)

@@ -54,11 +54,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .index_build import IMAGE_EXTS  # what makes a folder a frame folder: its frames are these files
+from clip2video.search.build import IMAGE_EXTS  # what makes a folder a frame folder: its frames are these files
 
-logger = logging.getLogger("clip2video.server")
+logger = logging.getLogger("clip2video.search.app")
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 DEFAULTS = {"max_query_chars": 1000, "max_k": 100, "default_k": 10, "max_concurrent_encodes": 2, "max_waiting": 64,
             "max_batch": 16}
@@ -135,7 +135,7 @@ def create_app(index, *, max_query_chars: int = DEFAULTS["max_query_chars"], max
                max_waiting: int = DEFAULTS["max_waiting"], max_batch: int = DEFAULTS["max_batch"],
                allowed_hosts: list[str] | None = None,
                max_frames_listed: int = 240, record_cache: int = 65536):
-    """The ASGI app over an opened index (anything with the ``SearchIndex`` interface of ``clip2video.index``).
+    """The ASGI app over an opened index (anything with the ``SearchIndex`` interface of ``clip2video.search.index``).
 
     ``max_concurrent_encodes`` batches of text queries are encoded at once (in their own threads); queries that
     arrive meanwhile wait and go into the next batch (at most ``max_batch``), up to ``max_waiting`` of them;
@@ -448,7 +448,7 @@ def set_compute_threads(per_encode: int | None, encoders: int) -> int:
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``serve`` on ``search.py``'s subcommands, with the same model flags as ``query``."""
-    from .cli import add_checkpoint_args, add_precision_arg
+    from clip2video.cli.common import add_checkpoint_args, add_precision_arg
 
     p = subparsers.add_parser(
         "serve", help="serve an index: JSON API and a search page",
@@ -478,7 +478,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket, opened here so that ``--port 0`` can log the port it got."""
-    from .cli import UsageError
+    from clip2video.cli.common import UsageError
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port {port}: must be from 0 to 65535")
@@ -497,8 +497,8 @@ def serve_main(args: argparse.Namespace) -> int:
     """Open the index (model loaded once, before the URL is logged) and serve until SIGINT / SIGTERM."""
     import uvicorn
 
-    from .cli import UsageError
-    from .index import SearchIndex
+    from clip2video.cli.common import UsageError
+    from clip2video.search.index import SearchIndex
 
     for name in ("max_query_chars", "max_k", "max_concurrent_encodes", "max_batch"):
         if getattr(args, name) < 1:

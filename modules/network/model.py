@@ -87,7 +87,7 @@ class CLIP2VideoConfig:
         cross_layers: depth of the temporal transformer (``cross_num_hidden_layers``).
         mask_layout: ``original`` (released checkpoints) or ``per_video`` (models trained here).
         video_encoder: ``heads`` (image tower per frame + the temporal heads above) or ``vip`` (CLIP-ViP
-            video proxies, one ViT pass per video; modules/vip.py).
+            video proxies, one ViT pass per video; modules/network/vip.py).
         vip_proxies / vip_frames: number of proxy tokens and length of the temporal embedding table.
         clip: CLIP architecture.
     """

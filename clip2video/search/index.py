@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .fileio import TMP_PREFIX, atomic_path, atomic_write_bytes
+from clip2video.fileio import TMP_PREFIX, atomic_path, atomic_write_bytes
 
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
@@ -333,7 +333,7 @@ def encode_queries(model, tokenizer, texts: Sequence[str], precision: str = "fp3
     """
     import torch
 
-    from .modules.precision import autocast
+    from clip2video.modules.runtime.precision import autocast
 
     ids, mask = tokenizer.batch(list(texts))
     device = next(model.parameters()).device
@@ -466,14 +466,14 @@ class SearchIndex:
     # ------------------------------------------------------------------ model
     def check_model_flags(self, args) -> None:
         """UsageError when model flags given on the command line describe another model than the index's."""
-        from .cli import MODEL_OVERRIDE_FLAGS, UsageError
+        from clip2video.cli.common import MODEL_OVERRIDE_FLAGS, UsageError
 
         given = set(getattr(args, "given_flags", ()))
         model_keys = {"checkpoint", "init_model", "model_num", "zero_shot", "clip_path", "clip_model", "mask_layout",
                       *MODEL_OVERRIDE_FLAGS}
         if not given & model_keys:
             return
-        from .index_build import describe_model, load_model_for
+        from clip2video.search.build import describe_model, load_model_for
 
         model = load_model_for(args)
         theirs = describe_model(model, args)["fingerprint"]
@@ -487,8 +487,8 @@ class SearchIndex:
             return self._model
         with self._lock:
             if self._model is None:
-                from .index_build import load_model_from_meta
-                from .modules.tokenizer import ClipTokenizer
+                from clip2video.modules.network.tokenizer import ClipTokenizer
+                from clip2video.search.build import load_model_from_meta
 
                 model = load_model_from_meta(self.model_meta, device=self.device)
                 self._tokenizer = ClipTokenizer(int(self.model_meta.get("max_words") or 32))

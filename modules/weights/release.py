@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..fileio import atomic_write_text
+from clip2video.fileio import atomic_write_text
+
 from .checkpoint import CheckpointError, atomic_save, is_torchscript, load_mapped, read_state_dict, short_keys
 
 CONFIG_SUFFIX = ".config.json"  # sidecar written next to an exported pytorch_model.bin.N

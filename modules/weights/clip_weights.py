@@ -40,13 +40,14 @@ from typing import Any
 
 import torch
 
-from .backbone import OPENAI_EXTRA_KEYS, OPENAI_MEAN, OPENAI_STD, SHAPE_FIELDS, ClipConfig
+from clip2video.modules.network.backbone import OPENAI_EXTRA_KEYS, OPENAI_MEAN, OPENAI_STD, SHAPE_FIELDS, ClipConfig
+
 from .checkpoint import CheckpointError, read_weights
 
 logger = logging.getLogger(__name__)
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's published model + preprocessing config
-BPE_VOCAB = 49408  # OpenAI CLIP's BPE vocabulary (modules/tokenizer.py)
+BPE_VOCAB = 49408  # OpenAI CLIP's BPE vocabulary (modules/network/tokenizer.py)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 
 # Key fragments of towers that are not CLIP-style → what to call them in the error.

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from .backbone import ClipConfig
+from clip2video.modules.network.backbone import ClipConfig
+from clip2video.modules.network.model import CLIP2Video, CLIP2VideoConfig, make_config
+
 from .checkpoint import CheckpointError, load_into, released_path
 from .init_skip import skip_random_init
-from .model import CLIP2Video, CLIP2VideoConfig, make_config
 from .release import read_checkpoint
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ Launch modes (see ``train.py``):
   --rdzv_endpoint HOST:PORT``; nothing else changes here (``LOCAL_RANK`` picks the GPU of the node).
 
 Only rank 0 logs and writes files (``DistInfo.is_main``). There is no barrier inside ``forward``: the only
-collectives of a training step are the feature gather in the loss (modules/loss.py) and DDP's gradient
+collectives of a training step are the feature gather in the loss (modules/training/loss.py) and DDP's gradient
 all-reduce. Structure after open_clip's ``training/distributed.py`` (idea only, no code copied).
 """
 

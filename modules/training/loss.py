@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .model import TextEmbedding, VideoEmbedding
+from clip2video.modules.network.model import TextEmbedding, VideoEmbedding
 
 
 class GatherWithGrad(torch.autograd.Function):

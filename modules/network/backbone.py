@@ -8,7 +8,7 @@ CLIP2Video checkpoints store under ``clip.``, and what open_clip's models hold. 
 * ``ClipConfig``: the architecture, read from a state dict (width, layers, patch, resolution, MLP width),
   plus what the tensors cannot tell (activation, head width, the image normalisation the weights were trained
   with, the open_clip architecture name), so tiny test models and ViT-B/32, B/16, L/14, L/14@336 from OpenAI
-  or open_clip go through the same code (reading weight files: ``modules/clip_weights.py``);
+  or open_clip go through the same code (reading weight files: ``modules/weights/clip_weights.py``);
 * ``text_tokens``: token features for *every* position of a ``max_words``-long sequence, with the causal
   mask cut to that length (the original never ran 77 tokens), LayerNorm and projection on every token;
 * ``frame_features``: the image tower's projected class token, per frame;

@@ -41,12 +41,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import atomic_save
-from .distributed import DistInfo, barrier, broadcast_object
-from .logging_utils import MetricLog
+from clip2video.modules.runtime.distributed import DistInfo, barrier, broadcast_object
+from clip2video.modules.runtime.logging_utils import MetricLog
+from clip2video.modules.runtime.precision import autocast, check_precision
+from clip2video.modules.weights.checkpoint import atomic_save
+
 from .loss import global_batch_loss
 from .optim import OptimConfig, build_optimizer, build_scheduler, clamp_logit_scale, freeze_clip_layers
-from .precision import autocast, check_precision
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
     Each epoch draws one permutation; it is cut into global batches of ``global_batch`` samples (the last
     incomplete one is dropped so every rank takes the same number of steps), each global batch into
     ``accum`` micro-batches of ``world·micro`` samples, and rank r takes positions [r·micro, (r+1)·micro) of
-    every micro-batch. Gathered in rank order (modules/loss.py), the N ranks therefore see exactly the batch a
+    every micro-batch. Gathered in rank order (modules/training/loss.py), the N ranks therefore see exactly the batch a
     single process would, in the same order (a strided ``DistributedSampler`` would permute it).
 
     Args:
@@ -284,7 +285,7 @@ def validate(model: nn.Module, val: ValData, *, device: torch.device, precision:
     Returns:
         ``{"t2v": {R1, R5, R10, MdR, MnR}, "v2t": {...}}``.
     """
-    from .evaluation import eval_loader, evaluate
+    from clip2video.modules.evaluation.engine import eval_loader, evaluate
 
     was_training = model.training
     loader = eval_loader(val.videos, val.num_workers)
@@ -381,7 +382,7 @@ def end_of_epoch(run: _Run, epoch: int, *, stop: bool, steps_per_epoch: int, val
         state.epoch += 1
         state.batch_in_epoch = 0
     if info.is_main and cfg.export:
-        from .release import export_original
+        from clip2video.modules.weights.release import export_original
 
         path = export_original(raw, out / f"pytorch_model.bin.{epoch}")
         logger.info("exported %s", path)

@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Search your own videos by text: build an index of a folder of videos, then query it.
+
+    python search.py build --features_path FRAMES --index my_index --checkpoint ckpt --model_num 2 \\
+        --variant tab_tdb --max_frames 12 --feature_framerate 1
+    python search.py build --from_embeddings emb_dir --index my_index     # from infer_retrieval --save_embeddings
+    python search.py query --index my_index -k 10 "a dog catches a frisbee" ["more text" ...] [--json]
+    python search.py query --index my_index --like VIDEO_ID
+    torchrun --nproc_per_node 4 search.py build ...                       # encoding split over 4 processes
+
+Scores are the numbers ``infer_retrieval.py --save_sim`` writes for the same model (×logit scale). The index
+records the model, so ``query`` needs only ``--index``; model flags given to it must describe the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from clip2video.cli.common import (
+    OneLineParser,
+    UsageError,
+    add_checkpoint_args,
+    add_image_mode_arg,
+    add_precision_arg,
+    check_paths,
+    exit_process,
+    parse_with_config,
+    run_main,
+)
+
+logger = logging.getLogger("clip2video.cli.search")
+MAX_QUERY_CHARS = 10_000
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="search.py", description=__doc__.split("\n")[1],
+                      formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="{build,query,serve}", parser_class=OneLineParser)
+
+    b = sub.add_parser("build", help="index a folder of videos (or exported embeddings)")
+    b.add_argument("--config", default=None, help="YAML file of flag defaults")
+    b.add_argument("--index", required=True, help="index folder to create or update")
+    src = b.add_argument_group("videos")
+    src.add_argument("--features_path", default=None, help="folder of videos: video files (read directly) and/or "
+                     "frame folders <id>/00000001.jpg")
+    src.add_argument("--from_embeddings", default=None, help="folder with video.npy + video_ids.json (+ meta.json)")
+    src.add_argument("--max_words", type=int, default=32, help="query length in tokens (start + words + end)")
+    src.add_argument("--max_frames", type=int, default=12)
+    src.add_argument("--feature_framerate", type=int, default=1)
+    src.add_argument("--video_fps", type=float, default=5.0,
+                     help="video files are read as if extracted at this rate (sample_frame.py --fps); for frame "
+                          "folders it gives their duration")
+    add_image_mode_arg(src)
+    src.add_argument("--batch_size", type=int, default=16)
+    src.add_argument("--batch_size_val", type=int, default=None, help="alias of --batch_size")
+    src.add_argument("--num_thread_reader", type=int, default=2, help="data-loading processes")
+    add_checkpoint_args(b)
+    ix = b.add_argument_group("index")
+    ix.add_argument("--index_type", default="auto",
+                    help="auto (by size), Flat, or a FAISS factory string such as IVF1024,SQ8")
+    ix.add_argument("--search_params", default=None, help="FAISS search parameters, e.g. nprobe=32")
+    o = b.add_argument_group("run")
+    o.add_argument("--device", default=None)
+    add_precision_arg(o)
+    o.add_argument("--no_progress", action="store_true")
+    o.add_argument("--seed", type=int, default=42)
+
+    q = sub.add_parser("query", help="search an index by text (or by an indexed video)")
+    q.add_argument("--config", default=None, help="YAML file of flag defaults")
+    q.add_argument("--index", required=True)
+    q.add_argument("texts", nargs="*", help="query texts")
+    q.add_argument("--queries_file", default=None, help="one query per line")
+    q.add_argument("--like", default=None, metavar="VIDEO_ID", help="videos similar to an indexed one")
+    q.add_argument("-k", "--k", type=int, default=10)
+    q.add_argument("--json", action="store_true", help="print JSON: [{query, results: [{video_id, score, path}]}]")
+    q.add_argument("--device", default=None)
+    add_precision_arg(q)
+    add_checkpoint_args(q)
+    q.add_argument("--max_words", type=int, default=None, help=argparse.SUPPRESS)
+
+    # ---- serve: the server module owns its flags; the model flags are query's
+    from clip2video.search.app import add_serve_parser
+
+    add_serve_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("search.py", lambda: run(argv))  # a bad index folder (IndexFormatError) is a ValueError: 1
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = build_parser()
+    if not argv or argv[0] not in p._subparsers._group_actions[0].choices:
+        if argv and argv[0] in ("-h", "--help"):
+            p.parse_args(argv)
+        raise UsageError("give a command: build, query, serve")
+    sub = p._subparsers._group_actions[0].choices[argv[0]]
+    args = parse_with_config(sub, argv[1:])
+    args.command = argv[0]
+    return args
+
+
+def run(argv: list[str] | None) -> int:
+    args = _parse(argv)
+    if args.command == "build":
+        return cmd_build(args)
+    if args.command == "query":
+        return cmd_query(args)
+    return args.func(args)  # serve (and any other registered command)
+
+
+# ----------------------------------------------------------------------------------------------- build
+def cmd_build(args: argparse.Namespace) -> int:
+    import torch
+
+    from clip2video.modules.runtime.distributed import cleanup_distributed, init_distributed
+    from clip2video.modules.runtime.logging_utils import setup_logging
+    from clip2video.search.build import build_from_embeddings, build_from_folder, describe_model, load_model_for
+
+    if bool(args.features_path) == bool(args.from_embeddings):
+        raise UsageError("give one of --features_path (videos) or --from_embeddings (exported vectors)")
+    check_paths(args, dirs=("features_path", "from_embeddings"))
+    if args.batch_size_val:
+        args.batch_size = args.batch_size_val
+    t0 = time.perf_counter()
+    if args.from_embeddings:
+        setup_logging(None)
+        res = build_from_embeddings(args.from_embeddings, args.index, index_type=args.index_type,
+                                    search_params=args.search_params)
+        logger.info("index %s: %d videos from %s (%.1f s)", args.index, res.count, args.from_embeddings,
+                    time.perf_counter() - t0)
+        return 0
+    info = init_distributed(args.device)
+    try:
+        setup_logging(None, is_main=info.is_main)
+        torch.manual_seed(args.seed)
+        model = load_model_for(args)
+        if model.config.mask_layout != "per_video":
+            logger.info("mask layout: the checkpoint's heads ran with the %s layout (released checkpoints); the "
+                        "index encodes every video with per_video so that its vector depends on that video alone",
+                        model.config.mask_layout)
+            model.config.mask_layout = "per_video"
+        model = model.to(info.device).eval()
+        meta = describe_model(model, args)
+        res = build_from_folder(args.features_path, args.index, model, meta, max_frames=args.max_frames,
+                                framerate=args.feature_framerate, image_mode=args.image_mode,
+                                precision=args.precision, video_fps=args.video_fps, batch_size=args.batch_size,
+                                num_workers=args.num_thread_reader, index_type=args.index_type,
+                                search_params=args.search_params, device=info.device, info=info,
+                                progress=not args.no_progress)
+    finally:
+        cleanup_distributed()
+    if res is None:
+        return 0
+    logger.info("index %s: %d videos (%d encoded, %d unchanged, %d removed) in %.1f s", args.index, res.count,
+                res.encoded, res.reused, res.removed, time.perf_counter() - t0)
+    if res.failed:
+        for vid, why in res.failed:
+            print(f"search.py: skipped {vid}: {why}", file=sys.stderr)
+        print(f"search.py: {len(res.failed)} video(s) could not be read and were skipped", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- query
+def read_queries(args: argparse.Namespace) -> list[str]:
+    """Texts from the command line and ``--queries_file``; empty or oversized queries are a usage error."""
+    texts = list(args.texts)
+    if args.queries_file:
+        path = Path(args.queries_file)
+        if not path.is_file():
+            raise UsageError(f"--queries_file {path}: no such file")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UsageError(f"--queries_file {path}: not UTF-8 text") from None
+        texts += [ln for ln in lines if ln.strip()]
+    for i, t in enumerate(texts, 1):
+        if not t.strip():
+            raise UsageError(f"query {i} is empty")
+        if len(t) > MAX_QUERY_CHARS:
+            raise UsageError(f"query {i} is {len(t)} characters long; at most {MAX_QUERY_CHARS}")
+    return texts
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from clip2video.search.index import SearchIndex
+
+    if args.k < 1:
+        raise UsageError(f"-k must be >= 1, got {args.k}")
+    texts = read_queries(args)
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, force=True)  # stdout carries the results
+    if not texts and not args.like:
+        raise UsageError("give query texts, --queries_file or --like VIDEO_ID")
+    index = SearchIndex.open(args.index, device=args.device, precision=args.precision)
+    index.check_model_flags(args)
+    out = []
+    if args.like:
+        try:
+            hits = index.similar(args.like, args.k)
+        except KeyError:
+            raise UsageError(f"--like {args.like}: no such video in {args.index}") from None
+        out.append({"query": {"like": args.like}, "results": hits})
+    if texts:
+        for t, hits in zip(texts, index.query(texts, args.k), strict=True):
+            out.append({"query": t, "results": hits})
+    if args.json:
+        payload = [{"query": o["query"], "results": [{"video_id": h.video_id, "score": h.score, "path": h.path}
+                                                     for h in o["results"]]} for o in out]
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        for o in out:
+            q = o["query"]
+            print(f"query: {q!r}" if isinstance(q, str) else f"like: {q['like']}")
+            for r, h in enumerate(o["results"], 1):
+                print(f"  {r:3d}  {h.score:9.4f}  {h.video_id}  {h.path}")
+    return 0
+
+
+def console() -> None:
+    """``python search.py`` and the installed ``clip2video-search``: :func:`main`, then a quick exit."""
+    exit_process(main())
+
+
+if __name__ == "__main__":
+    console()
