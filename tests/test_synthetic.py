@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from clip2video.cli import sample_frame
+from clip2video.cli.synthetic import main
 from clip2video.dataloaders.synthetic import (
     COLOURS,
     DIRECTIONS,
     OPPOSITE,
     direction_accuracy,
-    main,
     make_synthetic_dataset,
     render_pair,
 )
