@@ -17,9 +17,12 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from clip2video.modules.weights.spec import ModelSpec
 
 logger = logging.getLogger("clip2video")
 
@@ -184,6 +187,35 @@ def model_flags_given(args: argparse.Namespace) -> bool:
     own default does not.
     """
     return any(f in getattr(args, "given_flags", ()) for f in MODEL_OVERRIDE_FLAGS)
+
+
+# Flags that say which model to use: given with an index, they must describe the index's model.
+MODEL_SOURCE_FLAGS = ("checkpoint", "init_model", "model_num", "zero_shot", "clip_path", "clip_model", "mask_layout",
+                      *MODEL_OVERRIDE_FLAGS)
+
+
+def model_spec(args: argparse.Namespace, *, if_given: bool = False) -> ModelSpec | None:
+    """The ``ModelSpec`` the parsed flags describe (the one way every tool turns flags into a model).
+
+    With ``if_given``, None when no model flag was set on the command line or in ``--config`` (a query
+    then uses the model its index records). A spec that names no weights is a usage error.
+    """
+    from clip2video.modules.weights.spec import ModelSpec
+
+    if if_given and not set(getattr(args, "given_flags", ())) & set(MODEL_SOURCE_FLAGS):
+        return None
+    variant, fields = model_fields(args)
+    spec = ModelSpec(
+        checkpoint=args.checkpoint or args.init_model, model_num=args.model_num, zero_shot=bool(args.zero_shot),
+        clip_path=args.clip_path, clip_model=args.clip_model, variant=variant,
+        **{k: fields[k] for k in MODEL_FLAGS}, center_k=fields["center_k"], center_weight=fields["center_weight"],
+        cross_layers=fields["cross_layers"], mask_layout=args.mask_layout, prefer_stored=not model_flags_given(args),
+        max_words=int(getattr(args, "max_words", None) or 32), seed=getattr(args, "seed", None))
+    try:
+        spec.check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------- paths

@@ -33,8 +33,8 @@ from clip2video.cli.common import (
     add_precision_arg,
     check_paths,
     exit_process,
-    model_fields,
-    model_flags_given,
+    model_fields,  # noqa: F401 - re-exported: infer_retrieval.model_fields
+    model_spec,
     output_paths,
     parse_with_config,
     run_main,
@@ -82,32 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_for_eval(args: argparse.Namespace):
-    """The model the flags describe, loaded strictly (never a silent fallback to untrained heads).
-
-    Our checkpoints and exports carry their config (used unless model flags are given explicitly); a
-    released ``pytorch_model.bin.N`` is described by the flags and evaluated with the original mask layout.
-    """
-    from clip2video.modules.network.model import make_config
-    from clip2video.modules.weights.clip_weights import load_clip
-    from clip2video.modules.weights.factory import create_model, load_model
-
-    variant, fields = model_fields(args)
-    ckpt = args.checkpoint or args.init_model
-    if ckpt is None:
-        if not args.zero_shot:
-            raise UsageError("--checkpoint is required (or --zero_shot to evaluate CLIP-initialised heads)")
-        if not args.clip_path:
-            raise UsageError("--zero_shot needs --clip_path")
-        extra = {"mask_layout": args.mask_layout} if args.mask_layout else {}
-        sd, clip_cfg = load_clip(args.clip_path, args.clip_model)
-        return create_model(make_config(variant, clip_cfg, **fields, **extra), clip_state_dict=sd)
-    if args.clip_model:
-        logger.info("--clip_model ignored: a checkpoint's backbone is read from the checkpoint")
-    return load_model(ckpt, make_config(variant, **fields), model_num=args.model_num, mask_layout=args.mask_layout,
-                      prefer_stored=not model_flags_given(args))
-
-
 def main(argv: list[str] | None = None) -> int:
     return run_main("infer_retrieval.py", lambda: run(parse_with_config(build_parser(), argv)))
 
@@ -130,6 +104,7 @@ def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
     from clip2video.modules.evaluation.metrics import format_table, markdown_row
     from clip2video.modules.network.tokenizer import ClipTokenizer
     from clip2video.modules.runtime.logging_utils import setup_logging
+    from clip2video.modules.weights.spec import load_model
 
     setup_logging(log_file, is_main=info.is_main)  # only rank 0 writes the log and the outputs
     if args.visualize:
@@ -147,7 +122,8 @@ def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
                          val_csv=args.val_csv, split=args.split, skip_missing=args.skip_missing)
     logger.info("%s: %d captions, %d videos (%s)", args.datatype, len(rset.captions), len(rset.video_ids),
                 "multi-caption" if rset.multi_caption else "one caption per video")
-    model = load_for_eval(args).to(device).eval()
+    spec = model_spec(args)  # the model the flags describe, loaded strictly (modules.weights.spec.load_model)
+    model = load_model(spec).to(device).eval()
     logger.info("model: variant %s, mask layout %s, %s", model.config.variant, model.config.mask_layout,
                 "TAB on" if model.config.use_tab else "no TAB")
     logger.info("backbone: %s", model.config.clip.describe())
@@ -182,9 +158,10 @@ def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
 
         atomic_write_text(args.metrics_json, json.dumps(payload, indent=1))
     if args.save_embeddings:  # one vector per caption / video: logit_scale · text @ video.T == --save_sim
-        from clip2video.search.build import describe_model, write_embeddings
+        from clip2video.modules.weights.identity import describe_model
+        from clip2video.search.build import write_embeddings
 
-        meta = dict(describe_model(model, args), features_path=str(Path(args.features_path).resolve()),
+        meta = dict(describe_model(model, spec).to_dict(), features_path=str(Path(args.features_path).resolve()),
                     max_frames=args.max_frames, feature_framerate=args.feature_framerate, image_mode=args.image_mode,
                     precision=args.precision, datatype=args.datatype, batch_size_val=args.batch_size_val)
         write_embeddings(args.save_embeddings, model.text_vector(res.text).float().numpy(),
