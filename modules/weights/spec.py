@@ -72,7 +72,8 @@ class ModelSpec:
     @classmethod
     def of_flags(cls, **kw: Any) -> ModelSpec:
         """A spec from the original's raw flags; the variant is the Table-1 row they name, else ``custom``."""
-        return cls(variant=variant_of_flags(**{k: kw.get(k, "") for k in RAW_FLAGS}), **kw)
+        raw = {k: kw.get(k, cls.__dataclass_fields__[k].default) for k in RAW_FLAGS}
+        return cls(variant=variant_of_flags(**raw), **kw)
 
     def fields(self) -> dict[str, Any]:
         """The config fields the spec sets (``make_config`` adds what the variant implies beyond them)."""
