@@ -50,7 +50,6 @@ logger = logging.getLogger("clip2video.cli.search")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 THUMB_SIZE = 160
-DEFAULT_VIDEO_FPS = 5.0  # sample_frame.py's default extraction rate
 
 
 # ----------------------------------------------------------------------------------------------- listing
@@ -118,7 +117,7 @@ def read_source(src: Source, *, max_frames: int, framerate: int, image_size: int
         duration = src.frames / video_fps if video_fps and src.frames else None
         return frames, mask, [os.path.join(src.path, c) for c in picks], {"duration": duration, "frames": src.frames}
     from clip2video.dataloaders.frames import load_video_file
-    from clip2video.dataloaders.video_io import decode_outputs, probe
+    from clip2video.dataloaders.video_io import DEFAULT_VIDEO_FPS, decode_outputs, probe
 
     # the frames an extraction at ``fps`` followed by reading the folder would give
     fps = video_fps or DEFAULT_VIDEO_FPS
