@@ -33,7 +33,7 @@ from clip2video.cli.common import (
     parse_with_config,
     run_main,
 )
-from clip2video.cli.serve import add_serve_parser, check_index_model
+from clip2video.cli.serve import add_serve_parser, add_text_encoder_arg, check_index_model
 
 logger = logging.getLogger("clip2video.cli.search")
 MAX_QUERY_CHARS = 10_000
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON: [{query, results: [{video_id, score, path}]}]")
     q.add_argument("--device", default=None)
     add_precision_arg(q)
+    add_text_encoder_arg(q, default="torch")
     add_checkpoint_args(q)
     q.add_argument("--max_words", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -198,7 +199,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, force=True)  # stdout carries the results
     if not texts and not args.like:
         raise UsageError("give query texts, --queries_file or --like VIDEO_ID")
-    index = SearchIndex.open(args.index, device=args.device, precision=args.precision)
+    index = SearchIndex.open(args.index, device=args.device, precision=args.precision,
+                             text_encoder=args.text_encoder)
     check_index_model(index, args)
     out = []
     if args.like:

@@ -81,7 +81,12 @@ class SearchIndex:
     resolved config), and checked against the recorded fingerprint.
     """
 
-    def __init__(self, folder: Path, gen: Path, manifest: dict[str, Any], device: str | None, precision: str):
+    def __init__(self, folder: Path, gen: Path, manifest: dict[str, Any], device: str | None, precision: str,
+                 text_encoder: str = "torch", query_cache_bytes: int = 0):
+        from clip2video.search.text_encoder import TEXT_ENCODERS, QueryCache
+
+        if text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"--text_encoder must be one of {', '.join(TEXT_ENCODERS)}, got {text_encoder!r}")
         self.folder = folder
         self.generation = gen
         self.manifest = manifest
@@ -92,16 +97,21 @@ class SearchIndex:
         self.device = device
         self.precision = precision
         self._lock = threading.Lock()
-        self._model = None
-        self._tokenizer = None
+        self.text_encoder_name = text_encoder
+        self._encoder = None
+        self.query_cache = QueryCache(query_cache_bytes)
         self._load(gen, manifest)
 
     # ------------------------------------------------------------------ open
     @classmethod
-    def open(cls, folder: str | os.PathLike, *, device: str | None = None, precision: str = "fp32") -> SearchIndex:
+    def open(cls, folder: str | os.PathLike, *, device: str | None = None, precision: str = "fp32",
+             text_encoder: str = "torch", query_cache_bytes: int = 0) -> SearchIndex:
+        """The live generation of ``folder``. ``text_encoder`` picks the runtime of the text tower
+        (``text_encoder.TEXT_ENCODERS``; ``torch`` gives ``--save_sim``'s numbers); ``query_cache_bytes`` bounds
+        the cache of recent query vectors (0: none)."""
         folder = Path(folder)
         gen, manifest = read_manifest(folder)
-        return cls(folder, gen, manifest, device, precision)
+        return cls(folder, gen, manifest, device, precision, text_encoder, query_cache_bytes)
 
     def _load(self, gen: Path, manifest: dict[str, Any]) -> None:
         import faiss
@@ -147,8 +157,19 @@ class SearchIndex:
         if self._index.ntotal != len(rows) or self._index.d != self.dim:
             raise IndexFormatError(f"{fpath}: holds {self._index.ntotal} vectors of dim {self._index.d}, "
                                    f"expected {len(rows)} of dim {self.dim}")
-        apply_search_params(self._index, manifest.get("search_params") or "")
+        params = manifest.get("search_params") or ""
+        apply_search_params(self._index, params)
         self.exact = manifest["index_type"] == "Flat"
+        # candidates re-scored per result asked for (``rerank=R`` in the search parameters; 2 by default):
+        # codes that rank coarsely (PQ) need more of them than 8-bit ones
+        self.rerank = 2.0
+        for part in params.split(","):
+            name, _, value = part.partition("=")
+            if name.strip() == "rerank":
+                try:
+                    self.rerank = float(value)
+                except ValueError:
+                    raise IndexFormatError(f"{gen}: search parameter {part!r} is not a number") from None
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -158,8 +179,12 @@ class SearchIndex:
         """Exact stored vectors of the given rows, (len(rows), D) float32."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.dim), dtype=np.float32)
-        for j, r in enumerate(rows):
-            out[j] = self._shards[self._row_shard[r]][self._row_offset[r]]
+        if len(rows) == 0:
+            return out
+        shard, offset = self._row_shard[rows], self._row_offset[rows]
+        for s in np.unique(shard):  # one gather per shard (re-scoring reads up to a few hundred rows)
+            sel = shard == s
+            out[sel] = self._shards[s][offset[sel]]
         return out
 
     # ------------------------------------------------------------------ model
@@ -178,27 +203,38 @@ class SearchIndex:
                                      f"index was built with ({self.fingerprint[:12]})", expected=self.fingerprint,
                                      got=theirs)
 
-    def _ensure_model(self):
-        if self._model is not None:
-            return self._model
+    def _ensure_encoder(self):
+        """The text encoder, built on first use from the recorded model (only the encoder keeps it)."""
+        if self._encoder is not None:
+            return self._encoder
         with self._lock:
-            if self._model is None:
+            if self._encoder is None:
                 from clip2video.modules.network.tokenizer import ClipTokenizer
                 from clip2video.modules.weights.identity import load_recorded
+                from clip2video.search.text_encoder import make_text_encoder
 
                 model = load_recorded(self.model_record, device=self.device)
-                self._tokenizer = ClipTokenizer(int(self.model_record.max_words or 32))
-                self._model = model
-        return self._model
+                tokenizer = ClipTokenizer(int(self.model_record.max_words or 32))
+                self._encoder = make_text_encoder(self.text_encoder_name, model, tokenizer, self.dim,
+                                                  precision=self.precision)
+        return self._encoder
+
+    @property
+    def text_encoder(self):
+        """The text encoder in use (``text_encoder.TextEncoder``; its ``name`` says which runtime)."""
+        return self._ensure_encoder()
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
-        """(n, D) float32 caption vectors (unscaled); only real tokens go through the text tower."""
+        """(n, D) float32 caption vectors (unscaled); only real tokens go through the text tower; recent
+        queries come from the cache (keyed by this index's model fingerprint and the encoder)."""
+        from clip2video.search.text_encoder import encode_cached
+
         if isinstance(texts, str):
             texts = [texts]
-        model = self._ensure_model()
+        encoder = self._ensure_encoder()
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        v = encode_queries(model, self._tokenizer, list(texts), self.precision)
+        v = encode_cached(encoder, self.query_cache, self.fingerprint, list(texts))
         if v.shape[1] != self.dim:
             raise IndexFormatError(f"{self.folder}: model gives {v.shape[1]}-d vectors, the index holds {self.dim}-d")
         return np.ascontiguousarray(v, dtype=np.float32)
@@ -216,7 +252,7 @@ class SearchIndex:
         if q.shape[1] != self.dim:
             raise ValueError(f"query vectors have dim {q.shape[1]}, the index holds {self.dim}")
         k = min(int(k), len(self))
-        fetch = k if self.exact else min(len(self), max(2 * k, k + 10))
+        fetch = k if self.exact else min(len(self), max(int(np.ceil(self.rerank * k)), k + 10))
         scores, labels = self._index.search(q, fetch)
         out = []
         for qi in range(q.shape[0]):

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from clip2video.fileio import TMP_PREFIX, atomic_path, atomic_write_bytes
+from clip2video.search.index_choice import EXACT_MAX, LIST_SIZE, choose_index  # noqa: F401 - EXACT_MAX re-exported
 
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
@@ -74,26 +75,75 @@ class Item:
 
 
 # ----------------------------------------------------------------------------------------------- index types
-def auto_index_type(n: int) -> tuple[str, str]:
+def auto_index_type(n: int, d: int = 1024) -> tuple[str, str]:
     """(FAISS factory string, search parameters) for ``n`` vectors, chosen by size like autofaiss.
 
-    Exact flat inner product while a full scan stays cheap; above that an inverted file with 8-bit scalar
-    quantised codes (a quarter of the float32 memory); the codes' candidates are re-scored with the exact
-    vectors by :meth:`SearchIndex.search`. The thresholds and probe counts come from
-    ``benchmarks/bench_search.py`` (see ``benchmarks/README.md``).
+    Exact flat inner product while a full scan stays cheap (``EXACT_MAX``); above that the inverted file
+    ``index_choice.choose_index`` rates best (lists of ~256 vectors, centroids found through HNSW, 8-bit codes);
+    its candidates are re-scored with the exact vectors by :meth:`SearchIndex.search`. The rules and their
+    measurements: ``index_choice.py`` and ``benchmarks/README.md``.
     """
-    if n <= EXACT_MAX:
-        return "Flat", ""
-    nlist = int(2 ** round(np.log2(max(2 * np.sqrt(n), 256))))
-    nlist = min(nlist, max(n // 64, 1))
-    return f"IVF{nlist},SQ8", f"nprobe={max(nlist // 32, 16)}"
+    c = choose_index(n, d)
+    return c.factory, c.params
 
 
-EXACT_MAX = 50_000
+def _kmeans(sample: np.ndarray, k: int, seed: int, niter: int):
+    import faiss
+
+    # unit-norm centroids: with inner products, k-means' unnormalised centroids of different norms pull most
+    # vectors into a few lists (unbalanced lists, low recall)
+    km = faiss.Kmeans(sample.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False,
+                      max_points_per_centroid=LIST_SIZE, min_points_per_centroid=1)
+    km.train(sample)
+    return km
 
 
-def build_faiss(vectors: np.ndarray, factory: str, *, seed: int = 0, train_size: int | None = None):
-    """A FAISS inner-product index over ``vectors`` (rows become ids 0..n−1)."""
+def train_centroids(sample: np.ndarray, nlist: int, *, seed: int = 0, niter: int = 10) -> np.ndarray:
+    """(nlist, d) unit centroids for an inverted file, from spherical k-means on ``sample``.
+
+    Up to 1,024 lists one k-means; beyond, two levels (FAISS's recipe for large list counts): √nlist top
+    clusters, then each top cluster's vectors split into a share of the lists proportional to its size. Each
+    level costs ~√nlist times less than one k-means of nlist centroids, and every list is still trained on
+    the vectors that will fall into it.
+    """
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    if nlist <= 1024 or len(sample) < 4 * nlist:
+        return _kmeans(sample, nlist, seed, niter).centroids
+    top = int(round(np.sqrt(nlist)))
+    km = _kmeans(sample, top, seed, niter)
+    _, assign = km.index.search(sample, 1)
+    assign = assign[:, 0]
+    sizes = np.bincount(assign, minlength=top)
+    share = np.maximum(1, np.floor(sizes / sizes.sum() * nlist)).astype(int)
+    while share.sum() > nlist:  # give back what rounding up to 1 took
+        share[np.argmax(share)] -= 1
+    share[np.argsort(-(sizes / sizes.sum() * nlist - share))[: nlist - share.sum()]] += 1
+    out = []
+    for c in range(top):
+        part = sample[assign == c]
+        k = int(min(share[c], len(part)))
+        if k <= 0:
+            continue
+        out.append(part if k == len(part) else _kmeans(part, k, seed + c + 1, niter).centroids)
+    cents = np.concatenate(out)
+    if len(cents) < nlist:  # a top cluster with fewer vectors than its share: fill from the sample
+        rng = np.random.default_rng(seed)
+        cents = np.concatenate([cents, sample[rng.choice(len(sample), nlist - len(cents), replace=False)]])
+    return np.ascontiguousarray(cents / np.linalg.norm(cents, axis=1, keepdims=True), dtype=np.float32)
+
+
+CODE_TRAIN_MAX = 65_536  # vectors the codes (SQ ranges, PQ codebooks) are fitted on
+
+
+def build_faiss(vectors: np.ndarray, factory: str, *, seed: int = 0, train_size: int | None = None,
+                centroids: np.ndarray | None = None):
+    """A FAISS inner-product index over ``vectors`` (rows become ids 0..n−1).
+
+    Inverted files are trained on up to ``LIST_SIZE`` vectors per list (or ``train_size``) with
+    :func:`train_centroids` (or take ``centroids`` as given, e.g. shared by several indexes of one benchmark);
+    the centroids go into the index's coarse quantizer (flat or HNSW). The codes are fitted on at most
+    ``CODE_TRAIN_MAX`` of them (product-quantiser k-means is the slow part of a build and gains nothing from more).
+    """
     import faiss
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -106,22 +156,32 @@ def build_faiss(vectors: np.ndarray, factory: str, *, seed: int = 0, train_size:
     if not index.is_trained:
         if n == 0:
             raise ValueError(f"index type {factory} needs training vectors; the collection is empty")
-        if hasattr(faiss, "extract_index_ivf"):
-            try:
-                ivf = faiss.extract_index_ivf(index)
-                ivf.cp.seed = seed
-                # unit-norm centroids: with inner products, k-means' unnormalised centroids of different
-                # norms pull most vectors into a few lists (unbalanced lists, low recall)
-                ivf.cp.spherical = True
-                ivf.cp.niter = 8
-                # k-means on up to 256 vectors per list: with few, the samples of one underlying cluster are
-                # split over many lists and recall drops (measured in benchmarks/bench_search.py)
-                ivf.cp.max_points_per_centroid = 256
-            except RuntimeError:
-                pass
-        m = train_size or n
+        ivf = None
+        try:
+            ivf = faiss.extract_index_ivf(index)
+        except RuntimeError:
+            pass
         rng = np.random.default_rng(seed)
+        m = train_size or (min(n, LIST_SIZE * ivf.nlist) if ivf is not None else n)
         sample = vectors if m >= n else vectors[np.sort(rng.choice(n, size=m, replace=False))]
+        if ivf is not None:
+            if ivf.nlist > n:
+                raise ValueError(f"index type {factory}: {ivf.nlist} lists for {n} vectors; use fewer lists")
+            cents = train_centroids(sample, ivf.nlist, seed=seed) if centroids is None else centroids
+            quantizer = faiss.downcast_index(ivf.quantizer)
+            if hasattr(quantizer, "hnsw"):  # each vector goes to its nearest list, not a near one
+                quantizer.hnsw.efSearch = max(quantizer.hnsw.efSearch, 128)
+            ivf.quantizer.add(cents)
+            ivf.quantizer.is_trained = True
+            ivf.quantizer_trains_alone = 0
+            concrete = faiss.downcast_index(ivf)
+            if hasattr(concrete, "pq"):
+                # polysemous training (on by default) reorders codes for Hamming filtering, which the search
+                # here never uses, and takes minutes: off
+                concrete.do_polysemous_training = False
+                concrete.pq.cp.niter = 12
+        if len(sample) > CODE_TRAIN_MAX:
+            sample = sample[np.sort(rng.choice(len(sample), size=CODE_TRAIN_MAX, replace=False))]
         index.train(sample)
     if n:
         index.add(vectors)
@@ -138,6 +198,8 @@ def apply_search_params(index, params: str) -> None:
     rest = []
     for part in params.split(","):
         name, _, value = part.partition("=")
+        if name.strip() == "rerank":  # SearchIndex's own: candidates re-scored with the exact vectors
+            continue
         if name.strip() == "k_factor":
             if not hasattr(index, "k_factor"):
                 raise ValueError(f"search parameter {part!r}: the index has no refinement stage")
@@ -232,7 +294,7 @@ def write_generation(
     del mmaps
 
     if index_type == "auto":
-        factory, params = auto_index_type(len(entries))
+        factory, params = auto_index_type(len(entries), dim)
     else:
         factory, params = index_type, ""
     if search_params is not None:

@@ -1,0 +1,158 @@
+"""Which FAISS index a collection gets: by size (``auto``) or by a memory budget (``--max_index_memory``).
+
+The idea is autofaiss's: estimate each candidate index's memory from its codes, keep those that fit the
+budget, and take the one with the best recall measured on a benchmark, the fastest among equals. The
+candidates and the recall figures are ``benchmarks/bench_search.py``'s, measured at 1,000,000 × 1024-d
+vectors (``benchmarks/README.md``); recall depends on the data (the benchmark's generators say how much), so
+the figure printed is an expectation, not a promise.
+
+What the measurements said (the reasons behind the rules below):
+
+- Recall of an inverted file is bounded by its coarse partition, and that improves with *more* lists of
+  about 250 vectors each, every list trained on all of its vectors (fewer training vectors per list split a
+  natural cluster over several lists); a list count of ~n/256 also scans fewer vectors per probe. Training
+  that many centroids with one flat k-means costs n × lists × d per iteration, so above 1,024 lists the
+  centroids are trained in two levels (FAISS's recipe for large list counts: √lists top clusters, then each
+  split in proportion to its size), about √lists times cheaper.
+- The centroids are searched through a small HNSW graph (``IVF…_HNSW32``): with thousands of lists, finding
+  the nearest ones is otherwise a flat scan of lists × d floats per query.
+- Codes: 8-bit scalar quantisation (``SQ8``, d bytes a vector) keeps candidates in the right order;
+  product quantisation (``PQm``, m bytes) needs its candidates re-scored, which ``SearchIndex.search`` does
+  with the exact stored vectors (``rerank=R``: R × k candidates).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+EXACT_MAX = 50_000
+LIST_SIZE = 256  # vectors per inverted list the list count aims at
+HNSW_M = 32  # links per node of the centroid graph
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int, *, allow_zero: bool = False) -> int:
+    """Bytes of a size such as ``1.5GB`` (10⁹), ``512MiB`` (2²⁰), ``200M`` or ``1000000``; ValueError (one line)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"not a size: {text!r} (e.g. 1.5GB, 512MiB, 200MB)")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"size must be {'>= 0' if allow_zero else 'positive'}, got {text!r}")
+    return value
+
+
+def format_size(n: float) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def nlist_for(n: int) -> int:
+    """Inverted lists for ``n`` vectors: a power of two near n / 256 (at least 64 vectors a list)."""
+    lists = 2 ** round(math.log2(max(n / LIST_SIZE, 1)))
+    return int(max(1, min(lists, n // 64 if n >= 64 else 1)))
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """A FAISS ``index_factory`` string, its search parameters, its estimated memory and expected recall@10."""
+
+    factory: str
+    params: str
+    bytes: int
+    recall: float
+    note: str = ""
+
+    def describe(self) -> str:
+        params = f" ({self.params})" if self.params else ""
+        return (f"{self.factory}{params}: ~{format_size(self.bytes)}, expected recall@10 ~{self.recall:.3f}"
+                f"{' — ' + self.note if self.note else ''}")
+
+
+def estimate_bytes(factory: str, n: int, d: int) -> int:
+    """Memory of a built index of ``n`` d-dimensional vectors (codes, ids, centroids, graph), as FAISS holds it.
+
+    Understood factories: ``Flat``, ``SQ8``, ``HNSW{M}[_SQ8|,SQ8]``, ``IVF{L}[_HNSW{M}],{Flat|SQ8|PQ{m}[x{b}][fs]}``.
+    ValueError for others (give ``--index_type`` without a budget then).
+    """
+    f = factory.replace(" ", "")
+    if f == "Flat":
+        return n * d * 4
+    if f == "SQ8":
+        return n * d + 2 * d * 4
+    m = re.fullmatch(r"HNSW(\d+)(?:[_,](SQ8|Flat))?", f)
+    if m:
+        links = int(m.group(1))
+        code = d if m.group(2) == "SQ8" else d * 4
+        return n * (code + 2 * links * 4 + 16) + 2 * d * 4  # level-0 links ×2, upper levels ~1/M more
+    m = re.fullmatch(r"IVF(\d+)(?:_HNSW(\d+))?,(Flat|SQ8|PQ(\d+)(?:x(\d+))?(fs)?)", f)
+    if not m:
+        raise ValueError(f"cannot estimate the memory of a {factory!r} index")
+    lists = int(m.group(1))
+    quantizer = lists * d * 4 + (lists * (2 * int(m.group(2)) * 4 + 16) if m.group(2) else 0)
+    if m.group(3) == "Flat":
+        code, extra = d * 4, 0
+    elif m.group(3) == "SQ8":
+        code, extra = d, 2 * d * 4
+    else:
+        sub, bits = int(m.group(4)), int(m.group(5) or 8)
+        code, extra = math.ceil(sub * bits / 8), (2**bits) * d * 4
+    return n * (code + 8) + quantizer + extra + lists * 64
+
+
+# recall@10 measured by benchmarks/bench_search.py at 1,000,000 × 1024-d (clustered sphere generator) with
+# the candidates re-scored exactly; keys: (codes, nprobe as a fraction of the lists, rerank). See README.
+MEASURED_RECALL = {
+    ("SQ8", 1 / 64, 2): 0.96,
+    ("SQ8", 1 / 32, 2): 0.97,
+    ("PQ128", 1 / 64, 10): 0.95,
+    ("PQ64", 1 / 64, 20): 0.91,
+}
+
+
+def candidates(n: int, d: int) -> list[IndexChoice]:
+    """Every index this module would pick for ``n`` vectors, best recall first."""
+    out = [IndexChoice("Flat", "", estimate_bytes("Flat", n, d), 1.0, "exact")]
+    if n <= EXACT_MAX:
+        return out
+    lists = nlist_for(n)
+    quant = f"IVF{lists}_HNSW{HNSW_M}" if lists >= 1024 else f"IVF{lists}"
+    hnsw = ",quantizer_efSearch=128" if lists >= 1024 else ""
+    for (codes, frac, rerank), recall in sorted(MEASURED_RECALL.items(), key=lambda kv: -kv[1]):
+        if codes.startswith("PQ") and d % int(codes[2:]):
+            continue
+        nprobe = max(8, int(lists * frac))
+        factory = f"{quant},{codes}"
+        params = f"nprobe={nprobe}{hnsw}" + (f",rerank={rerank}" if rerank > 2 else "")
+        out.append(IndexChoice(factory, params, estimate_bytes(factory, n, d), recall))
+    return out
+
+
+def choose_index(n: int, d: int, max_bytes: int | None = None) -> IndexChoice:
+    """The index for ``n`` d-dimensional vectors: without a budget exact up to :data:`EXACT_MAX` and the best
+    measured approximate one above it; with one, the best recall that fits in ``max_bytes`` (exact when it
+    fits and the collection is small enough for a flat scan to be quick). ValueError when nothing fits."""
+    options = candidates(n, d)
+    if max_bytes is None:
+        return options[0] if n <= EXACT_MAX else options[1]
+    if n > EXACT_MAX:  # a flat scan of a large collection is slow whatever memory it is given
+        options = options[1:]
+    fit = [c for c in options if c.bytes <= max_bytes]
+    if not fit:
+        smallest = min(options, key=lambda c: c.bytes)
+        raise ValueError(f"--max_index_memory {format_size(max_bytes)}: the smallest index for {n} vectors of "
+                         f"dimension {d} needs ~{format_size(smallest.bytes)} ({smallest.factory})")
+    return max(fit, key=lambda c: (c.recall, -c.bytes))
+
+
+__all__ = ["EXACT_MAX", "IndexChoice", "candidates", "choose_index", "estimate_bytes", "format_size", "nlist_for",
+           "parse_size"]
