@@ -114,6 +114,16 @@ def test_query_equals_save_sim_from_frame_folders(setup, capsys):
     assert res[0]["results"][0]["path"] == str(frames / res[0]["results"][0]["video_id"])
 
 
+@pytest.mark.parametrize("runtime", ["onnx", "openvino", "auto"])
+def test_query_equals_save_sim_whatever_text_runtime(setup, capsys, runtime):
+    """The fast fp32 runtimes (``--text_encoder``; ``serve``'s default is auto) keep ``--save_sim``'s scores."""
+    if runtime != "auto":
+        pytest.importorskip("onnxruntime" if runtime == "onnx" else "openvino")
+    res = query_json(capsys, setup["ix"], "--text_encoder", runtime, "--queries_file",
+                     str(setup["root"] / "queries.txt"))
+    assert_matches_sim(res, setup["sim"], setup["captions"], setup["video_ids"])
+
+
 def test_query_equals_save_sim_from_embeddings(setup, tmp_path, capsys):
     ix = tmp_path / "emb_ix"
     assert search.main(["build", "--from_embeddings", str(setup["emb"]), "--index", str(ix)]) == 0

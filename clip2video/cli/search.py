@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--index_type", default="auto",
                     help="auto (by size), Flat, or a FAISS factory string such as IVF1024,SQ8")
     ix.add_argument("--search_params", default=None, help="FAISS search parameters, e.g. nprobe=32")
+    ix.add_argument("--max_index_memory", default=None, metavar="SIZE",
+                    help="memory budget of the index (e.g. 1GB, 500MB): with --index_type auto, the index type and "
+                         "parameters with the best expected recall that fit; the choice is printed")
     o = b.add_argument_group("run")
     o.add_argument("--device", default=None)
     add_precision_arg(o)
@@ -128,13 +131,22 @@ def cmd_build(args: argparse.Namespace) -> int:
     check_paths(args, dirs=("features_path", "from_embeddings"))
     if args.batch_size_val:
         args.batch_size = args.batch_size_val
+    max_bytes = None
+    if args.max_index_memory is not None:
+        from clip2video.search.index_choice import parse_size
+
+        try:
+            max_bytes = parse_size(args.max_index_memory)
+        except ValueError as e:
+            raise UsageError(f"--max_index_memory {args.max_index_memory}: {e}") from None
     t0 = time.perf_counter()
     if args.from_embeddings:
         setup_logging(None)
         res = build_from_embeddings(args.from_embeddings, args.index, index_type=args.index_type,
-                                    search_params=args.search_params)
+                                    search_params=args.search_params, max_index_bytes=max_bytes)
         logger.info("index %s: %d videos from %s (%.1f s)", args.index, res.count, args.from_embeddings,
                     time.perf_counter() - t0)
+        print_index_choice(args.index, max_bytes)
         return 0
     info = init_distributed(args.device)
     try:
@@ -153,12 +165,13 @@ def cmd_build(args: argparse.Namespace) -> int:
                                 framerate=args.feature_framerate, image_mode=args.image_mode,
                                 precision=args.precision, video_fps=args.video_fps, batch_size=args.batch_size,
                                 num_workers=args.num_thread_reader, index_type=args.index_type,
-                                search_params=args.search_params, device=info.device, info=info,
-                                progress=not args.no_progress)
+                                search_params=args.search_params, max_index_bytes=max_bytes,
+                                device=info.device, info=info, progress=not args.no_progress)
     finally:
         cleanup_distributed()
     if res is None:
         return 0
+    print_index_choice(args.index, max_bytes)
     logger.info("index %s: %d videos (%d encoded, %d unchanged, %d removed) in %.1f s", args.index, res.count,
                 res.encoded, res.reused, res.removed, time.perf_counter() - t0)
     if res.failed:
@@ -167,6 +180,31 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"search.py: {len(res.failed)} video(s) could not be read and were skipped", file=sys.stderr)
         return 1
     return 0
+
+
+def print_index_choice(index: str, max_bytes: int | None) -> None:
+    """One line on stdout: the index type the build chose, its memory and its expected recall."""
+    from clip2video.search.index_choice import estimate_bytes, format_size
+    from clip2video.search.store import read_manifest
+
+    _, m = read_manifest(index)
+    choice = m.get("index_choice")
+    params = f" ({m['search_params']})" if m.get("search_params") else ""
+    if choice:
+        budget = f" within --max_index_memory {format_size(max_bytes)}" if max_bytes else " (by size)"
+        print(f"index: {m['index_type']}{params} for {m['count']} vectors{budget}: ~{format_size(choice['bytes'])}, "
+              f"expected recall@10 ~{choice['recall']:.3f} (measured on benchmarks/bench_search.py's vectors)")
+        return
+    try:
+        size = estimate_bytes(m["index_type"], m["count"], m["dim"])
+    except ValueError:
+        size = None
+    line = f"index: {m['index_type']}{params} (--index_type) for {m['count']} vectors"
+    if size is not None:
+        line += f": ~{format_size(size)}"
+        if max_bytes and size > max_bytes:
+            line += f", above --max_index_memory {format_size(max_bytes)} (--index_type overrides the budget)"
+    print(line)
 
 
 # ----------------------------------------------------------------------------------------------- query

@@ -40,6 +40,7 @@ import mimetypes
 import os
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -220,9 +221,20 @@ def _ms_since(t0: float) -> float:
 
 # ----------------------------------------------------------------------------------------------- routes
 def api_routes(index, batcher: QueryBatcher, records: Records, frame_lists: FrameLists,
-               limits: ServerLimits) -> APIRouter:
-    """``/api/health``, ``/api/search``, ``/api/similar``, ``/api/frames``."""
+               limits: ServerLimits, pool: ThreadPoolExecutor | None = None) -> APIRouter:
+    """``/api/health``, ``/api/search``, ``/api/similar``, ``/api/frames``.
+
+    Blocking look-ups (``similar``, frame listings) run on ``pool``, a few long-lived threads. asyncio's
+    default pool would start up to cores + 4 threads, and every new thread that runs FAISS or a BLAS call
+    gets its own malloc arena and OpenMP team, memory that is not given back (the server's RSS grew by
+    ~250 MiB over a ``/api/similar`` load that way).
+    """
     r = APIRouter()
+
+    async def in_pool(fn, *args):
+        if pool is None:
+            return await asyncio.to_thread(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     @r.get("/api/health")
     async def health():
@@ -253,7 +265,7 @@ def api_routes(index, batcher: QueryBatcher, records: Records, frame_lists: Fram
             except KeyError:
                 return None
 
-        hits = await asyncio.to_thread(run)
+        hits = await in_pool(run)
         if hits is None:
             raise ApiError(404, f"unknown video_id {video_id[:200]!r}")
         return {"video_id": video_id, "k": k, "took_ms": _ms_since(t0),
@@ -267,7 +279,7 @@ def api_routes(index, batcher: QueryBatcher, records: Records, frame_lists: Fram
             raise ApiError(404, f"unknown video_id {video_id[:200]!r}")
         if rec.kind != "frames":
             raise ApiError(404, f"video {video_id[:200]!r} is a video file, not a frame folder (see /video/)")
-        paths = await asyncio.to_thread(frame_lists.get, video_id, rec)
+        paths = await in_pool(frame_lists.get, video_id, rec)
         n = len(paths)
         step = max(1, -(-n // limits.max_frames_listed))
         uid = _url_id(video_id)
@@ -374,18 +386,20 @@ def create_app(index, *, limits: ServerLimits | None = None, allowed_hosts: list
                            max_waiting=limits.max_waiting, max_batch=limits.max_batch)
     records = Records(index, limits.record_cache)
     frame_lists = FrameLists(limits.frame_list_cache)
+    pool = ThreadPoolExecutor(max_workers=limits.max_concurrent_encodes, thread_name_prefix="lookup")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         batcher.shutdown()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="clip2video search", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(HostGuard, allowed_hosts=allowed_hosts)
     app.state.index = index
     app.state.batcher = batcher
     add_error_handlers(app)
-    app.include_router(api_routes(index, batcher, records, frame_lists, limits))
+    app.include_router(api_routes(index, batcher, records, frame_lists, limits, pool))
     app.include_router(file_routes(Path(index.folder), records, frame_lists))
     app.include_router(page_routes(static_dir))
     return app

@@ -249,6 +249,7 @@ def build_from_folder(
     round_size: int = 64,
     index_type: str = "auto",
     search_params: str | None = None,
+    max_index_bytes: int | None = None,
     device: torch.device | str = "cpu",
     info=None,
     progress: bool = True,
@@ -359,7 +360,8 @@ def build_from_folder(
             logger.warning("no videos under %s (frame folders or video files)", features_path)
         meta = dict(record.to_dict(), mask_layout="per_video")
         gen = write_generation(index_dir, entries, model_meta=meta, encoding=dict(settings, key=key),
-                               index_type=index_type, search_params=search_params, source=str(features_path))
+                               index_type=index_type, search_params=search_params, source=str(features_path),
+                               max_index_bytes=max_index_bytes)
         kept = {e[0].video_id for e in entries}
         removed = max(old_count - len({e[0].video_id for e in reuse}), 0)
         result = BuildResult(gen, len(kept), encoded, len(reuse), removed, failed)
@@ -390,7 +392,7 @@ def write_embeddings(out_dir: str | os.PathLike, text: np.ndarray, video: np.nda
 
 
 def build_from_embeddings(emb_dir: str | os.PathLike, index_dir: str | os.PathLike, *, index_type: str = "auto",
-                          search_params: str | None = None) -> BuildResult:
+                          search_params: str | None = None, max_index_bytes: int | None = None) -> BuildResult:
     """An index from ``video.npy`` + ``video_ids.json`` (+ ``meta.json`` describing the model, optional)."""
     emb = Path(emb_dir)
     for name in ("video.npy", "video_ids.json"):
@@ -436,7 +438,7 @@ def build_from_embeddings(emb_dir: str | os.PathLike, index_dir: str | os.PathLi
         old_count = 0
     gen = write_generation(index_dir, [(it, name, r) for r, it in enumerate(items)], model_meta=meta,
                            encoding={"key": key, "from_embeddings": str(emb.resolve())}, index_type=index_type,
-                           search_params=search_params, source=str(emb.resolve()))
+                           search_params=search_params, source=str(emb.resolve()), max_index_bytes=max_index_bytes)
     lock.close()
     return BuildResult(gen, len(items), 0, 0, old_count, [])
 

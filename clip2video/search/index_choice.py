@@ -110,12 +110,13 @@ def estimate_bytes(factory: str, n: int, d: int) -> int:
 
 
 # recall@10 measured by benchmarks/bench_search.py at 1,000,000 × 1024-d (clustered sphere generator) with
-# the candidates re-scored exactly; keys: (codes, nprobe as a fraction of the lists, rerank). See README.
+# the candidates re-scored exactly; keys: (codes, nprobe as a fraction of the lists, rerank), where "PQ/8" is
+# a product quantiser of d/8 bytes a vector. See benchmarks/README.md.
 MEASURED_RECALL = {
     ("SQ8", 1 / 64, 2): 0.96,
     ("SQ8", 1 / 32, 2): 0.97,
-    ("PQ128", 1 / 64, 10): 0.95,
-    ("PQ64", 1 / 64, 20): 0.91,
+    ("PQ/8", 1 / 64, 10): 0.95,
+    ("PQ/16", 1 / 64, 20): 0.91,
 }
 
 
@@ -127,13 +128,19 @@ def candidates(n: int, d: int) -> list[IndexChoice]:
     lists = nlist_for(n)
     quant = f"IVF{lists}_HNSW{HNSW_M}" if lists >= 1024 else f"IVF{lists}"
     hnsw = ",quantizer_efSearch=128" if lists >= 1024 else ""
+    seen = set()
     for (codes, frac, rerank), recall in sorted(MEASURED_RECALL.items(), key=lambda kv: -kv[1]):
-        if codes.startswith("PQ") and d % int(codes[2:]):
-            continue
+        if codes.startswith("PQ/"):
+            div = int(codes[3:])
+            if d % div:
+                continue
+            codes = f"PQ{d // div}"
         nprobe = max(8, int(lists * frac))
         factory = f"{quant},{codes}"
         params = f"nprobe={nprobe}{hnsw}" + (f",rerank={rerank}" if rerank > 2 else "")
-        out.append(IndexChoice(factory, params, estimate_bytes(factory, n, d), recall))
+        if (factory, params) not in seen:
+            seen.add((factory, params))
+            out.append(IndexChoice(factory, params, estimate_bytes(factory, n, d), recall))
     return out
 
 

@@ -260,12 +260,17 @@ def write_generation(
     search_params: str | None = None,
     source: str | None = None,
     compact_below: float = 0.5,
+    max_index_bytes: int | None = None,
 ) -> Path:
     """Write a complete new generation for ``entries`` = (item, shard name, row in shard) and switch to it.
 
     Rows are sorted by video id, so the index does not depend on the order (or the number of processes) in
     which the vectors were encoded. When less than ``compact_below`` of the referenced shard rows are live,
     the live vectors are rewritten into one new shard first.
+
+    ``index_type`` "auto" picks by size, or by ``max_index_bytes`` when given (``index_choice.choose_index``,
+    ValueError when nothing fits); the manifest records the choice with its estimated memory and expected
+    recall (``index_choice``).
 
     Returns:
         the new generation folder.
@@ -293,8 +298,11 @@ def write_generation(
         entries = [(e[0], name, r) for r, e in enumerate(entries)]
     del mmaps
 
+    choice = None
     if index_type == "auto":
-        factory, params = auto_index_type(len(entries), dim)
+        c = choose_index(len(entries), dim, max_index_bytes)
+        factory, params = c.factory, c.params
+        choice = {"bytes": c.bytes, "recall": c.recall, "budget": max_index_bytes}
     else:
         factory, params = index_type, ""
     if search_params is not None:
@@ -324,6 +332,7 @@ def write_generation(
         "encoding": encoding,
         "index_type": factory,
         "search_params": params,
+        "index_choice": choice,
         "shards": sorted({s for _, s, _ in entries}),
         "source": source,
     }

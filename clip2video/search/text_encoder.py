@@ -149,8 +149,12 @@ class TorchInt8TextEncoder(TextEncoder):
         except ImportError as e:  # pragma: no cover - torch builds without quantisation
             raise TextEncoderUnavailable(f"--text_encoder torch-int8: this torch has no dynamic quantisation ({e})") \
                 from None
+        import warnings
+
         module = text_vector_module(_text_only(model)).eval()
-        self.module = quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes that this API moves to torchao
+            self.module = quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         import torch
