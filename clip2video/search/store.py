@@ -184,8 +184,32 @@ def build_faiss(vectors: np.ndarray, factory: str, *, seed: int = 0, train_size:
             sample = sample[np.sort(rng.choice(len(sample), size=CODE_TRAIN_MAX, replace=False))]
         index.train(sample)
     if n:
-        index.add(vectors)
+        _add(index, vectors)
     return index
+
+
+def _add(index, vectors: np.ndarray) -> None:
+    """``index.add``; an inverted file with an HNSW coarse quantizer assigns the vectors to their lists with
+    an exact scan of the centroids (a matrix product, and the exact nearest list) instead of one graph search
+    per vector, then gets its graph back for queries."""
+    import faiss
+
+    ivf = None
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        pass
+    graph = faiss.downcast_index(ivf.quantizer) if ivf is not None else None
+    if graph is None or not hasattr(graph, "hnsw") or graph.ntotal == 0:
+        index.add(vectors)
+        return
+    flat = faiss.IndexFlat(ivf.d, ivf.metric_type)
+    flat.add(graph.reconstruct_n(0, graph.ntotal))
+    ivf.quantizer = flat
+    try:
+        index.add(vectors)
+    finally:
+        ivf.quantizer = graph
 
 
 def apply_search_params(index, params: str) -> None:

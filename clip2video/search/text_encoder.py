@@ -363,6 +363,11 @@ class QueryCache:
                 k, v = self._items.popitem(last=False)
                 self._bytes -= self._size(k, v)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
     def stats(self) -> dict[str, Any]:
         return {"entries": len(self._items), "bytes": self._bytes, "max_bytes": self.max_bytes, "hits": self.hits,
                 "misses": self.misses}
