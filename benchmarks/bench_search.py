@@ -45,6 +45,7 @@ SETTINGS = {
     "ivf_hnsw_sq8": ("IVF{L}_HNSW32,SQ8", ["nprobe={p},quantizer_efSearch=128"]),
     "ivf_hnsw_pq128": ("IVF{L}_HNSW32,PQ128", ["nprobe={p},quantizer_efSearch=128,rerank=10",
                                                "nprobe={p},quantizer_efSearch=128,rerank=30"]),
+    "ivf_pq128": ("IVF{L},PQ128", ["nprobe={p},rerank=10", "nprobe={p},rerank=30"]),
     "ivf_hnsw_pq64": ("IVF{L}_HNSW32,PQ64", ["nprobe={p},quantizer_efSearch=128,rerank=20",
                                              "nprobe={p},quantizer_efSearch=128,rerank=50"]),
     "hnsw_sq8": ("HNSW32_SQ8", ["efSearch=64", "efSearch=128", "efSearch=256"]),
@@ -206,7 +207,7 @@ def main() -> None:
     import faiss
     import torch
 
-    from clip2video.search.index_choice import EXACT_MAX, LIST_SIZE, choose_index, nlist_for
+    from clip2video.search.index_choice import EXACT_MAX, TRAIN_PER_LIST, choose_index, nlist_for
     from clip2video.search.store import apply_search_params, build_faiss, train_centroids
 
     load0 = loadavg()
@@ -266,7 +267,7 @@ def main() -> None:
             if nl not in cents:
                 t0 = time.perf_counter()
                 rng = np.random.default_rng(a.seed)
-                m = min(a.n, LIST_SIZE * nl)
+                m = min(a.n, TRAIN_PER_LIST * nl)
                 sample = xb if m >= a.n else xb[np.sort(rng.choice(a.n, size=m, replace=False))]
                 cents[nl] = (train_centroids(sample, nl, seed=a.seed), time.perf_counter() - t0)
                 del sample

@@ -74,6 +74,19 @@ def encode_queries(model, tokenizer, texts: Sequence[str], precision: str = "fp3
 
 
 
+def _give_back_freed_memory() -> None:
+    """glibc keeps freed heap for reuse; after the model export (hundreds of MB of temporaries) give it back
+    to the system so the server's RSS is what it holds. A no-op where glibc is not the C library."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class SearchIndex:
     """A read-only view of the live generation of an index folder; safe for concurrent readers.
 
@@ -217,6 +230,8 @@ class SearchIndex:
                 tokenizer = ClipTokenizer(int(self.model_record.max_words or 32))
                 self._encoder = make_text_encoder(self.text_encoder_name, model, tokenizer, self.dim,
                                                   precision=self.precision)
+                del model  # a runtime other than torch holds its own copy of the text weights
+                _give_back_freed_memory()
         return self._encoder
 
     @property

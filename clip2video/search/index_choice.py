@@ -6,19 +6,17 @@ candidates and the recall figures are ``benchmarks/bench_search.py``'s, measured
 vectors (``benchmarks/README.md``); recall depends on the data (the benchmark's generators say how much), so
 the figure printed is an expectation, not a promise.
 
-What the measurements said (the reasons behind the rules below):
+What the measurements said (the reasons behind the rules below; figures in ``benchmarks/README.md``):
 
-- Recall of an inverted file is bounded by its coarse partition, and that improves with *more* lists of
-  about 250 vectors each, every list trained on all of its vectors (fewer training vectors per list split a
-  natural cluster over several lists); a list count of ~n/256 also scans fewer vectors per probe. Training
-  that many centroids with one flat k-means costs n × lists × d per iteration, so above 1,024 lists the
-  centroids are trained in two levels (FAISS's recipe for large list counts: √lists top clusters, then each
-  split in proportion to its size), about √lists times cheaper.
-- The centroids are searched through a small HNSW graph (``IVF…_HNSW32``): with thousands of lists, finding
-  the nearest ones is otherwise a flat scan of lists × d floats per query.
-- Codes: 8-bit scalar quantisation (``SQ8``, d bytes a vector) keeps candidates in the right order;
-  product quantisation (``PQm``, m bytes) needs its candidates re-scored, which ``SearchIndex.search`` does
-  with the exact stored vectors (``rerank=R``: R × k candidates).
+- An inverted file's recall is bounded by its coarse partition: a list count at or above the number of the
+  collection's natural clusters keeps each cluster in one list (200k clustered vectors, 4,096 lists: all of
+  the true top-10 in the 8 nearest lists), while fewer, larger lists split clusters, and more training
+  vectors per list help less than more lists. Flat k-means costs sample × lists × d per iteration, so the
+  list count (~n / 256) and the training sample (``TRAIN_PER_LIST`` a list) are what a 2-core build can afford.
+- A graph over 8-bit codes (``HNSW32_SQ8``) has no partition to miss and keeps its candidates in order; it
+  costs d + 256 bytes a vector, and is the default above ``EXACT_MAX`` where it fits.
+- Product-quantised codes (``PQm``, m bytes) are for small budgets: their candidates are re-scored with the
+  exact stored vectors by ``SearchIndex.search`` (``rerank=R``: R × k candidates).
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ from dataclasses import dataclass
 
 EXACT_MAX = 50_000
 LIST_SIZE = 256  # vectors per inverted list the list count aims at
+TRAIN_PER_LIST = 64  # k-means training vectors per list (its cost: sample × lists × d per iteration)
 HNSW_M = 32  # links per node of the centroid graph
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
@@ -109,38 +108,29 @@ def estimate_bytes(factory: str, n: int, d: int) -> int:
     return n * (code + 8) + quantizer + extra + lists * 64
 
 
-# recall@10 measured by benchmarks/bench_search.py at 1,000,000 × 1024-d (clustered sphere generator) with
-# the candidates re-scored exactly; keys: (codes, nprobe as a fraction of the lists, rerank), where "PQ/8" is
-# a product quantiser of d/8 bytes a vector. See benchmarks/README.md.
-MEASURED_RECALL = {
-    ("SQ8", 1 / 64, 2): 0.96,
-    ("SQ8", 1 / 32, 2): 0.97,
-    ("PQ/8", 1 / 64, 10): 0.95,
-    ("PQ/16", 1 / 64, 20): 0.91,
-}
+# recall@10 measured by benchmarks/bench_search.py at 1,000,000 × 1024-d (clustered sphere generator, 200
+# queries) with the candidates re-scored exactly: (factory with {L} = nlist_for(n) and {d8} = d/8 bytes,
+# search parameters, recall). Best recall first; see benchmarks/README.md.
+MEASURED = [
+    ("HNSW32_SQ8", "efSearch=128", 0.98),
+    ("IVF{L},SQ8", "nprobe={p32}", 0.96),
+    ("IVF{L},PQ{d8}", "nprobe={p32},rerank=10", 0.95),
+    ("IVF{L},PQ{d16}", "nprobe={p32},rerank=20", 0.90),
+]
 
 
 def candidates(n: int, d: int) -> list[IndexChoice]:
-    """Every index this module would pick for ``n`` vectors, best recall first."""
+    """Every index this module would pick for ``n`` vectors, best recall first (exact first of all)."""
     out = [IndexChoice("Flat", "", estimate_bytes("Flat", n, d), 1.0, "exact")]
     if n <= EXACT_MAX:
         return out
     lists = nlist_for(n)
-    quant = f"IVF{lists}_HNSW{HNSW_M}" if lists >= 1024 else f"IVF{lists}"
-    hnsw = ",quantizer_efSearch=128" if lists >= 1024 else ""
-    seen = set()
-    for (codes, frac, rerank), recall in sorted(MEASURED_RECALL.items(), key=lambda kv: -kv[1]):
-        if codes.startswith("PQ/"):
-            div = int(codes[3:])
-            if d % div:
-                continue
-            codes = f"PQ{d // div}"
-        nprobe = max(8, int(lists * frac))
-        factory = f"{quant},{codes}"
-        params = f"nprobe={nprobe}{hnsw}" + (f",rerank={rerank}" if rerank > 2 else "")
-        if (factory, params) not in seen:
-            seen.add((factory, params))
-            out.append(IndexChoice(factory, params, estimate_bytes(factory, n, d), recall))
+    for factory, params, recall in MEASURED:
+        if ("{d8}" in factory and d % 8) or ("{d16}" in factory and d % 16):
+            continue
+        factory = factory.format(L=lists, d8=d // 8, d16=d // 16)
+        params = params.format(p32=max(8, lists // 32))
+        out.append(IndexChoice(factory, params, estimate_bytes(factory, n, d), recall))
     return out
 
 
