@@ -132,9 +132,10 @@ def make_model_and_embeddings_subprocess(work: Path, n: int, clusters: int, env:
 
 
 def rss_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM in kB, and the number of threads (each thread that allocates may hold a malloc arena)."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
+        if line.startswith(("VmRSS:", "VmHWM:", "Threads:")):
             out[line.split(":")[0]] = int(line.split()[1])
     return out
 
@@ -317,7 +318,8 @@ def main() -> int:
     print(f"\nserver RSS: {mem0['VmRSS'] / mb:.0f} MiB before the load, {mem_warm['VmRSS'] / mb:.0f} MiB after one "
           f"client, then {mem1['VmRSS'] / mb:.0f} / {mem_sim['VmRSS'] / mb:.0f} / {mem2['VmRSS'] / mb:.0f} MiB after "
           f"the {args.seconds:.0f}-s /api/search, /api/similar, /api/health phases: {100 * growth:+.1f} % over the "
-          f"three (peak {mem2['VmHWM'] / mb:.0f} MiB); server exit code after SIGTERM: {rc}")
+          f"three (peak {mem2['VmHWM'] / mb:.0f} MiB); threads {mem_warm['Threads']} / {mem1['Threads']} / "
+          f"{mem_sim['Threads']} / {mem2['Threads']}; server exit code after SIGTERM: {rc}")
     load1 = os.getloadavg()
     print(f"load average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     errors = sum(r["errors"] for _, r in rows)
