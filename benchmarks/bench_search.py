@@ -193,6 +193,9 @@ def main() -> None:
     ap.add_argument("--settings", default="ivf_sq8_old,ivf_sq8,ivf_hnsw_sq8,ivf_hnsw_pq128,ivf_hnsw_pq64",
                     help=f"comma-separated from {', '.join(SETTINGS)}")
     ap.add_argument("--nprobe_fracs", default="64,32,16", help="nprobe = lists / each")
+    ap.add_argument("--lists", type=int, default=None, help="inverted lists (default: index_choice.nlist_for(n))")
+    ap.add_argument("--train_per_list", type=int, default=None, help="k-means vectors per list (default: the "
+                    "index's TRAIN_PER_LIST)")
     ap.add_argument("--flat_timed", type=int, default=10, help="queries timed one by one for exact search")
     ap.add_argument("--text_encoders", default="torch,torch-bf16,torch-int8,onnx,onnx-int8,openvino,openvino-bf16")
     ap.add_argument("--no_text", action="store_true")
@@ -250,7 +253,8 @@ def main() -> None:
 
     # ---- 3. approximate indexes ----------------------------------------------------------------------------------
     built: dict[str, object] = {}
-    lists = nlist_for(a.n)
+    lists = a.lists or nlist_for(a.n)
+    per_list = a.train_per_list or TRAIN_PER_LIST
     lists_old = int(2 ** round(np.log2(max(2 * np.sqrt(a.n), 256))))
     fracs = [int(x) for x in a.nprobe_fracs.split(",") if x]
     # the index a build of this size gets (index_choice) if it was measured, else the best ≥ 0.95 ≤ 1.5 GB
@@ -267,9 +271,9 @@ def main() -> None:
             if nl not in cents:
                 t0 = time.perf_counter()
                 rng = np.random.default_rng(a.seed)
-                m = min(a.n, TRAIN_PER_LIST * nl)
+                m = min(a.n, per_list * nl)
                 sample = xb if m >= a.n else xb[np.sort(rng.choice(a.n, size=m, replace=False))]
-                cents[nl] = (train_centroids(sample, nl, seed=a.seed), time.perf_counter() - t0)
+                cents[nl] = (train_centroids(sample, nl, seed=a.seed, per_list=per_list), time.perf_counter() - t0)
                 del sample
             c = cents[nl][0]
         t0 = time.perf_counter()

@@ -87,7 +87,8 @@ def auto_index_type(n: int, d: int = 1024) -> tuple[str, str]:
     return c.factory, c.params
 
 
-def train_centroids(sample: np.ndarray, nlist: int, *, seed: int = 0, niter: int = 10) -> np.ndarray:
+def train_centroids(sample: np.ndarray, nlist: int, *, seed: int = 0, niter: int = 10,
+                    per_list: int = TRAIN_PER_LIST) -> np.ndarray:
     """(nlist, d) unit centroids for an inverted file: spherical k-means on at most ``TRAIN_PER_LIST`` vectors a
     list of ``sample`` (unit-norm centroids: with inner products, unnormalised centroids of different norms
     pull most vectors into a few lists).
@@ -99,7 +100,7 @@ def train_centroids(sample: np.ndarray, nlist: int, *, seed: int = 0, niter: int
 
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     km = faiss.Kmeans(sample.shape[1], nlist, niter=niter, seed=seed, spherical=True, verbose=False,
-                      max_points_per_centroid=TRAIN_PER_LIST, min_points_per_centroid=1)
+                      max_points_per_centroid=per_list, min_points_per_centroid=1)
     km.train(sample)
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
