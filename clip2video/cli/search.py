@@ -199,6 +199,13 @@ def cmd_query(args: argparse.Namespace) -> int:
     if not texts and not args.like:
         raise UsageError("give query texts, --queries_file or --like VIDEO_ID")
     index = SearchIndex.open(args.index, device=args.device, precision=args.precision)
+    try:
+        return _answer(index, args, texts)
+    finally:
+        index.close()
+
+
+def _answer(index, args: argparse.Namespace, texts: list[str]) -> int:
     check_index_model(index, args)
     out = []
     if args.like:

@@ -16,21 +16,26 @@ import os
 import sqlite3
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clip2video.modules.weights.identity import ModelMismatchError, ModelRecord
+from clip2video.search.integrity import verify_generation
 from clip2video.search.store import (
     FAISS_FILE,
+    MANIFEST,
     META_DB,
     SHARDS,
     IndexFormatError,
     Item,
     apply_search_params,
+    open_db_readonly,
+    read_current_name,
     read_manifest,
+    reader_lock,
 )
 
 if TYPE_CHECKING:
@@ -52,6 +57,12 @@ class VideoRecord:
     thumbnails: list[Path]
     duration: float | None
     frames: int | None
+    # the file policy's record (``files.py``): the root every served file lies under, the files recorded at
+    # build time ([name relative to ``path`` ("" for a video file), size, mtime_ns]) and each thumbnail's
+    # [size, mtime_ns, sha256]
+    root: Path | None = None
+    files: list[list[Any]] = field(default_factory=list)
+    thumb_stats: list[list[Any]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- queries
@@ -81,9 +92,11 @@ class SearchIndex:
     resolved config), and checked against the recorded fingerprint.
     """
 
-    def __init__(self, folder: Path, gen: Path, manifest: dict[str, Any], device: str | None, precision: str):
+    def __init__(self, folder: Path, gen: Path, manifest: dict[str, Any], device: str | None, precision: str,
+                 lock_fd: int | None = None):
         self.folder = folder
         self.generation = gen
+        self._lock_fd = lock_fd  # shared flock on the manifest: the build's clean-up leaves this generation alone
         self.manifest = manifest
         self.fingerprint: str = manifest["fingerprint"]
         self.model_record = ModelRecord.from_dict(manifest["model"])
@@ -98,16 +111,53 @@ class SearchIndex:
 
     # ------------------------------------------------------------------ open
     @classmethod
-    def open(cls, folder: str | os.PathLike, *, device: str | None = None, precision: str = "fp32") -> SearchIndex:
+    def open(cls, folder: str | os.PathLike, *, device: str | None = None, precision: str = "fp32",
+             verify: bool | None = None) -> SearchIndex:
+        """Open the live generation of ``folder``, checked against its build's record (``integrity.py``).
+
+        ``verify``: True hashes every file, False only the small ones, None (default) hashes every file on the
+        first open of a generation and only the small ones after that. A generation replaced by a build while
+        it was being opened is retried with the new one.
+        """
         folder = Path(folder)
-        gen, manifest = read_manifest(folder)
-        return cls(folder, gen, manifest, device, precision)
+        for attempt in range(3):
+            gen, manifest = read_manifest(folder)
+            fd = reader_lock(gen)
+            try:
+                if fd is None or not (gen / MANIFEST).is_file():
+                    raise IndexFormatError(f"{folder}: truncated index: generation {gen.name} has no {MANIFEST}")
+                verify_generation(folder, gen, manifest, full=verify)
+                return cls(folder, gen, manifest, device, precision, lock_fd=fd)
+            except BaseException as e:
+                if fd is not None:
+                    os.close(fd)
+                if isinstance(e, IndexFormatError) and attempt < 2 and read_current_name(folder) != gen.name:
+                    continue  # a build switched generations meanwhile: open the new one
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @property
+    def generation_name(self) -> str:
+        return self.generation.name
+
+    def reopen(self, *, verify: bool | None = None) -> SearchIndex:
+        """The folder's live generation opened anew (after a build); the loaded model is shared when the new
+        generation records the same one."""
+        new = SearchIndex.open(self.folder, device=self.device, precision=self.precision, verify=verify)
+        if self._model is not None and new.model_record.to_dict() == self.model_record.to_dict():
+            new._model, new._tokenizer = self._model, self._tokenizer
+        return new
+
+    def changed(self) -> bool:
+        """Whether ``CURRENT`` names another generation than the one open (a build switched)."""
+        name = read_current_name(self.folder)
+        return name is not None and name != self.generation.name
 
     def _load(self, gen: Path, manifest: dict[str, Any]) -> None:
         import faiss
 
         try:
-            db = sqlite3.connect(f"file:{gen / META_DB}?mode=ro", uri=True, check_same_thread=False)
+            db = open_db_readonly(gen / META_DB, check_same_thread=False)
             rows = db.execute("SELECT row, video_id, path, shard, shard_row FROM videos ORDER BY row").fetchall()
         except sqlite3.Error as e:
             raise IndexFormatError(f"{gen / META_DB}: truncated or damaged ({e})") from None
@@ -250,15 +300,24 @@ class SearchIndex:
         return [h for h in hits if h.video_id != video_id][:k]
 
     def record(self, video_id: str) -> VideoRecord | None:
-        if video_id not in self._row_of:
+        """The video's record with its file policy record (None for an id the index does not hold)."""
+        r = self._row_of.get(video_id)
+        if r is None:
             return None
-        with self._lock:
-            row = self._db.execute("SELECT video_id, path, kind, duration, frames, thumbnails FROM videos "
-                                   "WHERE video_id = ?", (video_id,)).fetchone()
-        if row is None:
-            return None
-        thumbs = [self.folder / t for t in json.loads(row[5] or "[]")]
-        return VideoRecord(row[0], Path(row[1]), row[2], thumbs, row[3], row[4])
+        try:
+            with self._lock:
+                row = self._db.execute("SELECT v.video_id, v.path, v.kind, v.duration, v.frames, f.root, f.entries, "
+                                       "f.thumbs FROM videos v JOIN files f ON v.row = f.row WHERE v.row = ?",
+                                       (r,)).fetchone()
+            if row is None:
+                return None
+            thumbs = json.loads(row[7] or "[]")
+            return VideoRecord(row[0], Path(row[1]), row[2], [self.folder / t[0] for t in thumbs], row[3], row[4],
+                               Path(row[5]) if row[5] else None, json.loads(row[6] or "[]"),
+                               [list(t[1:]) for t in thumbs])
+        except (sqlite3.Error, ValueError, TypeError, IndexError) as e:
+            raise IndexFormatError(f"{self.generation / META_DB}: damaged record of {video_id[:200]!r} "
+                                   f"({type(e).__name__})") from None
 
     def items(self) -> list[Item]:
         """Every indexed video with its stored file state (for incremental builds)."""
@@ -272,4 +331,18 @@ class SearchIndex:
             return self._db.execute("SELECT shard, shard_row FROM videos ORDER BY row").fetchall()
 
     def close(self) -> None:
-        self._db.close()
+        """Close the database and release the generation (a build may then remove it)."""
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:  # an index dropped without close() releases its generation all the same
+        try:
+            fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+            if fd is not None:
+                os.close(fd)
+        except Exception:  # noqa: BLE001, S110 - nothing to report during interpreter shutdown
+            pass
