@@ -6,6 +6,7 @@
     python search.py build --from_embeddings emb_dir --index my_index     # from infer_retrieval --save_embeddings
     python search.py query --index my_index -k 10 "a dog catches a frisbee" ["more text" ...] [--json]
     python search.py query --index my_index --like VIDEO_ID
+    python search.py verify --index my_index                              # every file against its checksum
     torchrun --nproc_per_node 4 search.py build ...                       # encoding split over 4 processes
 
 Scores are the numbers ``infer_retrieval.py --save_sim`` writes for the same model (×logit scale). The index
@@ -42,7 +43,7 @@ MAX_QUERY_CHARS = 10_000
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="search.py", description=__doc__.split("\n")[1],
                       formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{build,query,serve}", parser_class=OneLineParser)
+    sub = p.add_subparsers(dest="command", metavar="{build,query,verify,serve}", parser_class=OneLineParser)
 
     b = sub.add_parser("build", help="index a folder of videos (or exported embeddings)")
     b.add_argument("--config", default=None, help="YAML file of flag defaults")
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(src, ["features_path"], helps={
         "features_path": "folder of videos: video files (read directly) and/or frame folders <id>/00000001.jpg"})
     src.add_argument("--from_embeddings", default=None, help="folder with video.npy + video_ids.json (+ meta.json)")
+    src.add_argument("--follow_symlinks", action="store_true",
+                     help="index through symbolic links (to video files, frame folders, frames); each is resolved "
+                          "now and its target recorded. Without it links are skipped, one line each")
     add_data_args(src, ["max_words", "max_frames", "feature_framerate", "video_fps", "image_mode"], helps={
         "max_words": "query length in tokens (start + words + end)",
         "video_fps": "video files are read as if extracted at this rate (sample_frame.py --fps); for frame "
@@ -82,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_args(q)
     q.add_argument("--max_words", type=int, default=None, help=argparse.SUPPRESS)
 
+    v = sub.add_parser("verify", help="check every file of an index against the checksums its build recorded")
+    v.add_argument("--index", required=True)
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+
     add_serve_parser(sub)  # cli/serve.py owns its flags (the model flags are query's); imports no web framework
     return p
 
@@ -96,7 +104,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if not argv or argv[0] not in p._subparsers._group_actions[0].choices:
         if argv and argv[0] in ("-h", "--help"):
             p.parse_args(argv)
-        raise UsageError("give a command: build, query, serve")
+        raise UsageError("give a command: build, query, verify, serve")
     sub = p._subparsers._group_actions[0].choices[argv[0]]
     args = parse_with_config(sub, argv[1:])
     args.command = argv[0]
@@ -109,6 +117,8 @@ def run(argv: list[str] | None) -> int:
         return cmd_build(args)
     if args.command == "query":
         return cmd_query(args)
+    if args.command == "verify":
+        return cmd_verify(args)
     return args.func(args)  # serve (and any other registered command)
 
 
@@ -131,7 +141,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.from_embeddings:
         setup_logging(None)
         res = build_from_embeddings(args.from_embeddings, args.index, index_type=args.index_type,
-                                    search_params=args.search_params)
+                                    search_params=args.search_params, follow_symlinks=args.follow_symlinks)
         logger.info("index %s: %d videos from %s (%.1f s)", args.index, res.count, args.from_embeddings,
                     time.perf_counter() - t0)
         return 0
@@ -153,7 +163,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                                 precision=args.precision, video_fps=args.video_fps, batch_size=args.batch_size,
                                 num_workers=args.num_thread_reader, index_type=args.index_type,
                                 search_params=args.search_params, device=info.device, info=info,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, follow_symlinks=args.follow_symlinks)
     finally:
         cleanup_distributed()
     if res is None:
@@ -163,8 +173,30 @@ def cmd_build(args: argparse.Namespace) -> int:
     if res.failed:
         for vid, why in res.failed:
             print(f"search.py: skipped {vid}: {why}", file=sys.stderr)
-        print(f"search.py: {len(res.failed)} video(s) could not be read and were skipped", file=sys.stderr)
+        print(f"search.py: {len(res.failed)} video(s) could not be read or were refused and were skipped",
+              file=sys.stderr)
         return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- verify
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Every file of the live generation against its recorded size and SHA-256, every thumbnail, SQLite's
+    quick_check; exit 1 with one line naming the first file that differs."""
+    from clip2video.search.integrity import verify_index
+
+    t0 = time.perf_counter()
+    report = verify_index(args.index)
+    took = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(dict(report.__dict__, seconds=round(took, 3))))
+        return 0
+    changed = report.sources_changed
+    print(f"{args.index}: generation {report.generation} intact: {report.files} files ({report.bytes / 2**20:.1f} "
+          f"MiB) and {report.thumbnails} thumbnails match their checksums, SQLite quick_check ok ({took:.1f} s)")
+    if changed:
+        print(f"{args.index}: {changed} indexed video(s) changed or gone since the build; they are not served "
+              "until the next build")
     return 0
 
 

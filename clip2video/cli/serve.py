@@ -153,7 +153,9 @@ def serve_main(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: must be from 0 to 65535")
     threads = set_compute_threads(args.threads, limits.max_concurrent_encodes)
-    index = SearchIndex.open(args.index, device=args.device, precision=args.precision)
+    # every file checked against its build's checksums before the first request (integrity.py): a server runs
+    # long, so the seconds of hashing are paid once, and a damaged index refuses to start
+    index = SearchIndex.open(args.index, device=args.device, precision=args.precision, verify=True)
     check_index_model(index, args)
     t0 = time.perf_counter()
     index.encode_text(["a warm-up query"])  # loads the text tower now, not on the first user's query
@@ -168,7 +170,7 @@ def serve_main(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    server = uvicorn.Server(app_module.server_config(app, log_level="warning", access_log=False, lifespan="on"))
     stopped_by: list[int] = []
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the handler that was
     # there before; these make that second delivery a no-op, so a stop is a clean exit 0.
@@ -178,6 +180,7 @@ def serve_main(args: argparse.Namespace) -> int:
     logger.info("serving %d videos from %s at %s", len(index), args.index, url)
     server.run(sockets=[sock])
     sock.close()
+    index.close()
     why = signal.Signals(stopped_by[0]).name if stopped_by else "shutdown"
     print(f"stopped ({why})", file=sys.stderr, flush=True)
     return 0
