@@ -586,8 +586,8 @@ def read_current(folder: str | os.PathLike) -> str:
     except OSError:
         inside = False
     if not inside:
-        raise IndexFormatError(f"{folder}: truncated index: {CURRENT} names {name!r}, which is not a folder of "
-                               f"this index (no {MANIFEST})")
+        raise IndexFormatError(f"{cur}: names {name!r}, which is not a folder inside {folder} (missing, or a link "
+                               "elsewhere); truncated or damaged index")
     return name
 
 
