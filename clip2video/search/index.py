@@ -335,6 +335,7 @@ class SearchIndex:
         db = getattr(self, "_db", None)
         if db is not None:
             db.close()
+        self._shards, self._index = [], None  # the shards' memory maps and the FAISS index go with it
         fd, self._lock_fd = getattr(self, "_lock_fd", None), None
         if fd is not None:
             os.close(fd)
