@@ -67,7 +67,7 @@ class ByteLRU:
 
     @staticmethod
     def cost(key: str, value: Sequence[int]) -> int:
-        return 200 + len(key) * (1 if key.isascii() else 4) + 8 * len(value)
+        return 300 + len(key) * (1 if key.isascii() else 4) + 8 * len(value)
 
     def __len__(self) -> int:
         return len(self._data)
