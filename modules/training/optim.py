@@ -246,7 +246,7 @@ class BertAdam(torch.optim.Optimizer):
         m  ← b1·m + (1 − b1)·g
         v  ← b2·v + (1 − b2)·g²
         u  ← m / (√v + e)                                    no bias correction
-        u  ← u + weight_decay·p                              decay added to the update (not decoupled)
+        u  ← u + weight_decay·p                              decay added after the normalisation (decoupled)
         p  ← p − lr_t·u,   lr_t = lr_group · schedule(s / t_total, warmup)
 
     The schedule lives in the optimiser (``t_total``, ``warmup``, ``schedule`` per group), as in CLIP4Clip, so
