@@ -34,13 +34,17 @@ def unit(n: int, d: int, g: torch.Generator) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True)
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def best_of(baseline, ours, repeats: int) -> tuple[float, float]:
+    """Best time of each over ``repeats`` rounds, the two alternating (and swapping order) so that load from
+    other jobs on the machine falls on both alike."""
+    times: dict[str, list[float]] = {"baseline": [], "ours": []}
+    for r in range(repeats):
+        for name, fn in ((("baseline", baseline), ("ours", ours)) if r % 2 == 0 else (("ours", ours),
+                                                                                       ("baseline", baseline))):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return min(times["baseline"]), min(times["ours"])
 
 
 def main() -> None:
@@ -50,7 +54,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--queries", type=int, default=1_000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     if a.threads:
@@ -76,7 +80,6 @@ def main() -> None:
             if stats is not None:
                 stats.add(rows)
 
-    t_plain = best_of(lambda: score_bank(None), a.repeats)
     holder: list[BankStatistics] = []
 
     def build() -> None:
@@ -84,7 +87,7 @@ def main() -> None:
         holder.append(BankStatistics(a.videos, CLIP2VIDEO_BETA, 1))
         score_bank(holder[0])
 
-    t_build = best_of(build, a.repeats)
+    t_plain, t_build = best_of(lambda: score_bank(None), build, a.repeats)
     stats = holder[0].result()
     stored = stats.log_norm.nbytes + stats.retrieved.nbytes
     print(f"bank statistics: {t_build:.2f} s (scoring alone {t_plain:.2f} s; statistics add {t_build - t_plain:.2f} s"
@@ -101,11 +104,10 @@ def main() -> None:
         for q in q1:
             stats.apply((scale * (q @ vt)).numpy())
 
-    t_p1 = best_of(plain_single, a.repeats) / a.queries
-    t_q1 = best_of(qb_single, a.repeats) / a.queries
+    t_p1, t_q1 = (t / a.queries for t in best_of(plain_single, qb_single, a.repeats))
     norm = stats.normalised_queries((scale * (queries @ vt)).numpy())
-    t_pb = best_of(lambda: (scale * (queries @ vt)).numpy(), a.repeats)
-    t_qb = best_of(lambda: stats.apply((scale * (queries @ vt)).numpy()), a.repeats)
+    t_pb, t_qb = best_of(lambda: (scale * (queries @ vt)).numpy(),
+                         lambda: stats.apply((scale * (queries @ vt)).numpy()), a.repeats)
     print(f"single query: plain scoring {1e6 * t_p1:.1f} µs, with QB-Norm {1e6 * t_q1:.1f} µs "
           f"(+{1e6 * (t_q1 - t_p1):.1f} µs; {int(norm.sum())} of {a.queries} queries normalised)")
     print(f"batch of {a.queries}: plain {1e3 * t_pb:.2f} ms, with QB-Norm {1e3 * t_qb:.2f} ms "
