@@ -286,12 +286,17 @@ class BertAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter that has a gradient (formulas in the class docstring). The per-parameter
+        clip runs tensor by tensor; the moment and parameter updates run as ``torch._foreach_*`` passes over a
+        group's tensors (the same element-wise arithmetic, a few passes instead of one small kernel per tensor
+        and operation)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
             b1, b2, e, wd, clip = group["b1"], group["b2"], group["e"], group["weight_decay"], group["max_grad_norm"]
+            params, grads, ms, vs, steps = [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -306,14 +311,31 @@ class BertAdam(torch.optim.Optimizer):
                 if clip > 0:
                     norm = torch.linalg.vector_norm(grad)
                     grad = grad * torch.clamp(clip / (norm + 1e-6), max=1.0)
-                m, v = state["next_m"], state["next_v"]
-                m.mul_(b1).add_(grad, alpha=1.0 - b1)
-                v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
-                update = m / (v.sqrt() + e)
-                if wd > 0.0:
-                    update.add_(p, alpha=wd)
-                p.add_(update, alpha=-group["lr"] * self.factor(group, state["step"]))
-                state["step"] += 1
+                params.append(p)
+                grads.append(grad)
+                ms.append(state["next_m"])
+                vs.append(state["next_v"])
+                steps.append(state["step"])
+            if not params:
+                continue
+            torch._foreach_mul_(ms, b1)
+            torch._foreach_add_(ms, grads, alpha=1.0 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, grads, grads, value=1.0 - b2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, e)
+            updates = torch._foreach_div(ms, denom)  # m / (√v + e)
+            del denom
+            if wd > 0.0:
+                torch._foreach_add_(updates, params, alpha=wd)
+            lrs = [-group["lr"] * self.factor(group, s) for s in steps]
+            if len(set(lrs)) == 1:  # every tensor of the group at the same update number (the normal case)
+                torch._foreach_add_(params, updates, alpha=lrs[0])
+            else:
+                for p, u, lr in zip(params, updates, lrs, strict=True):
+                    p.add_(u, alpha=lr)
+            for p in params:
+                self.state[p]["step"] += 1
         return loss
 
 
