@@ -159,6 +159,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.recipe == "clip2video" and args.schedule not in (None, "warmup_cosine"):
         raise UsageError(f"--schedule {args.schedule} exists only with --recipe clip4clip (the clip2video recipe "
                          "warms up then runs a cosine over the remaining steps)")
+    if args.recipe == "clip4clip" and args.schedule is None:
+        args.schedule = "warmup_cosine"  # recorded in args.yaml as what the run used
     if sum(bool(x) for x in (args.clip_path, args.init_model, args.tiny_clip)) == 0:
         raise UsageError("give --clip_path (OpenAI ViT-B-32.pt), --init_model or --tiny_clip")
     if args.tiny_clip and args.clip_path:
