@@ -37,6 +37,7 @@ from clip2video.cli.common import (
     model_flags_given,
     output_paths,
     parse_with_config,
+    resolve_clip_flags,
     run_main,
 )
 
@@ -97,10 +98,11 @@ def load_for_eval(args: argparse.Namespace):
     if ckpt is None:
         if not args.zero_shot:
             raise UsageError("--checkpoint is required (or --zero_shot to evaluate CLIP-initialised heads)")
-        if not args.clip_path:
-            raise UsageError("--zero_shot needs --clip_path")
+        if not args.clip_path and ":" not in (args.clip_model or ""):
+            raise UsageError("--zero_shot needs --clip_path (a file, or a name such as ViT-B/32) or --clip_model "
+                             "NAME:TAG")
         extra = {"mask_layout": args.mask_layout} if args.mask_layout else {}
-        sd, clip_cfg = load_clip(args.clip_path, args.clip_model)
+        sd, clip_cfg = load_clip(resolve_clip_flags(args), args.clip_model)
         return create_model(make_config(variant, clip_cfg, **fields, **extra), clip_state_dict=sd)
     if args.clip_model:
         logger.info("--clip_model ignored: a checkpoint's backbone is read from the checkpoint")
