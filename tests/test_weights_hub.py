@@ -432,6 +432,7 @@ def test_open_clip_tag_from_a_prepopulated_hub_cache_under_hf_hub_offline(tmp_pa
     model = read_manifest(tmp_path / "ix")[1]["model"]
     assert Path(model["clip_path"]) == weights.resolve()
     assert model["config"]["clip"]["activation"] == "gelu" and model["config"]["clip"]["model_name"] == HUB_ARCH
+    assert model["variant"] == "meanP" and model["zero_shot"]  # the README's zero-shot index: mean pooling
     assert not (tmp_path / "cache").exists()  # OpenAI's cache is not involved
 
 
