@@ -231,6 +231,7 @@ def _transfer(url: str, part: Path, dest: Path, *, progress: bool, retries: int,
         try:
             response = urllib.request.urlopen(request, timeout=TIMEOUT_S)  # noqa: S310 - https or a configured base
         except urllib.error.HTTPError as e:
+            e.close()  # its body (an error page) is not read
             if e.code == 416 and have:  # nothing after what we have: the partial is the whole file
                 return True
             if e.code >= 500 and attempt < retries:
