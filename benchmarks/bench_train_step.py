@@ -99,6 +99,7 @@ def child(args: argparse.Namespace) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from clip2video.modules.network.backbone import ClipConfig
+    from clip2video.modules.network.tokenizer import END_ID, PAD_ID, START_ID
     from clip2video.modules.runtime.precision import autocast
     from clip2video.modules.training.loss import global_batch_loss
     from clip2video.modules.training.optim import OptimConfig, build_optimizer, clamp_logit_scale, param_groups
@@ -116,7 +117,7 @@ def child(args: argparse.Namespace) -> dict:
         opt = build_optimizer(model, cfg)
     b, t, length = args.batch, args.frames, 32
     ids = torch.randint(1, 49000, (b, length), device=device)
-    ids[:, 0], ids[:, 20], ids[:, 21:] = 49406, 49407, 0
+    ids[:, 0], ids[:, 20], ids[:, 21:] = START_ID, END_ID, PAD_ID
     mask = (ids > 0).long()
     frames = torch.randn(b, t, 3, 224, 224, device=device)
     fmask = torch.ones(b, t, dtype=torch.long, device=device)

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .frames import MODES, FrameError, check_video, check_video_file, load_video, load_video_file
-from .video_io import decoder_threads, list_video_files
+from .video_io import DEFAULT_VIDEO_FPS, decoder_threads, list_video_files
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ Tokenizer = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
 
 def _check_common(features_path: str | os.PathLike, max_frames: int, framerate: int, mode: str,
-                  video_fps: float = 5.0) -> Path:
+                  video_fps: float = DEFAULT_VIDEO_FPS) -> Path:
     root = Path(features_path)
     if not root.is_dir():
         raise FileNotFoundError(f"--features_path {root}: no such folder (folder of frame folders or video files)")
@@ -113,7 +113,7 @@ class VideoDataset(Dataset):
         image_size: int = 224,
         mode: str = "exact",
         skip_bad: bool = False,
-        video_fps: float = 5.0,
+        video_fps: float = DEFAULT_VIDEO_FPS,
     ) -> None:
         self.root = _check_common(features_path, max_frames, framerate, mode, video_fps)
         self.video_ids = list(video_ids)
@@ -189,7 +189,7 @@ class PairDataset(Dataset):
         mode: str = "exact",
         seed: int = 0,
         jitter: bool = True,
-        video_fps: float = 5.0,
+        video_fps: float = DEFAULT_VIDEO_FPS,
     ) -> None:
         self.root = _check_common(features_path, max_frames, framerate, mode, video_fps)
         self.pairs = [(str(v), str(c)) for v, c in pairs]

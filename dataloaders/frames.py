@@ -46,13 +46,17 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from clip2video.modules.network.backbone import OPENAI_MEAN, OPENAI_STD
+
 from .resample import resize_crop, resize_crop_array, resize_geometry
-from .video_io import VideoReadError, decode_outputs, probe
+from .video_io import DEFAULT_VIDEO_FPS, VideoReadError, decode_outputs, probe
 
 logger = logging.getLogger(__name__)
 
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+# The normalisation every frame reader delivers: OpenAI CLIP's, defined once with the backbone (a model whose
+# weights were trained with another one converts inside the model, ``to_backbone_normalisation``).
+CLIP_MEAN = OPENAI_MEAN
+CLIP_STD = OPENAI_STD
 MODES = ("exact", "fast")
 
 #: Documented bound of ``fast`` vs ``exact``: mean absolute difference in uint8 levels before normalisation
@@ -331,7 +335,7 @@ def load_video(
 def load_video_file(
     path: str | os.PathLike,
     *,
-    fps: float = 5.0,
+    fps: float = DEFAULT_VIDEO_FPS,
     max_frames: int = 12,
     framerate: int = 1,
     image_size: int = 224,
@@ -374,7 +378,7 @@ def load_video_file(
     return frames, mask, [f"{int(p) + 1:08d}" for p in pos]
 
 
-def check_video_file(path: str | os.PathLike, *, fps: float = 5.0, framerate: int = 1,
+def check_video_file(path: str | os.PathLike, *, fps: float = DEFAULT_VIDEO_FPS, framerate: int = 1,
                      max_frames: int = 12) -> str | None:
     """Validity check of a video file without decoding (a demux pass): None if usable, else the reason."""
     try:

@@ -42,6 +42,10 @@ import numpy as np
 
 from clip2video.fileio import atomic_path
 
+DEFAULT_VIDEO_FPS = 5.0
+"""Frames per second of extraction and of direct reading unless told otherwise: the original CLIP2Video
+extracted at 5 fps, so its checkpoints saw frames at this rate (``sample_frame.py --fps``, ``--video_fps``)."""
+
 DEFAULT_FALLBACK_FPS = 25.0
 """Source rate assumed when the container reports none (0, negative, NaN or absurd): the PAL/web default."""
 

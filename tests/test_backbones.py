@@ -272,6 +272,21 @@ def test_clip_style_open_clip_architectures_are_supported(name):
     assert unsupported_in_config(open_clip_config(name)[0]) is None
 
 
+def test_catalogue_reads_open_clip_through_its_public_listing():
+    """Every architecture open_clip lists, including those registered with ``add_model_config``, minus the
+    non-CLIP-style ones; shapes as open_clip builds them."""
+    from clip2video.modules.weights.clip_weights import _catalogue, matching_architectures
+
+    cat = {name: (quick, shapes) for name, quick, shapes in _catalogue()}
+    assert set(cat) <= set(open_clip.list_models())
+    assert {"ViT-B-32", "ViT-B-32-quickgelu", arch("B-16", False), arch("B-16", True)} <= set(cat)
+    assert not {"RN50", "coca_ViT-B-32"} & set(cat)
+    assert cat["ViT-B-32-quickgelu"][0] and not cat["ViT-B-32"][0]
+    assert ("ViT-B-32", False) in matching_architectures(ClipConfig.vit_b_32())
+    tiny_b16 = ClipConfig.from_state_dict(reference("B-16", True).state_dict())
+    assert set(matching_architectures(tiny_b16)) == {(arch("B-16", False), False), (arch("B-16", True), True)}
+
+
 @pytest.mark.parametrize("extra, what", [
     ({"logit_bias": torch.zeros(1)}, "SigLIP"),
     ({"visual.trunk.stem.0.weight": torch.zeros(1)}, "timm image tower"),

@@ -84,6 +84,15 @@ def make_folder(path, n: int, size=(64, 48)) -> None:
 # ------------------------------------------------------------------------------------------------- sampling
 
 
+def test_normalisation_constants_are_the_backbones_objects():
+    """One definition: the data side reads CLIP's mean/std from the backbone, not from a copy of its own."""
+    from clip2video.dataloaders import frames
+    from clip2video.modules.network import backbone
+
+    assert frames.CLIP_MEAN is backbone.OPENAI_MEAN and frames.CLIP_STD is backbone.OPENAI_STD
+    assert backbone.ClipConfig().image_mean == backbone.OPENAI_MEAN
+
+
 def test_sample_positions_design_example():
     # the original's rule on 58 files, framerate 2 -> 1-based files 1,5,11,15,21,25,31,35,41,45,51,58
     pos = sample_positions(58, 2, 12)

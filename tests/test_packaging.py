@@ -77,6 +77,8 @@ def test_wheel_holds_one_package_with_entry_points_and_configs(wheel):
         assert f"clip2video/{mod}.py" not in names and f"{mod}.py" not in names  # one copy, under cli/
     configs = {f"clip2video/{p.relative_to(ROOT).as_posix()}" for p in (ROOT / "configs").rglob("*.yaml")}
     assert configs and configs <= set(names), sorted(configs - set(names))
+    for asset in ("bpe_simple_vocab_16e6.txt.gz", "LICENSE-CLIP-BPE.txt"):  # CLIP's BPE and its licence
+        assert f"clip2video/assets/{asset}" in names, asset
 
 
 def test_console_scripts_point_at_modules_in_the_wheel(wheel):
@@ -111,16 +113,19 @@ def test_installed_tree_works_from_another_directory(site, tmp_path):
     code = (
         "import clip2video, clip2video.modules.network.model as m, clip2video.dataloaders.frames as f\n"
         "from clip2video.cli.common import resolve_config\n"
+        "from clip2video.modules.network import tokenizer as t\n"
         "print(clip2video.__file__); print(m.__file__); print(f.__file__)\n"
         "print(resolve_config('configs/train/msrvtt_9k.yaml'))\n"
+        "assert t.ClipTokenizer(8)('a cat')[0][1] == 320; print(t._vocab_path())\n"
     )
     proc = _run(["-c", code], site, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.split()
-    assert len(lines) == 4
-    for line in lines:  # the installed copy, not the checkout, and the shipped config
+    assert len(lines) == 5
+    for line in lines:  # the installed copy, not the checkout; the shipped config and vocabulary
         assert Path(line).resolve().is_relative_to(site.resolve()), line
     assert lines[3].endswith(os.path.join("clip2video", "configs", "train", "msrvtt_9k.yaml"))
+    assert lines[4].endswith(os.path.join("clip2video", "assets", "bpe_simple_vocab_16e6.txt.gz"))
 
 
 @pytest.mark.parametrize("module", ENTRY_MODULES)

@@ -148,19 +148,39 @@ def test_tokenising_imports_no_open_clip():
 
 
 def test_missing_vocabulary_is_a_clear_error(monkeypatch, tmp_path):
-    class Spec:
-        submodule_search_locations = [str(tmp_path)]
-
+    """The vocabulary is read from the package's own resources; a package without it fails with one line
+    naming where it looked."""
+    (tmp_path / "assets").mkdir()
     _bpe.cache_clear()
     try:
-        monkeypatch.setattr(tokenizer_module.importlib.util, "find_spec", lambda name: Spec())
+        monkeypatch.setattr(tokenizer_module.importlib.resources, "files",
+                            lambda package: tmp_path if package == "clip2video" else None)
         with pytest.raises(FileNotFoundError, match=VOCAB_FILE) as err:
             ClipTokenizer(8)("a cat")
-        assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
-        monkeypatch.setattr(tokenizer_module.importlib.util, "find_spec", lambda name: None)
-        with pytest.raises(FileNotFoundError, match=f"{VOCAB_FILE}.*open_clip is not installed"):
+        assert str(tmp_path / "assets") in str(err.value) and "\n" not in str(err.value)
+        with pytest.raises(FileNotFoundError, match=f"{VOCAB_FILE}.*reinstall"):
             ClipTokenizer(8).decode([320])
     finally:
         monkeypatch.undo()
         _bpe.cache_clear()
     assert ClipTokenizer(8).decode([320]) == "a"
+
+
+def test_vocabulary_is_shipped_in_the_package_with_its_licence():
+    assets = ROOT / "clip2video" / "assets"
+    assert tokenizer_module._vocab_path() == assets / VOCAB_FILE
+    licence = (assets / "LICENSE-CLIP-BPE.txt").read_text()
+    assert "MIT License" in licence and "Copyright (c) 2021 OpenAI" in licence and VOCAB_FILE in licence
+
+
+def test_tokenising_works_without_open_clip_importable():
+    """open_clip absent (an import of it fails): the shipped vocabulary still gives CLIP's ids."""
+    code = (
+        "import sys; sys.modules['open_clip'] = None\n"
+        "from clip2video.modules.network.tokenizer import ClipTokenizer\n"
+        "print(ClipTokenizer(8)('a man is cooking')[0].tolist())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ids = json.loads(out.stdout)
+    assert ids[0] == START_ID and END_ID in ids and ids == ClipTokenizer(8)("a man is cooking")[0].tolist()

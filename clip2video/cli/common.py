@@ -15,7 +15,7 @@ import argparse
 import logging
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,42 +55,116 @@ def resolve_config(path: str) -> Path:
     raise UsageError(f"--config {path}: no such file")
 
 
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The flag defaults of one config file with its ``base:`` chain applied.
+
+    ``base: other.yaml`` (a path relative to the file that names it) makes ``other.yaml`` the starting point:
+    the chain is followed to any depth, each file's keys overriding those of the files below it (a key set in
+    a file replaces the base's value as a whole, mappings included). A chain that comes back to a file it
+    already read, a base that does not exist and a file that is not a YAML mapping each end in one line
+    naming the config given.
+    """
+    first = resolve_config(str(path))
+    layers: list[dict[str, Any]] = []
+    chain: list[Path] = []
+    current = first
+    while True:
+        if current.resolve() in [c.resolve() for c in chain]:
+            names = " → ".join(c.name for c in [*chain, current])
+            raise UsageError(f"--config {path}: base chain loops: {names}")
+        chain.append(current)
+        where = "" if current == first else f" (base {current.name})"
+        try:
+            data = yaml.safe_load(current.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"--config {path}{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except OSError as e:
+            raise UsageError(f"--config {path}{where}: cannot read {current} ({e.strerror or e})") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {path}{where}: expected a mapping of flag: value")
+        base = data.pop("base", None)
+        layers.append(data)
+        if base is None:
+            break
+        if not isinstance(base, str) or not base:
+            raise UsageError(f"--config {path}{where}: base must be a file name, got {base!r}")
+        parent = current.parent / base
+        if not parent.is_file():
+            raise UsageError(f"--config {path}: base {base!r} of {current.name} not found next to it")
+        current = parent
+    merged: dict[str, Any] = {}
+    for layer in reversed(layers):  # the deepest base first, the file given last
+        merged.update(layer)
+    return merged
+
+
 def parse_with_config(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """``--config file.yaml`` supplies defaults; flags on the command line override them (timm style).
 
     The namespace also gets ``given_flags``: the flags set on the command line or by the config file, so
     that tools can tell "left at its default" from "asked for" (see :func:`model_flags_given`).
+    A config may also carry ``annotations:``, the protocol's annotation files by name; with ``--data_root``
+    they fill the annotation flags not given otherwise (:func:`apply_annotations`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     from_config: set[str] = set()
+    annotations: dict[str, str] = {}
+    valid = {a.dest for a in p._actions}
     if known.config:
-        path = resolve_config(known.config)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"--config {path}: expected a mapping of flag: value")
-        base = data.pop("base", None)  # one config may extend another: ``base: msrvtt_9k.yaml``
-        if base is not None:
-            parent = path.parent / base
-            if not parent.is_file():
-                raise UsageError(f"--config {path}: base {base!r} not found next to it")
-            inherited = yaml.safe_load(parent.read_text()) or {}
-            inherited.pop("base", None)
-            data = {**inherited, **data}
-        valid = {a.dest for a in p._actions}
+        data = load_config(known.config)
+        if "annotations" in data and "data_root" in valid:
+            annotations = _check_annotations(known.config, data.pop("annotations"), valid)
         unknown = sorted(set(data) - valid)
         if unknown:
-            raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)}")
+            raise UsageError(f"--config {known.config}: unknown keys {', '.join(unknown)}")
         p.set_defaults(**data)
         from_config = set(data)
     args = p.parse_args(argv)
+    if "data_root" in valid:
+        from_config |= apply_annotations(args, annotations)
     args.given_flags = sorted(from_config | _flags_on_command_line(p, argv))
     return args
+
+
+def _check_annotations(config: str, value: Any, valid: set[str]) -> dict[str, str]:
+    """A config's ``annotations:`` mapping, checked: annotation flags of this tool → file names."""
+    allowed = [f for f in ANNOTATION_FLAGS if f in valid]
+    if not isinstance(value, dict):
+        raise UsageError(f"--config {config}: annotations must be a mapping of flag: file name "
+                         f"({', '.join(allowed)})")
+    for flag, name in value.items():
+        if flag not in allowed:
+            raise UsageError(f"--config {config}: annotations: unknown flag {flag!r} (expected one of "
+                             f"{', '.join(allowed)})")
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"--config {config}: annotations: {flag} must be a file name, got {name!r}")
+    return dict(value)
+
+
+def apply_annotations(args: argparse.Namespace, annotations: Mapping[str, str]) -> set[str]:
+    """``--data_root DIR``: each annotation flag the config names (``annotations: {val_csv: x.csv}``) and no
+    flag sets becomes ``DIR/x.csv``; returns the flags so filled.
+
+    This is how a protocol's file names live in its config while the shell scripts only pass the folder. A
+    flag given on the command line (or directly in the config) wins; without ``--data_root`` the names are
+    not used, so every annotation flag means what it always meant.
+    """
+    root = getattr(args, "data_root", None)
+    if not root:
+        return set()
+    if not Path(root).is_dir():
+        raise UsageError(f"--data_root {root}: " + ("not a folder" if Path(root).exists() else "no such folder"))
+    if not annotations:
+        raise UsageError(f"--data_root {root}: needs a --config that names the annotation files (annotations:)")
+    filled = set()
+    for flag, name in annotations.items():
+        if getattr(args, flag, None) is None:
+            setattr(args, flag, str(Path(root) / name))
+            filled.add(flag)
+    return filled
 
 
 def _flags_on_command_line(p: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -103,6 +177,68 @@ def _flags_on_command_line(p: argparse.ArgumentParser, argv: list[str]) -> set[s
             if name in by_option:
                 given.add(by_option[name])
     return given
+
+
+# ----------------------------------------------------------------------------------------------- data flags
+ANNOTATION_FLAGS = ("train_csv", "val_csv", "data_path")  # the flags a config's ``annotations:`` may fill
+
+
+def _data_flags() -> dict[str, dict[str, Any]]:
+    """Every data flag a command may take: its one type and default, and the help it has unless a command
+    words it for its own context (:func:`add_data_args`)."""
+    from clip2video.dataloaders.video_io import DEFAULT_VIDEO_FPS
+
+    return {
+        "datatype": {},  # choices from the library: add_datatype_arg
+        "val_datatype": {"help": "datatype of the validation set (default: --datatype)"},
+        "data_root": {"default": None, "metavar": "DIR",
+                      "help": "folder of the annotation files that --config names (annotations:); fills "
+                              "--train_csv/--val_csv/--data_path not given otherwise"},
+        "train_csv": {"default": None, "help": "MSR-VTT training video list (MSRVTT_train.9k.csv, ...)"},
+        "val_csv": {"default": None, "help": "MSR-VTT test csv (JSFUSION 1k-A or *.full.csv)"},
+        "data_path": {"default": None, "help": "MSRVTT_data.json, or the MSVD/VATEX annotation folder"},
+        "features_path": {"default": None, "help": "folder of frame folders <video_id>/00000001.jpg"},
+        "video_fps": {"type": float, "default": DEFAULT_VIDEO_FPS,
+                      "help": "video files in --features_path (<video_id>.mp4 ...) are read directly, as if "
+                              f"extracted at this rate (sample_frame.py --fps; default {DEFAULT_VIDEO_FPS:g})"},
+        "split": {"default": "test", "help": "split list for MSVD/VATEX/generic (test, val, test1k5_sec)"},
+        "train_split": {"default": "train", "help": "split list / split column value for training"},
+        "val_split": {"default": None, "help": "validation split for MSVD/VATEX/generic (e.g. val); none and no "
+                                               "--val_csv: no validation"},
+        "max_words": {"type": int, "default": 32},
+        "max_frames": {"type": int, "default": 12},
+        "feature_framerate": {"type": int, "default": 1},
+        "image_mode": {},  # choices from the library: add_image_mode_arg
+        "batch_size_val": {"type": int, "default": 16},
+        "num_thread_reader": {"type": int, "default": 2},
+        "skip_missing": {"action": "store_true", "help": "drop listed videos without frames (logged)"},
+    }
+
+
+def add_data_args(g: argparse.ArgumentParser | argparse._ArgumentGroup, names: Sequence[str],
+                  helps: Mapping[str, str | None] | None = None) -> None:
+    """Add the data flags ``names`` (in that order) to ``g``.
+
+    Each flag's type and default are declared once, in :func:`_data_flags`, so the commands that read the
+    same data (training, evaluation, index building) cannot drift apart; ``helps`` rewords a flag's help for
+    one command (the validation csv of training is not the test csv of evaluation).
+    """
+    table = _data_flags()
+    helps = dict(helps or {})
+    unknown = sorted((set(names) | set(helps)) - set(table))
+    if unknown:
+        raise ValueError(f"add_data_args: no data flag {', '.join(unknown)}")
+    for name in names:
+        spec = dict(table[name])
+        if name in helps:
+            spec["help"] = helps[name]
+        if name in ("datatype", "val_datatype"):
+            add_datatype_arg(g, f"--{name}", default="msrvtt" if name == "datatype" else None,
+                             help=spec.get("help"))
+        elif name == "image_mode":
+            add_image_mode_arg(g)
+        else:
+            g.add_argument(f"--{name}", **spec)
 
 
 # ----------------------------------------------------------------------------------------------- model flags
@@ -194,7 +330,7 @@ def model_flags_given(args: argparse.Namespace) -> bool:
 # ----------------------------------------------------------------------------------------------- paths
 PATH_FLAGS_FILES = ("clip_path", "val_csv", "train_csv")
 PATH_FLAGS_ANY = ("checkpoint", "init_model", "data_path")
-PATH_FLAGS_DIRS = ("features_path",)
+PATH_FLAGS_DIRS = ("features_path", "data_root")
 
 
 def check_paths(args: argparse.Namespace, files: Iterable[str] = PATH_FLAGS_FILES,

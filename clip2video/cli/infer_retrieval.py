@@ -28,8 +28,7 @@ from clip2video.cli.common import (
     OneLineParser,
     UsageError,
     add_checkpoint_args,
-    add_datatype_arg,
-    add_image_mode_arg,
+    add_data_args,
     add_precision_arg,
     check_paths,
     exit_process,
@@ -42,28 +41,16 @@ from clip2video.cli.common import (
 )
 
 logger = logging.getLogger("clip2video.eval")
+EVAL_DATA_FLAGS = ("datatype", "data_root", "val_csv", "data_path", "features_path", "video_fps", "split",
+                   "max_words", "max_frames", "feature_framerate", "batch_size_val", "num_thread_reader",
+                   "image_mode", "skip_missing")
 
 
 # ----------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of flag defaults")
-    d = p.add_argument_group("data (the original's flags)")
-    add_datatype_arg(d)
-    d.add_argument("--val_csv", default=None, help="MSR-VTT test csv (JSFUSION 1k-A or *.full.csv)")
-    d.add_argument("--data_path", default=None, help="MSRVTT_data.json, or the MSVD/VATEX annotation folder")
-    d.add_argument("--features_path", default=None, help="folder of frame folders <video_id>/00000001.jpg")
-    d.add_argument("--video_fps", type=float, default=5.0,
-                   help="video files in --features_path (<video_id>.mp4 ...) are read directly, as if extracted at "
-                        "this rate (sample_frame.py --fps; default 5)")
-    d.add_argument("--split", default="test", help="split list for MSVD/VATEX/generic (test, val, test1k5_sec)")
-    d.add_argument("--max_words", type=int, default=32)
-    d.add_argument("--max_frames", type=int, default=12)
-    d.add_argument("--feature_framerate", type=int, default=1)
-    d.add_argument("--batch_size_val", type=int, default=16)
-    d.add_argument("--num_thread_reader", type=int, default=2)
-    add_image_mode_arg(d)
-    d.add_argument("--skip_missing", action="store_true", help="drop listed videos without frames (logged)")
+    add_data_args(p.add_argument_group("data (the original's flags)"), EVAL_DATA_FLAGS)
     add_checkpoint_args(p)
     o = p.add_argument_group("run and outputs")
     o.add_argument("--output_dir", default=None, help="output folder, or a log-file path (as the original)")

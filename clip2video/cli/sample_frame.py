@@ -33,7 +33,13 @@ import cv2
 from tqdm import tqdm
 
 from clip2video.cli.common import OneLineParser, UsageError
-from clip2video.dataloaders.video_io import DEFAULT_FALLBACK_FPS, FrameResampler, VideoReadError, quiet_backend
+from clip2video.dataloaders.video_io import (
+    DEFAULT_FALLBACK_FPS,
+    DEFAULT_VIDEO_FPS,
+    FrameResampler,
+    VideoReadError,
+    quiet_backend,
+)
 from clip2video.fileio import TMP_PREFIX, atomic_dir
 
 DEFAULT_EXTS = ".mp4,.avi,.mkv,.webm,.mov,.m4v,.mpg,.mpeg,.wmv,.flv,.3gp,.ogv"
@@ -100,7 +106,7 @@ def _extract(
 def extract_video(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
-    fps: float = 5.0,
+    fps: float = DEFAULT_VIDEO_FPS,
     quality: int = 95,
     *,
     fallback_fps: float = DEFAULT_FALLBACK_FPS,
@@ -237,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input_path", required=True, help="folder of video files (not searched recursively)")
     p.add_argument("--output_path", required=True, help="folder that receives one frame folder per video")
-    p.add_argument("--fps", default="5", help="output frames per second (default 5, as the original)")
+    p.add_argument("--fps", default=f"{DEFAULT_VIDEO_FPS:g}",
+                   help=f"output frames per second (default {DEFAULT_VIDEO_FPS:g}, as the original)")
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="processes (default: cores)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality 1..100 (default 95)")
     p.add_argument("--format", default="jpg", choices=sorted(FORMATS),

@@ -25,7 +25,7 @@ from clip2video.cli.common import (
     OneLineParser,
     UsageError,
     add_checkpoint_args,
-    add_image_mode_arg,
+    add_data_args,
     add_precision_arg,
     check_paths,
     exit_process,
@@ -46,19 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", default=None, help="YAML file of flag defaults")
     b.add_argument("--index", required=True, help="index folder to create or update")
     src = b.add_argument_group("videos")
-    src.add_argument("--features_path", default=None, help="folder of videos: video files (read directly) and/or "
-                     "frame folders <id>/00000001.jpg")
+    add_data_args(src, ["features_path"], helps={
+        "features_path": "folder of videos: video files (read directly) and/or frame folders <id>/00000001.jpg"})
     src.add_argument("--from_embeddings", default=None, help="folder with video.npy + video_ids.json (+ meta.json)")
-    src.add_argument("--max_words", type=int, default=32, help="query length in tokens (start + words + end)")
-    src.add_argument("--max_frames", type=int, default=12)
-    src.add_argument("--feature_framerate", type=int, default=1)
-    src.add_argument("--video_fps", type=float, default=5.0,
-                     help="video files are read as if extracted at this rate (sample_frame.py --fps); for frame "
-                          "folders it gives their duration")
-    add_image_mode_arg(src)
+    add_data_args(src, ["max_words", "max_frames", "feature_framerate", "video_fps", "image_mode"], helps={
+        "max_words": "query length in tokens (start + words + end)",
+        "video_fps": "video files are read as if extracted at this rate (sample_frame.py --fps); for frame "
+                     "folders it gives their duration"})
     src.add_argument("--batch_size", type=int, default=16)
     src.add_argument("--batch_size_val", type=int, default=None, help="alias of --batch_size")
-    src.add_argument("--num_thread_reader", type=int, default=2, help="data-loading processes")
+    add_data_args(src, ["num_thread_reader"], helps={"num_thread_reader": "data-loading processes"})
     add_checkpoint_args(b)
     ix = b.add_argument_group("index")
     ix.add_argument("--index_type", default="auto",

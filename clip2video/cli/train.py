@@ -45,8 +45,7 @@ import yaml
 from clip2video.cli.common import (
     OneLineParser,
     UsageError,
-    add_datatype_arg,
-    add_image_mode_arg,
+    add_data_args,
     add_model_args,
     add_precision_arg,
     check_paths,
@@ -58,6 +57,9 @@ from clip2video.cli.common import (
 )
 
 logger = logging.getLogger("clip2video.cli.train")
+TRAIN_DATA_FLAGS = ("datatype", "val_datatype", "data_root", "train_csv", "val_csv", "data_path", "features_path",
+                    "video_fps", "train_split", "val_split", "max_words", "max_frames", "feature_framerate",
+                    "image_mode", "num_thread_reader", "skip_missing")
 
 
 # ----------------------------------------------------------------------------------------------- flags
@@ -66,26 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file of flag defaults (flags on the command line win)")
     p.add_argument("--do_train", action="store_true", help="accepted for CLIP4Clip compatibility (always trains)")
 
-    d = p.add_argument_group("data")
-    add_datatype_arg(d)
-    add_datatype_arg(d, "--val_datatype", default=None, help="datatype of the validation set (default: --datatype)")
-    d.add_argument("--train_csv", default=None, help="MSR-VTT training video list (MSRVTT_train.9k.csv, ...)")
-    d.add_argument("--val_csv", default=None,
-                   help="validation csv (MSR-VTT); selects best.pt. Never pass the test csv here")
-    d.add_argument("--data_path", default=None, help="MSRVTT_data.json, the MSVD/VATEX folder or a generic csv")
-    d.add_argument("--features_path", default=None, help="folder of frame folders <video_id>/00000001.jpg")
-    d.add_argument("--video_fps", type=float, default=5.0,
-                   help="video files in --features_path (<video_id>.mp4 ...) are read directly, as if extracted at "
-                        "this rate (sample_frame.py --fps; default 5)")
-    d.add_argument("--train_split", default="train", help="split list / split column value for training")
-    d.add_argument("--val_split", default=None,
-                   help="validation split for MSVD/VATEX/generic (e.g. val); none and no --val_csv: no validation")
-    d.add_argument("--max_words", type=int, default=32)
-    d.add_argument("--max_frames", type=int, default=12)
-    d.add_argument("--feature_framerate", type=int, default=1, help="decimation factor of the frame list")
-    add_image_mode_arg(d)
-    d.add_argument("--num_thread_reader", type=int, default=2, help="DataLoader workers per process")
-    d.add_argument("--skip_missing", action="store_true", help="drop listed videos without a frame folder")
+    add_data_args(p.add_argument_group("data"), TRAIN_DATA_FLAGS, helps={
+        "val_csv": "validation csv (MSR-VTT); selects best.pt. Never pass the test csv here",
+        "data_path": "MSRVTT_data.json, the MSVD/VATEX folder or a generic csv",
+        "feature_framerate": "decimation factor of the frame list",
+        "num_thread_reader": "DataLoader workers per process",
+        "skip_missing": "drop listed videos without a frame folder",
+    })
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=1e-4, help="learning rate of the new heads")
@@ -93,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--weight_decay", type=float, default=0.2)
     o.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (<= 0: off)")
     o.add_argument("--batch_size", type=int, default=128, help="GLOBAL batch per optimiser step")
-    o.add_argument("--batch_size_val", type=int, default=16)
+    add_data_args(o, ["batch_size_val"])
     o.add_argument("--epochs", type=int, default=5)
     o.add_argument("--max_steps", type=int, default=0, help="stop after this many optimiser steps (0: no cap)")
     o.add_argument("--warmup_proportion", type=float, default=0.1)

@@ -49,7 +49,6 @@ logger = logging.getLogger("clip2video.cli.search")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 THUMB_SIZE = 160
-DEFAULT_VIDEO_FPS = 5.0  # sample_frame.py's default extraction rate
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -76,9 +75,11 @@ def describe_model(model, args=None) -> dict[str, Any]:
 
         ckpt_file = str(released_path(ckpt, getattr(args, "model_num", None)).resolve())
     clip_path = getattr(args, "clip_path", None)
+    from clip2video.modules.network.tokenizer import END_ID, START_ID
+
     dev = next(model.parameters()).device
     with torch.no_grad():
-        ids = torch.tensor([[49406, 49407]], device=dev)
+        ids = torch.tensor([[START_ID, END_ID]], device=dev)
         tv = model.text_vector(model.encode_text(ids, torch.ones_like(ids)))
     dim = int(tv.shape[1])
     return {
@@ -200,7 +201,7 @@ def read_source(src: Source, *, max_frames: int, framerate: int, image_size: int
         duration = src.frames / video_fps if video_fps and src.frames else None
         return frames, mask, [os.path.join(src.path, c) for c in picks], {"duration": duration, "frames": src.frames}
     from clip2video.dataloaders.frames import load_video_file
-    from clip2video.dataloaders.video_io import decode_outputs, probe
+    from clip2video.dataloaders.video_io import DEFAULT_VIDEO_FPS, decode_outputs, probe
 
     # the frames an extraction at ``fps`` followed by reading the folder would give
     fps = video_fps or DEFAULT_VIDEO_FPS

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .tokenizer import VOCAB_SIZE
+
 # Integer buffers that OpenAI's ViT-B-32.pt carries next to the weights; they are not parameters.
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 # Image normalisation of OpenAI CLIP, which most open_clip weights were trained with too.
@@ -55,7 +57,7 @@ class ClipConfig:
     vision_width: int = 768
     vision_layers: int = 12
     context_length: int = 77
-    vocab_size: int = 49408
+    vocab_size: int = VOCAB_SIZE
     text_width: int = 512
     text_layers: int = 12
     vision_mlp_width: int = 0
@@ -115,7 +117,7 @@ class ClipConfig:
         return cls()
 
     @classmethod
-    def tiny(cls, image_size: int = 32, patch_size: int = 16, vocab_size: int = 49408) -> ClipConfig:
+    def tiny(cls, image_size: int = 32, patch_size: int = 16, vocab_size: int = VOCAB_SIZE) -> ClipConfig:
         """A small CLIP for tests and the CPU demo. Width 128 gives the temporal heads 2 attention heads, so
         the original mask layout (which only shows with several heads) is exercised too."""
         return cls(

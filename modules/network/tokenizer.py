@@ -2,8 +2,9 @@
 
 The BPE is CLIP's, implemented here (``_ByteBPE``) so that tokenising never imports open_clip (whose package
 import pulls in torchvision, timm and torch._dynamo): ftfy and double html clean-up, whitespace folding,
-lower-casing, the CLIP pre-tokenising regex, byte-level BPE with the vocabulary file that open_clip bundles
-(``bpe_simple_vocab_16e6.txt.gz``, found beside the open_clip package without running it). It gives the same
+lower-casing, the CLIP pre-tokenising regex, byte-level BPE with CLIP's vocabulary file
+(``bpe_simple_vocab_16e6.txt.gz``, shipped in this package under ``clip2video/assets/`` with CLIP's MIT licence
+beside it, so tokenising depends on no other package's install layout). It gives the same
 ids and the same decoded text as open_clip's ``SimpleTokenizer`` (checked in ``tests/test_tokenizer.py``).
 What CLIP2Video adds is the sequence rule:
 
@@ -17,18 +18,23 @@ from __future__ import annotations
 
 import gzip
 import html
-import importlib.util
+import importlib.resources
 from collections.abc import Sequence
 from functools import lru_cache
 from itertools import pairwise
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-START_ID = 49406
-END_ID = 49407
+if TYPE_CHECKING:  # importlib.resources.abc is 3.11+; the package supports 3.10
+    from importlib.resources.abc import Traversable
+
+# CLIP's BPE ids: 256 bytes, their 256 end-of-word forms, 48,894 merges, then the two special tokens.
+START_ID = 49406  # <start_of_text>
+END_ID = 49407  # <end_of_text>
 PAD_ID = 0
+VOCAB_SIZE = END_ID + 1  # the rows of CLIP's token embedding
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _N_MERGES = 49152 - 256 - 2  # CLIP uses the first 48,894 merges of the file (after its header line)
@@ -36,19 +42,14 @@ _SPECIAL = ("<start_of_text>", "<end_of_text>")
 _WORD_END = "</w>"
 
 
-def _vocab_path() -> Path:
-    """The BPE vocabulary open_clip ships, located from its package folder without importing open_clip."""
-    try:
-        spec = importlib.util.find_spec("open_clip")
-    except (ImportError, ValueError):
-        spec = None
-    folders = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in folders:
-        path = Path(folder) / VOCAB_FILE
-        if path.is_file():
-            return path
-    where = f"in {', '.join(folders)}" if folders else "(open_clip is not installed)"
-    raise FileNotFoundError(f"CLIP's BPE vocabulary {VOCAB_FILE} not found {where}; install open_clip_torch")
+def _vocab_path() -> Traversable:
+    """CLIP's BPE vocabulary as shipped in this package (``clip2video/assets``), through the package's resources
+    so that it is found in a checkout, an installed wheel or a zipped install alike."""
+    path = importlib.resources.files("clip2video") / "assets" / VOCAB_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIP's BPE vocabulary {VOCAB_FILE} not found at {path}; the clip2video "
+                                "installation is incomplete (reinstall it)")
+    return path
 
 
 def _byte_alphabet() -> tuple[list[int], list[str]]:
@@ -65,7 +66,7 @@ def _byte_alphabet() -> tuple[list[int], list[str]]:
 class _ByteBPE:
     """CLIP's byte-level BPE (Radford et al. 2021), as in OpenAI's and open_clip's tokenisers."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Traversable):
         import ftfy
         import regex
 

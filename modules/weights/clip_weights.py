@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from clip2video.modules.network.backbone import OPENAI_EXTRA_KEYS, OPENAI_MEAN, OPENAI_STD, SHAPE_FIELDS, ClipConfig
+from clip2video.modules.network.tokenizer import VOCAB_SIZE as BPE_VOCAB  # OpenAI CLIP's BPE vocabulary
 
 from .checkpoint import CheckpointError, read_weights
 from .hub import resolve_clip_weights
@@ -50,7 +51,6 @@ from .hub import resolve_clip_weights
 logger = logging.getLogger(__name__)
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's published model + preprocessing config
-BPE_VOCAB = 49408  # OpenAI CLIP's BPE vocabulary (modules/network/tokenizer.py)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 
 # Key fragments of towers that are not CLIP-style → what to call them in the error.
@@ -197,11 +197,11 @@ def _config_shapes(cfg: dict[str, Any]) -> dict[str, int]:
 
 def _catalogue() -> list[tuple[str, bool, tuple]]:
     """(name, quick_gelu, shapes) of every CLIP-style architecture open_clip knows, including those registered
-    with ``open_clip.add_model_config``."""
-    from open_clip.factory import _MODEL_CONFIGS, get_model_config
+    with ``open_clip.add_model_config`` (its public ``list_models`` / ``get_model_config``)."""
+    from open_clip import get_model_config, list_models
 
     out = []
-    for name in list(_MODEL_CONFIGS):
+    for name in list_models():
         cfg = get_model_config(name)
         if cfg and not unsupported_in_config(cfg):
             shapes = _config_shapes(cfg)
