@@ -74,8 +74,8 @@ def rescored(xb: np.ndarray, q: np.ndarray, labels: np.ndarray, k: int) -> np.nd
 
 
 def set_params(index, params: str) -> None:
-    """``nprobe=…,k_factor=…`` on an IVF index or an IndexRefine around one (as clip2video.search.index does)."""
-    from clip2video.search.index import apply_search_params
+    """``nprobe=…,k_factor=…`` on an IVF index or an IndexRefine around one (as clip2video.search.store does)."""
+    from clip2video.search.store import apply_search_params
 
     apply_search_params(index, params)
 
@@ -106,7 +106,7 @@ def main() -> None:
     import faiss
     import torch
 
-    from clip2video.search.index import EXACT_MAX, auto_index_type
+    from clip2video.search.store import EXACT_MAX, auto_index_type
 
     faiss.omp_set_num_threads(a.threads)
     torch.set_num_threads(a.threads)

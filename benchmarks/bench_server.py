@@ -84,7 +84,9 @@ def make_model_and_embeddings(work: Path, n: int, clusters: int) -> Path:
 
     from clip2video.modules.network.backbone import ClipConfig
     from clip2video.modules.weights.factory import create_model
-    from clip2video.search.build import describe_model, write_embeddings
+    from clip2video.modules.weights.identity import describe_model
+    from clip2video.modules.weights.spec import ModelSpec
+    from clip2video.search.build import write_embeddings
 
     torch.manual_seed(0)
     model = create_model("tab_tdb", clip_config=ClipConfig(vision_width=64, vision_layers=1),
@@ -92,8 +94,7 @@ def make_model_and_embeddings(work: Path, n: int, clusters: int) -> Path:
     ckpt = work / "model" / "pytorch_model.bin.0"
     ckpt.parent.mkdir(parents=True)
     torch.save(model.state_dict(), ckpt)
-    args = argparse.Namespace(checkpoint=str(ckpt), model_num=None, clip_path=None, zero_shot=False, max_words=32)
-    meta = describe_model(model, args)
+    meta = describe_model(model, ModelSpec.of_variant("tab_tdb", checkpoint=str(ckpt), max_words=32)).to_dict()
     half = meta["global_dim"]
     video = clustered_vectors(n, half, clusters, seed=1)
     ids = [f"video{i:06d}" for i in range(n)]
@@ -211,7 +212,7 @@ def main() -> int:
             print(f"set-up: {args.n} vectors, model and index in {time.perf_counter() - t0:.1f} s", flush=True)
 
         # 1. baseline: the work itself, in this process
-        from clip2video.search.app import set_compute_threads
+        from clip2video.cli.serve import set_compute_threads
         from clip2video.search.index import SearchIndex
 
         threads = set_compute_threads(None, args.encoders)  # what serve sets for itself

@@ -112,6 +112,7 @@ def test_every_room_is_walked():
     g = graph()
     for mod in ("clip2video.modules.network.model", "clip2video.modules.weights.checkpoint",
                 "clip2video.dataloaders.frames", "clip2video.search.index", "clip2video.search.build",
+                "clip2video.search.store", "clip2video.search.batcher", "clip2video.cli.serve",
                 "clip2video.cli.common", "<train.py>"):
         assert mod in g, mod
     assert "clip2video.modules.weights.checkpoint" in g["clip2video.modules.weights.factory"]
@@ -169,6 +170,20 @@ def test_entry_scripts_are_thin():
         assert deps and all(d.startswith("clip2video.cli.") or d == "clip2video" for d in deps), (script, deps)
         code = [ln for ln in (ROOT / script).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
         assert len(code) < 25, script
+
+
+def test_search_rooms():
+    """The folder format knows neither the builder nor the reader; the batcher knows nothing of the project;
+    the command line builds its parsers without the HTTP app (which needs the serve extra)."""
+    g = graph()
+    s = "clip2video.search."
+    assert not g[s + "store"] & {s + "build", s + "index", s + "app", s + "batcher"}
+    assert not g[s + "batcher"] and not g[s + "limits"]
+    assert not g[s + "build"] & {s + "index", s + "app"} and not g[s + "index"] & {s + "build", s + "app"}
+    assert s + "app" not in g["clip2video.cli.search"]
+    # model loading and model identity belong to the model side, used by both the evaluation and the index
+    for user in ("clip2video.cli.infer_retrieval", "clip2video.cli.search", s + "index"):
+        assert g[user] & {"clip2video.modules.weights.spec", "clip2video.modules.weights.identity"}, user
 
 
 def test_weight_io_does_not_know_the_model():

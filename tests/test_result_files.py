@@ -185,8 +185,11 @@ def test_qb_norm_on_the_parity_fixture_equals_the_formula(parity_dir, parity_wei
                      "train_list.txt": sha(parity_dir / "msvd" / "train_list.txt")}
 
     # the bank's scores, computed here from the model and the saved video vectors
+    from clip2video.cli.common import model_spec
+    from clip2video.modules.weights.spec import load_model
+
     args = infer_retrieval.parse_with_config(infer_retrieval.build_parser(), argv + extra)
-    model = infer_retrieval.load_for_eval(args).eval()
+    model = load_model(model_spec(args)).eval()
     captions, _ = load_caption_bank("msvd", data_path=str(parity_dir / "msvd"), split="train")
     assert len(captions) == bank_rec["captions"] == 6
     text = encode_captions(model, captions, ClipTokenizer(args.max_words), batch_size=8 * args.batch_size_val)

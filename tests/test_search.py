@@ -26,7 +26,8 @@ from clip2video.dataloaders.synthetic import make_synthetic_dataset
 from clip2video.modules.network.backbone import ClipConfig
 from clip2video.modules.weights.factory import create_model
 from clip2video.modules.weights.release import export_original
-from clip2video.search.index import CURRENT, MANIFEST, IndexFormatError, SearchIndex
+from clip2video.search.index import SearchIndex
+from clip2video.search.store import CURRENT, MANIFEST, IndexFormatError
 
 ROOT = Path(__file__).resolve().parents[1]
 N_VIDEOS = 14

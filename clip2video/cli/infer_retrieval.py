@@ -39,8 +39,8 @@ from clip2video.cli.common import (
     add_precision_arg,
     check_paths,
     exit_process,
-    model_fields,
-    model_flags_given,
+    model_fields,  # noqa: F401 - re-exported: infer_retrieval.model_fields
+    model_spec,
     output_paths,
     parse_with_config,
     run_main,
@@ -90,32 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     for legacy in ("--local_rank", "--n_gpu", "--vocab_size"):
         o.add_argument(legacy, default=None, help=argparse.SUPPRESS)
     return p
-
-
-def load_for_eval(args: argparse.Namespace):
-    """The model the flags describe, loaded strictly (never a silent fallback to untrained heads).
-
-    Our checkpoints and exports carry their config (used unless model flags are given explicitly); a
-    released ``pytorch_model.bin.N`` is described by the flags and evaluated with the original mask layout.
-    """
-    from clip2video.modules.network.model import make_config
-    from clip2video.modules.weights.clip_weights import load_clip
-    from clip2video.modules.weights.factory import create_model, load_model
-
-    variant, fields = model_fields(args)
-    ckpt = args.checkpoint or args.init_model
-    if ckpt is None:
-        if not args.zero_shot:
-            raise UsageError("--checkpoint is required (or --zero_shot to evaluate CLIP-initialised heads)")
-        if not args.clip_path:
-            raise UsageError("--zero_shot needs --clip_path")
-        extra = {"mask_layout": args.mask_layout} if args.mask_layout else {}
-        sd, clip_cfg = load_clip(args.clip_path, args.clip_model)
-        return create_model(make_config(variant, clip_cfg, **fields, **extra), clip_state_dict=sd)
-    if args.clip_model:
-        logger.info("--clip_model ignored: a checkpoint's backbone is read from the checkpoint")
-    return load_model(ckpt, make_config(variant, **fields), model_num=args.model_num, mask_layout=args.mask_layout,
-                      prefer_stored=not model_flags_given(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +143,7 @@ def load_bank(args: argparse.Namespace) -> tuple[list[str] | None, dict | None]:
     return None, None
 
 
-def run_record(args: argparse.Namespace, rset, model, info, bank: dict | None) -> dict:
+def run_record(args: argparse.Namespace, rset, model, info, bank: dict | None, spec) -> dict:
     """What a metrics file says it measured (README "Result files"): protocol, data, weights, settings, code."""
     import numpy as np
 
@@ -180,9 +154,11 @@ def run_record(args: argparse.Namespace, rset, model, info, bank: dict | None) -
 
     datatype = normalize_datatype(args.datatype)
     per_video = np.bincount(rset.caption_video, minlength=len(rset.video_ids)) if len(rset.video_ids) else np.zeros(0)
-    ckpt = args.checkpoint or args.init_model
-    ckpt_file = released_path(ckpt, args.model_num) if ckpt else None
+    ckpt_file = released_path(spec.checkpoint, spec.model_num) if spec.checkpoint else None
     sidecar = ckpt_file.with_name(ckpt_file.name + ".config.json") if ckpt_file else None
+    clip = None  # the CLIP weights (zero-shot) or the file / name describing a released checkpoint's backbone
+    if spec.clip_path:
+        clip = file_record(spec.clip_path) if Path(spec.clip_path).is_file() else {"name": spec.clip_path}
     post: dict = {"plain": "none: the model's scores (keys t2v, v2t)"}
     if args.dsl:
         post["dsl"] = {"method": "dual softmax over the test queries of each video column (CAMoE)",
@@ -207,7 +183,7 @@ def run_record(args: argparse.Namespace, rset, model, info, bank: dict | None) -
                                           "mean": float(per_video.mean()) if per_video.size else 0.0}},
         "checkpoint": file_record(ckpt_file),
         "checkpoint_config": file_record(sidecar) if sidecar is not None and sidecar.is_file() else None,
-        "clip": file_record(args.clip_path) if args.clip_path else None,
+        "clip": clip,
         "model": {"variant": model.config.variant, "mask_layout": model.config.mask_layout,
                   "logit_scale": float(model.logit_scale.detach().exp()), "backbone": model.config.clip.describe()},
         "mask_layout": model.config.mask_layout,
@@ -227,6 +203,7 @@ def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
     from clip2video.modules.evaluation.metrics import format_comparison, format_table, markdown_row
     from clip2video.modules.network.tokenizer import ClipTokenizer
     from clip2video.modules.runtime.logging_utils import setup_logging
+    from clip2video.modules.weights.spec import load_model
 
     setup_logging(log_file, is_main=info.is_main)  # only rank 0 writes the log and the outputs
     if args.visualize:
@@ -249,7 +226,8 @@ def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
     if bank is not None:
         logger.info("QB-Norm query bank: %d captions (%s)", len(bank_captions),
                     args.qb_norm or f"split {args.qb_norm_split} of {args.data_path}")
-    model = load_for_eval(args).to(device).eval()
+    spec = model_spec(args)  # the model the flags describe, loaded strictly (modules.weights.spec.load_model)
+    model = load_model(spec).to(device).eval()
     logger.info("model: variant %s, mask layout %s, %s", model.config.variant, model.config.mask_layout,
                 "TAB on" if model.config.use_tab else "no TAB")
     logger.info("backbone: %s", model.config.clip.describe())
@@ -270,7 +248,7 @@ def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
         return 0
     logger.info("timings: %s (total %.1f s)", {k: round(v, 2) for k, v in res.timings.items()},
                 time.perf_counter() - t0)
-    record = run_record(args, rset, model, info, bank)
+    record = run_record(args, rset, model, info, bank, spec)
     counts = record["counts"]
     logger.info("measured: %s (%s); %d captions × %d videos, %.2f captions per video (min %d, max %d); mask layout "
                 "%s, precision %s; code %s %s", record["protocol"]["name"], record["protocol"]["description"],
@@ -308,9 +286,10 @@ def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
 
         atomic_write_text(args.metrics_json, json.dumps(payload, indent=1))
     if args.save_embeddings:  # one vector per caption / video: logit_scale · text @ video.T == --save_sim
-        from clip2video.search.build import describe_model, write_embeddings
+        from clip2video.modules.weights.identity import describe_model
+        from clip2video.search.build import write_embeddings
 
-        meta = dict(describe_model(model, args), features_path=str(Path(args.features_path).resolve()),
+        meta = dict(describe_model(model, spec).to_dict(), features_path=str(Path(args.features_path).resolve()),
                     max_frames=args.max_frames, feature_framerate=args.feature_framerate, image_mode=args.image_mode,
                     precision=args.precision, datatype=args.datatype, batch_size_val=args.batch_size_val)
         write_embeddings(args.save_embeddings, model.text_vector(res.text).float().numpy(),

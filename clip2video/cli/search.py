@@ -29,9 +29,11 @@ from clip2video.cli.common import (
     add_precision_arg,
     check_paths,
     exit_process,
+    model_spec,
     parse_with_config,
     run_main,
 )
+from clip2video.cli.serve import add_serve_parser, check_index_model
 
 logger = logging.getLogger("clip2video.cli.search")
 MAX_QUERY_CHARS = 10_000
@@ -80,10 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_args(q)
     q.add_argument("--max_words", type=int, default=None, help=argparse.SUPPRESS)
 
-    # ---- serve: the server module owns its flags; the model flags are query's
-    from clip2video.search.app import add_serve_parser
-
-    add_serve_parser(sub)
+    add_serve_parser(sub)  # cli/serve.py owns its flags (the model flags are query's); imports no web framework
     return p
 
 
@@ -119,7 +118,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from clip2video.modules.runtime.distributed import cleanup_distributed, init_distributed
     from clip2video.modules.runtime.logging_utils import setup_logging
-    from clip2video.search.build import build_from_embeddings, build_from_folder, describe_model, load_model_for
+    from clip2video.modules.weights.identity import describe_model
+    from clip2video.modules.weights.spec import load_model
+    from clip2video.search.build import build_from_embeddings, build_from_folder
 
     if bool(args.features_path) == bool(args.from_embeddings):
         raise UsageError("give one of --features_path (videos) or --from_embeddings (exported vectors)")
@@ -138,15 +139,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     try:
         setup_logging(None, is_main=info.is_main)
         torch.manual_seed(args.seed)
-        model = load_model_for(args)
+        spec = model_spec(args)
+        model = load_model(spec)
         if model.config.mask_layout != "per_video":
             logger.info("mask layout: the checkpoint's heads ran with the %s layout (released checkpoints); the "
                         "index encodes every video with per_video so that its vector depends on that video alone",
                         model.config.mask_layout)
             model.config.mask_layout = "per_video"
         model = model.to(info.device).eval()
-        meta = describe_model(model, args)
-        res = build_from_folder(args.features_path, args.index, model, meta, max_frames=args.max_frames,
+        record = describe_model(model, spec)
+        res = build_from_folder(args.features_path, args.index, model, record, max_frames=args.max_frames,
                                 framerate=args.feature_framerate, image_mode=args.image_mode,
                                 precision=args.precision, video_fps=args.video_fps, batch_size=args.batch_size,
                                 num_workers=args.num_thread_reader, index_type=args.index_type,
@@ -197,7 +199,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     if not texts and not args.like:
         raise UsageError("give query texts, --queries_file or --like VIDEO_ID")
     index = SearchIndex.open(args.index, device=args.device, precision=args.precision)
-    index.check_model_flags(args)
+    check_index_model(index, args)
     out = []
     if args.like:
         try:

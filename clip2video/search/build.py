@@ -1,4 +1,4 @@
-"""Building a search index: list the videos, encode what is new, write a generation (clip2video/search/index.py).
+"""Building a search index: list the videos, encode what is new, write a generation (format: ``store.py``).
 
 Steps of :func:`build_from_folder`:
 
@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from clip2video.fileio import atomic_dir, atomic_path
-from clip2video.search.index import (
+from clip2video.modules.weights.identity import ModelRecord
+from clip2video.search.store import (
     CURRENT,
     FORMAT_VERSION,
     SHARDS,
@@ -49,91 +50,6 @@ logger = logging.getLogger("clip2video.cli.search")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 THUMB_SIZE = 160
-
-
-# ----------------------------------------------------------------------------------------------- model
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of the architecture and every weight. The mask layout is left out: it is a way of running the
-    heads, not part of the model, and the index fixes it to ``per_video`` anyway."""
-    h = hashlib.sha256()
-    cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("mask_layout", "variant")}
-    h.update(json.dumps(cfg, sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        raw = t.view(torch.uint8) if t.dtype in (torch.bfloat16, torch.float16) else t
-        h.update(memoryview(raw.numpy()).cast("B"))
-    return h.hexdigest()
-
-
-def describe_model(model, args=None) -> dict[str, Any]:
-    """What an index or an embedding export records about its model: enough to check and to rebuild it."""
-    ckpt = getattr(args, "checkpoint", None) or getattr(args, "init_model", None)
-    ckpt_file = None
-    if ckpt:
-        from clip2video.modules.weights.checkpoint import released_path
-
-        ckpt_file = str(released_path(ckpt, getattr(args, "model_num", None)).resolve())
-    clip_path = getattr(args, "clip_path", None)
-    from clip2video.modules.network.tokenizer import END_ID, START_ID
-
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        ids = torch.tensor([[START_ID, END_ID]], device=dev)
-        tv = model.text_vector(model.encode_text(ids, torch.ones_like(ids)))
-    dim = int(tv.shape[1])
-    return {
-        "fingerprint": model_fingerprint(model),
-        "logit_scale": float(model.logit_scale.detach().exp()),
-        "variant": model.config.variant,
-        "mask_layout": model.config.mask_layout,
-        "center_weight": float(model.config.center_weight),
-        "global_dim": int(model.config.clip.embed_dim) if model.config.use_tab else dim,
-        "dim": dim,
-        "checkpoint": ckpt_file,
-        "clip_path": str(Path(clip_path).resolve()) if clip_path and not ckpt_file else None,
-        "zero_shot": bool(getattr(args, "zero_shot", False)) and not ckpt_file,
-        "config": model.config.to_dict(),
-        "max_words": int(getattr(args, "max_words", 32) or 32),
-        # zero-shot heads that CLIP does not determine (TAB centres) come from the RNG: rebuilt from this seed
-        "seed": getattr(args, "seed", None),
-    }
-
-
-def load_model_for(args):
-    """The model that build/query flags describe (the same rules as infer_retrieval.py)."""
-    from clip2video.cli.infer_retrieval import load_for_eval
-
-    return load_for_eval(args)
-
-
-def load_model_from_meta(meta: dict[str, Any], device: str | None = None):
-    """Rebuild the model an index or export recorded, and check it is still the same model."""
-    from clip2video.modules.network.model import CLIP2VideoConfig
-    from clip2video.modules.weights.clip_weights import load_clip_tensors
-    from clip2video.modules.weights.factory import create_model, load_model
-
-    if not meta.get("config") or not (meta.get("checkpoint") or meta.get("clip_path")):
-        raise ValueError("the index records no model file (built from vectors without one): text queries need "
-                         "the model; rebuild with --checkpoint or use --like")
-    cfg = CLIP2VideoConfig.from_dict(meta["config"])
-    if meta.get("checkpoint"):
-        model = load_model(meta["checkpoint"], cfg, prefer_stored=False, mask_layout="per_video")
-    elif meta.get("zero_shot") and meta.get("clip_path"):
-        # the recorded config carries the backbone (activation, normalisation); the file gives the tensors
-        sd = load_clip_tensors(meta["clip_path"])[0]
-        if meta.get("seed") is not None:
-            torch.manual_seed(int(meta["seed"]))  # as the build did before creating the model
-        model = create_model(cfg, clip_state_dict=sd, mask_layout="per_video")
-    else:
-        raise ValueError("the index records no model file (built from vectors without one): text queries need "
-                         "the model; rebuild with --checkpoint or use --like")
-    if model_fingerprint(model) != meta.get("fingerprint"):
-        src = meta.get("checkpoint") or meta.get("clip_path")
-        raise ValueError(f"{src}: these weights are not the ones the index was built with (fingerprint differs); "
-                         "rebuild the index")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.to(dev).eval()
 
 
 # ----------------------------------------------------------------------------------------------- listing
@@ -243,10 +159,14 @@ class _SourceDataset(torch.utils.data.Dataset):
         try:
             frames, mask, thumbs, info = read_source(self.sources[i], **self.settings)
         except (ValueError, OSError, RuntimeError) as e:
-            from clip2video.cli.common import one_line
-
-            return {"index": i, "error": one_line(e)}
+            return {"index": i, "error": _first_line(e)}
         return {"index": i, "frames": frames, "mask": mask, "thumbs": thumbs, "info": info}
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception as the one line a skipped video is reported with."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -317,7 +237,7 @@ def build_from_folder(
     features_path: str | os.PathLike,
     index_dir: str | os.PathLike,
     model,
-    model_meta: dict[str, Any],
+    record: ModelRecord,
     *,
     max_frames: int = 12,
     framerate: int = 1,
@@ -336,6 +256,9 @@ def build_from_folder(
 ) -> BuildResult | None:
     """Index every video under ``features_path`` into ``index_dir`` (incrementally; see the module doc).
 
+    ``model`` runs in the ``per_video`` layout; ``record`` (``identity.describe_model``) is what the index
+    records about it.
+
     ``on_encoded(n)`` is called after each written shard with the number of videos encoded so far (tests
     use it to interrupt a build). Returns the result on rank 0, None on other ranks.
     """
@@ -350,7 +273,7 @@ def build_from_folder(
     device = torch.device(device)
     settings = {"max_frames": max_frames, "framerate": framerate, "image_mode": image_mode, "precision": precision,
                 "mask_layout": "per_video", "image_size": model.config.clip.image_size}
-    key = encoding_key(model_meta["fingerprint"], settings)
+    key = encoding_key(record.fingerprint, settings)
     plan = None
     if is_main:
         _check_target(index_dir)
@@ -413,7 +336,7 @@ def build_from_folder(
                                   b["info"].get("frames"), thumbs).to_dict())
             if is_main:
                 bar.update(len(batch) * world)
-        dim = int(model_meta["dim"])
+        dim = int(record.dim)
         local = np.concatenate(vecs) if vecs else np.zeros((0, dim), dtype=np.float32)
         all_vecs = gather_rows(local, info)
         all_meta = gather_rows(_objects(metas), info)
@@ -434,7 +357,7 @@ def build_from_folder(
         entries = reuse + new_entries
         if not entries and not failed and n_sources == 0:
             logger.warning("no videos under %s (frame folders or video files)", features_path)
-        meta = dict(model_meta, mask_layout="per_video")
+        meta = dict(record.to_dict(), mask_layout="per_video")
         gen = write_generation(index_dir, entries, model_meta=meta, encoding=dict(settings, key=key),
                                index_type=index_type, search_params=search_params, source=str(features_path))
         kept = {e[0].video_id for e in entries}
@@ -492,6 +415,7 @@ def build_from_embeddings(emb_dir: str | os.PathLike, index_dir: str | os.PathLi
     meta = dict(meta, dim=int(video.shape[1]))
     meta.setdefault("fingerprint", "")
     meta.setdefault("logit_scale", 1.0)
+    meta = ModelRecord.from_dict(meta).to_dict()  # the record's fields, the export's own keys kept
     index_dir = Path(index_dir).resolve()
     _check_target(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
@@ -517,5 +441,5 @@ def build_from_embeddings(emb_dir: str | os.PathLike, index_dir: str | os.PathLi
     return BuildResult(gen, len(items), 0, 0, old_count, [])
 
 
-__all__ = ["FORMAT_VERSION", "build_from_embeddings", "build_from_folder", "describe_model", "list_videos",
-           "load_model_for", "load_model_from_meta", "model_fingerprint", "read_source", "write_embeddings"]
+__all__ = ["FORMAT_VERSION", "BuildResult", "Source", "build_from_embeddings", "build_from_folder", "list_videos",
+           "read_source", "write_embeddings"]

@@ -1,0 +1,43 @@
+"""The server's bounds, in one value: ``ServerLimits`` (no web framework needed to read or check them).
+
+The command line takes its flag defaults from here and the app enforces them, so ``search.py serve --help``
+works, and says the same numbers, where the serve extra (fastapi, uvicorn) is not installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Bounds on every input and cache of the server.
+
+    Attributes:
+        max_query_chars: longest query text accepted (400 beyond).
+        max_k / default_k: most results one query may ask for, and what it gets without ``k``.
+        max_concurrent_encodes: batches of text queries encoded at once (each in its own thread).
+        max_waiting: queries that may wait for an encoder; beyond them a search gets 503.
+        max_batch: waiting queries encoded together in one batch.
+        max_frames_listed: frame URLs one ``/api/frames`` answer lists (evenly spaced beyond).
+        record_cache / frame_list_cache: video records and frame-folder listings kept in memory.
+    """
+
+    max_query_chars: int = 1000
+    max_k: int = 100
+    default_k: int = 10
+    max_concurrent_encodes: int = 2
+    max_waiting: int = 64
+    max_batch: int = 16
+    max_frames_listed: int = 240
+    record_cache: int = 65536
+    frame_list_cache: int = 1024
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            low = 0 if f.name == "max_waiting" else 1
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{f.name} must be at least {low}, got {value}")
+        if self.default_k > self.max_k:  # a default beyond the bound is the bound
+            object.__setattr__(self, "default_k", self.max_k)
