@@ -59,6 +59,7 @@ from clip2video.search.batcher import BatcherClosed, BusyError, QueryBatcher, se
 from clip2video.search.files import MAX_ID_CHARS, NotServed, open_recorded
 from clip2video.search.limits import ServerLimits, strict_int
 from clip2video.search.live import LiveIndex, Served
+from clip2video.search.store import THUMBS
 from clip2video.search.web import SECURITY_HEADERS, Guard, RecordedFileResponse, server_config
 
 logger = logging.getLogger("clip2video.search.app")
@@ -251,42 +252,44 @@ def file_routes(live: LiveIndex) -> APIRouter:
     they are what the build recorded (``files.open_recorded``)."""
     r = APIRouter()
 
+    # each file is opened while the request holds its generation (whose clean-up waits for it); once open, the
+    # descriptor is what is sent, whatever happens to the path
     @r.get("/video/{video_id:path}")
     async def video(video_id: str, request: Request):
         with live.use() as g:
             rec = g.extra.get(video_id)
-        if rec is None or rec.kind != "file":
-            return error_response(404, "not found")
-        first = (rec.files or [None])[0]
-        return _serve(str(rec.path), rec.root, first[1:] if first else None,
-                      _media_type(Path(rec.path).name, "application/octet-stream"), request, "video", video_id)
+            if rec is None or rec.kind != "file":
+                return error_response(404, "not found")
+            first = (rec.files or [None])[0]
+            return _serve(str(rec.path), rec.root, first[1:] if first else None,
+                          _media_type(Path(rec.path).name, "application/octet-stream"), request, "video", video_id)
 
     @r.get("/thumb/{video_id:path}/{n}")
     async def thumb(video_id: str, n: str, request: Request):
         with live.use() as g:
             rec = g.extra.get(video_id)
+            i = strict_int(n)
+            if rec is None or i is None or not i < len(rec.thumbnails):
+                return error_response(404, "not found")
             folder = str(g.index.folder)
-        i = strict_int(n)
-        if rec is None or i is None or not i < len(rec.thumbnails):
-            return error_response(404, "not found")
-        real = os.path.realpath(folder)
-        rel = os.path.relpath(str(rec.thumbnails[i]), folder)
-        stats = getattr(rec, "thumb_stats", None) or []
-        if rel.startswith(".."):
-            return _not_served(f"thumbnail {i}", video_id, f"{rec.thumbnails[i]} is outside the index folder")
-        return _serve(os.path.join(real, rel), os.path.join(real, "thumbs"), stats[i] if i < len(stats) else None,
-                      _media_type(rel, "image/jpeg"), request, f"thumbnail {i}", video_id)
+            real = os.path.realpath(folder)
+            rel = os.path.relpath(str(rec.thumbnails[i]), folder)
+            stats = getattr(rec, "thumb_stats", None) or []
+            if rel.startswith(".."):
+                return _not_served(f"thumbnail {i}", video_id, f"{rec.thumbnails[i]} is outside the index folder")
+            return _serve(os.path.join(real, rel), os.path.join(real, THUMBS), stats[i] if i < len(stats) else None,
+                          _media_type(rel, "image/jpeg"), request, f"thumbnail {i}", video_id)
 
     @r.get("/frame/{video_id:path}/{n}")
     async def frame(video_id: str, n: str, request: Request):
         with live.use() as g:
             rec = g.extra.get(video_id)
-        i = strict_int(n)
-        if rec is None or rec.kind != "frames" or i is None or not i < len(rec.files or []):
-            return error_response(404, "not found")
-        name, size, mtime = rec.files[i]
-        return _serve(os.path.join(str(rec.path), name), rec.root, (size, mtime), _media_type(name, "image/jpeg"),
-                      request, f"frame {i}", video_id)
+            i = strict_int(n)
+            if rec is None or rec.kind != "frames" or i is None or not i < len(rec.files or []):
+                return error_response(404, "not found")
+            name, size, mtime = rec.files[i]
+            return _serve(os.path.join(str(rec.path), name), rec.root, (size, mtime),
+                          _media_type(name, "image/jpeg"), request, f"frame {i}", video_id)
 
     return r
 

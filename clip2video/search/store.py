@@ -378,7 +378,13 @@ def write_generation(
             shutil.rmtree(tmp, ignore_errors=True)
             if final.is_dir() and read_current_name(folder) != gen:
                 shutil.rmtree(final, ignore_errors=True)
-    collect_garbage(folder)
+    try:
+        collect_garbage(folder)
+    except OSError as e:  # the new generation is live and whole; what is left is removed by the next build
+        import logging
+
+        logging.getLogger(__name__).warning("%s: clean-up after the switch stopped (%s); the next build retries",
+                                            folder, e)
     return final
 
 
