@@ -87,9 +87,10 @@ def list_videos(root: str | os.PathLike, *, follow_symlinks: bool = False,
     seen: set[str] = set()  # real folders already walked (links can make loops)
 
     def refuse(what: str, why: str) -> None:
-        logger.warning("%s: not indexed: %s", what, why)
         if refused is not None:
-            refused.append((what, why))
+            refused.append((what, why))  # the caller reports it (one line)
+        else:
+            logger.warning("%s: not indexed: %s", what, why)
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
         real = os.path.realpath(dirpath)

@@ -96,7 +96,7 @@ class SearchIndex:
                  lock_fd: int | None = None):
         self.folder = folder
         self.generation = gen
-        self._lock_fd = lock_fd  # shared flock on the manifest: the build's clean-up leaves this generation alone
+        self._lock_fd = None  # set once loaded: until then the opener owns (and on failure closes) the descriptor
         self.manifest = manifest
         self.fingerprint: str = manifest["fingerprint"]
         self.model_record = ModelRecord.from_dict(manifest["model"])
@@ -108,6 +108,7 @@ class SearchIndex:
         self._model = None
         self._tokenizer = None
         self._load(gen, manifest)
+        self._lock_fd = lock_fd  # shared flock on the manifest: the build's clean-up leaves this generation alone
 
     # ------------------------------------------------------------------ open
     @classmethod
