@@ -213,6 +213,18 @@ def test_byte_lru_keeps_its_bound_and_order():
     assert memo.get("huge") is None and memo.bytes <= 10_000
 
 
+def test_byte_lru_pickles_for_data_loader_workers():
+    import pickle
+
+    memo = ByteLRU(5_000)
+    for i in range(100):
+        memo.put(f"w{i}", (i,))
+    copy = pickle.loads(pickle.dumps(memo))
+    assert copy.bytes == memo.bytes and list(copy._data) == list(memo._data) and copy.get("w99") == (99,)
+    copy.put("new", (1, 2))
+    assert copy.bytes <= 5_000
+
+
 def test_byte_lru_estimate_is_not_below_the_real_memory():
     import tracemalloc
 

@@ -449,21 +449,22 @@ def reader_lock(gen: Path) -> int | None:
     return fd
 
 
-def _in_use(gen: Path) -> bool:
-    """Whether a reader holds its shared lock on ``gen``'s manifest (checked with a non-blocking exclusive lock)."""
+def _claim(gen: Path) -> tuple[bool, int | None]:
+    """(free, descriptor): whether no reader holds ``gen`` (checked with a non-blocking exclusive lock on its
+    manifest), and the descriptor keeping that lock, to be closed once the generation is removed: a reader
+    that arrives meanwhile waits, then finds it gone and opens the live one."""
     try:
         import fcntl
 
         fd = os.open(gen / MANIFEST, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except (ImportError, OSError):
-        return False
+        return True, None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
+        return True, fd
     except OSError:
-        return True
-    finally:
         os.close(fd)
+        return False, None
 
 
 def _generation_uses(gen: Path) -> tuple[set[str], set[str]]:
@@ -528,12 +529,19 @@ def collect_garbage(folder: Path) -> None:
     keep_shards, keep_thumbs = _generation_uses(folder / live)
     for p in folder.iterdir():
         if p.name.startswith(GEN_PREFIX) and p.name != live and p.is_dir() and not p.is_symlink():
-            if _in_use(p):
+            free, fd = _claim(p)
+            if not free:
                 shards, thumbs = _generation_uses(p)
                 keep_shards |= shards
                 keep_thumbs |= thumbs
-            else:
+                continue
+            try:
                 shutil.rmtree(p, ignore_errors=True)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        elif p.name.startswith(GEN_PREFIX) and p.name != live and p.is_symlink():
+            p.unlink(missing_ok=True)  # not a generation of this index
     remove_stale_temps(folder)
     for p in (folder / SHARDS).glob("*") if (folder / SHARDS).is_dir() else []:
         stem = p.name.split(".")[0] if not p.name.startswith(".") else None

@@ -65,6 +65,14 @@ class ByteLRU:
         self._data: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:  # picklable for DataLoader workers: the lock is made anew
+        with self._lock:
+            return {"max_bytes": self.max_bytes, "bytes": self.bytes, "_data": OrderedDict(self._data)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     @staticmethod
     def cost(key: str, value: Sequence[int]) -> int:
         return 300 + len(key) * (1 if key.isascii() else 4) + 8 * len(value)
