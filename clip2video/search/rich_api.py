@@ -65,15 +65,13 @@ def _header_params(value: str) -> tuple[str, dict[str, str]]:
         key = rest[i:eq].strip().lower()
         i = eq + 1
         if i < n and rest[i] == '"':
-            out, i = [], i + 1
-            while i < n and rest[i] != '"':
-                if rest[i] == "\\" and i + 1 < n:
-                    i += 1
-                out.append(rest[i])
-                i += 1
-            if i >= n:
+            # as browsers write it (HTML's form encoding): no backslash escapes; ", CR and LF as %22, %0D, %0A
+            end = rest.find('"', i + 1)
+            if end < 0:
                 raise bad_request("unterminated quoted header parameter")
-            val, i = "".join(out), i + 1
+            val, i = rest[i + 1:end], end + 1
+            for esc, ch in (("%22", '"'), ("%0D", "\r"), ("%0A", "\n")):
+                val = val.replace(esc, ch)
         else:
             end = rest.find(";", i)
             end = n if end < 0 else end
@@ -269,6 +267,9 @@ def rich_routes(rich: RichSearch, records, limits: ServerLimits, *, parse_k: Cal
         if q.strip():
             parts = parse_q(q)
             used = {p.value for p in parts if p.kind == "image"}
+            missing = sorted(used - set(form.files))
+            if missing:
+                raise bad_request(f"image:{missing[0][:100]}: no uploaded image of that name")
             unused = [n for n in form.files if n not in used]
             if unused:
                 raise bad_request(f"uploaded image {unused[0][:100]!r} is not used by q; name it there as "
