@@ -163,3 +163,15 @@ def test_sniff_image():
     assert sniff_image(b"RIFF\x10\0\0\0WEBPVP8 ") == "WEBP"
     for not_image in (b"", b"GIF89a", b"RIFF\x10\0\0\0AVI ", b"<svg xmlns=", b"%PDF-1.4", b"\xff\xd8"):
         assert sniff_image(not_image) is None
+
+
+def test_parsing_imports_neither_torch_nor_the_decoder():
+    """``search.py``'s parser is built at every start (``--help`` included): the query modules it imports
+    stay light (the extension lists are looked up when a part is classified)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, clip2video.cli.search, clip2video.search.query_parse; "
+            "print([m for m in ('torch', 'av') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])

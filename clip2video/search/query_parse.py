@@ -31,9 +31,6 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from clip2video.dataloaders.video_io import VIDEO_EXTS
-from clip2video.search.build import IMAGE_EXTS
-
 KINDS = ("text", "image", "clip", "like")
 MAX_PARTS = 16
 MAX_WEIGHT = 1000.0
@@ -122,6 +119,9 @@ def classify(content: str, sign: float = 1.0, at: int = 0) -> Part:
         if not value:
             raise QueryParseError(f"{where}: {kind}: is followed by nothing")
     else:
+        from clip2video.dataloaders.video_io import VIDEO_EXTS  # here: the command line imports this module early
+        from clip2video.search.build import IMAGE_EXTS  # what a frame folder's frames are
+
         value = text
         low = value.lower()
         kind = "image" if low.endswith(IMAGE_EXTS) else "clip" if low.endswith(VIDEO_EXTS) else "text"
