@@ -191,6 +191,9 @@ def test_arithmetic_is_the_weighted_sum(rich, capsys):
     assert plain["query"] == "a red circle" and weighted["query"]["parts"][0]["weight"] == 3.0
     assert ids_scores(plain["results"])[0] == ids_scores(weighted["results"])[0]
     np.testing.assert_allclose(ids_scores(plain["results"])[1], ids_scores(weighted["results"])[1], atol=1e-4)
+    # quotes or text: around a caption change nothing
+    quoted, forced = query_json(capsys, ix, "-k", "100", '"a red circle"', "text:a red circle")
+    assert quoted["query"] == '"a red circle"' and quoted["results"] == plain["results"] == forced["results"]
     # a negated caption ranks the index in reverse
     (neg,) = query_json(capsys, ix, "-k", "100", "- a red circle")
     assert ids_scores(neg["results"])[0] == ids_scores(plain["results"])[0][::-1]
@@ -405,8 +408,8 @@ def test_api_upload_bounds(rich, server):
     status, res = post(server.port, iter([body[i:i + 4096] for i in range(0, len(body), 4096)]), ctype, chunked=True)
     assert status == 400 and "request body over" in res["error"], res
     # GET: arithmetic may not name an image (nothing is read from the server's disk) nor a clip
-    for q, needle in ((f"a dog + {rich['jpg']}", "no uploaded image of that name"),
-                      (f"a dog + {rich['videos'] / 'clip0.mp4'}", "video clips are not accepted"),
+    for q, needle in ((f"a dog + {rich['jpg']}", "GET takes texts and like: parts; upload images with POST"),
+                      (f"a dog + {rich['videos'] / 'clip0.mp4'}", "GET takes texts and like: parts"),
                       ("a + - b", "q: two signs in a row"), ("a dog - a dog", "cancel out")):
         status, res = get_json(server.port, "/api/search?q=" + quote(q))
         assert status == 400 and needle in res["error"], (q, res)

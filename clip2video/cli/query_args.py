@@ -86,7 +86,7 @@ def plan_queries(args: argparse.Namespace) -> list[PlannedQuery]:
     for i, text in enumerate(sources, 1):
         parts = _parsed(i, text)
         if is_plain_text(parts):
-            plan.append(PlannedQuery(text, text=text))
+            plan.append(PlannedQuery(text, text=parts[0].value))  # quotes or text: stripped, the rest as typed
         else:
             plan.append(PlannedQuery({"expression": text, "parts": [p.to_dict() for p in parts]}, parts=parts))
     if args.queries_file:

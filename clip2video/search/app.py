@@ -239,11 +239,11 @@ def api_routes(index, batcher: QueryBatcher, records: Records, frame_lists: Fram
         k = parse_k(request.query_params.get("k"), limits)
         parts = parse_q(q)  # query arithmetic (rich_api.py); a plain caption takes the batched text path
         if not is_plain_text(parts):
-            hits = await rich.answer(parts, k, {})  # no uploads: an image part is refused, no path is read
+            hits = await rich.answer(parts, k, None)  # no uploads: image and clip parts are refused
             return {"query": q, "parts": [p.to_dict() for p in parts], "k": k, "took_ms": _ms_since(t0),
                     "results": [hit_json(h, records) for h in hits]}
         try:
-            hits = await batcher.submit(q, k)
+            hits = await batcher.submit(parts[0].value, k)
         except (BusyError, BatcherClosed) as e:
             raise ApiError(503, str(e)) from None
         return {"query": q, "k": k, "took_ms": _ms_since(t0), "results": [hit_json(h, records) for h in hits]}

@@ -218,7 +218,14 @@ class RichSearch:
         return self.limits.max_concurrent_encodes + self.limits.max_rich_waiting - self.batcher.in_flight \
             - self.reading
 
-    async def answer(self, parts: list[Part], k: int, uploads: dict[str, bytes]) -> list[Any]:
+    async def answer(self, parts: list[Part], k: int, uploads: dict[str, bytes] | None) -> list[Any]:
+        """Hits of parsed parts; ``uploads`` None for a ``GET`` (no image parts then)."""
+        if uploads is None:
+            named = [p for p in parts if p.kind in ("image", "clip")]
+            if named:
+                raise bad_request(f"{named[0].kind}:{named[0].value[:100]}: GET takes texts and like: parts; upload "
+                                  "images with POST /api/search (multipart/form-data)")
+            uploads = {}
         try:
             return await self.batcher.submit((parts, uploads), k)
         except (BusyError, BatcherClosed) as e:
