@@ -190,7 +190,8 @@ def test_search_page(page_index, tmp_path):
         # "more like this" on the first result
         page.click(".result:first-child button.like")
         wait_js(page, "location.hash.includes('like=')")
-        wait_js(page, "document.getElementById('status').textContent.includes('videos like bikes')")
+        # the final status (the page says "videos like bikes …" while it waits for the answer)
+        wait_js(page, "document.getElementById('status').textContent.includes('videos like bikes ·')")
         ids = page.eval_on_selector_all(".result .vid", "els => els.map(e => e.textContent)")
         assert ids == [h.video_id for h in index.similar("bikes", 20)]
 
@@ -323,7 +324,7 @@ def test_search_page_with_an_image(image_index):
         # "more like this" on the image's second result
         second = ids[1]
         page.click(".result:nth-child(2) button.like")
-        wait_js(page, f"document.getElementById('status').textContent.includes('videos like {second}')")
+        wait_js(page, f"document.getElementById('status').textContent.includes('videos like {second} ·')")
         assert shown(page) == [h.video_id for h in index.similar(second, 20)]
 
         # a file that claims to be an image but is not: the server's one-line message
