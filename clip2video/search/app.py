@@ -3,6 +3,8 @@
 The app holds one opened index (model and vectors loaded once) and answers
 
 - ``GET /api/search?q=TEXT&k=K``: text → videos, the same ids, order and scores as ``search.py query --json``;
+  ``q`` may be query arithmetic (``"2:a dog" - snow + like:ID``);
+- ``POST /api/search``: the same with uploaded images (multipart; bounds and checks in ``rich_api.py``);
 - ``GET /api/similar?video_id=ID&k=K``: video → videos;
 - ``GET /api/frames?video_id=ID``: the frame URLs of a video indexed as a frame folder;
 - ``GET /api/health``: ``{"status": "ok", "videos": N, "model": fingerprint, "generation": name}``;
@@ -59,6 +61,8 @@ from clip2video.search.batcher import BatcherClosed, BusyError, QueryBatcher, se
 from clip2video.search.files import MAX_ID_CHARS, NotServed, open_recorded
 from clip2video.search.limits import ServerLimits, strict_int
 from clip2video.search.live import LiveIndex, Served
+from clip2video.search.query_parse import is_plain_text
+from clip2video.search.rich_api import RichSearch, parse_q, rich_routes
 from clip2video.search.store import THUMBS
 from clip2video.search.web import SECURITY_HEADERS, Guard, RecordedFileResponse, server_config
 
@@ -173,7 +177,7 @@ def _media_type(name: str, default: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- routes
-def api_routes(live: LiveIndex, batcher: QueryBatcher, limits: ServerLimits) -> APIRouter:
+def api_routes(live: LiveIndex, batcher: QueryBatcher, limits: ServerLimits, rich: RichSearch) -> APIRouter:
     """``/api/health``, ``/api/search``, ``/api/similar``, ``/api/frames``."""
     r = APIRouter()
 
@@ -187,9 +191,14 @@ def api_routes(live: LiveIndex, batcher: QueryBatcher, limits: ServerLimits) -> 
         t0 = time.perf_counter()
         q = parse_text("q", request.query_params.get("q"), limits.max_query_chars)
         k = parse_k(request.query_params.get("k"), limits)
+        parts = parse_q(q)  # query arithmetic (rich_api.py); a plain caption takes the batched text path
         with live.use() as g:
+            if not is_plain_text(parts):
+                hits = await rich.answer(parts, k, None, g)  # no uploads: image and clip parts are refused
+                return {"query": q, "parts": [p.to_dict() for p in parts], "k": k, "took_ms": _ms_since(t0),
+                        "results": [hit_json(h, g.extra) for h in hits]}
             try:
-                hits = await batcher.submit(q, k, g)
+                hits = await batcher.submit(parts[0].value, k, g)
             except (BusyError, BatcherClosed) as e:
                 raise ApiError(503, str(e)) from None
             return {"query": q, "k": k, "took_ms": _ms_since(t0), "results": [hit_json(h, g.extra) for h in hits]}
@@ -354,11 +363,13 @@ def create_app(index, *, limits: ServerLimits | None = None, allowed_hosts: list
 
     batcher = QueryBatcher(run, max_concurrent=limits.max_concurrent_encodes, max_waiting=limits.max_waiting,
                            max_batch=limits.max_batch)
+    rich = RichSearch(index, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         batcher.shutdown()
+        rich.shutdown()
         live.close()
 
     app = FastAPI(title="clip2video search", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
@@ -367,7 +378,8 @@ def create_app(index, *, limits: ServerLimits | None = None, allowed_hosts: list
     app.state.live = live
     app.state.batcher = batcher
     add_error_handlers(app)
-    app.include_router(api_routes(live, batcher, limits))
+    app.include_router(api_routes(live, batcher, limits, rich))
+    app.include_router(rich_routes(rich, live, limits, parse_k=parse_k, hit_json=hit_json, ms_since=_ms_since))
     app.include_router(file_routes(live))
     app.include_router(page_routes(static_dir))
     return app
