@@ -378,7 +378,7 @@ def test_real_health(real):
 
     index = SearchIndex.open(real["index"])
     status, body = get_json(real["port"], "/api/health")
-    assert status == 200 and body == {"status": "ok", "videos": 12, "model": index.fingerprint}
+    assert status == 200 and body == {"status": "ok", "videos": 12, "model": index.fingerprint, "qb_norm": False}
     assert any(f"serving 12 videos at {real['url']}/" in line for line in real["lines"])
 
 

@@ -2,10 +2,11 @@
 
 The app holds one opened index (model and vectors loaded once) and answers
 
-- ``GET /api/search?q=TEXT&k=K``: text → videos, the same ids, order and scores as ``search.py query --json``;
+- ``GET /api/search?q=TEXT&k=K[&qb=0|1]``: text → videos, the same ids, order and scores as ``search.py query
+  --json``; QB-Norm applied when the index stores a query bank, unless ``qb=0`` (or ``serve --no_qb``);
 - ``GET /api/similar?video_id=ID&k=K``: video → videos;
 - ``GET /api/frames?video_id=ID``: the frame URLs of a video indexed as a frame folder;
-- ``GET /api/health``: ``{"status": "ok", "videos": N, "model": fingerprint}``;
+- ``GET /api/health``: ``{"status": "ok", "videos": N, "model": fingerprint, "qb_norm": bool}``;
 - ``GET /video/{id}`` (HTTP Range requests, so the player can seek), ``GET /thumb/{id}/{n}``,
   ``GET /frame/{id}/{n}``: files, found only through the index's own metadata;
 - ``GET /`` and ``/static/{name}``: the search page (no build step, nothing fetched from elsewhere).
@@ -200,6 +201,16 @@ def parse_text(name: str, raw: str | None, limit: int) -> str:
     return raw
 
 
+def parse_qb(raw: str | None, default: bool) -> bool:
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ApiError(400, f"qb must be 0 or 1, got {raw[:20]!r}")
+
+
 def hit_json(hit, records: Records) -> dict:
     rec = records.get(hit.video_id)
     uid = _url_id(hit.video_id)
@@ -220,24 +231,28 @@ def _ms_since(t0: float) -> float:
 
 # ----------------------------------------------------------------------------------------------- routes
 def api_routes(index, batcher: QueryBatcher, records: Records, frame_lists: FrameLists,
-               limits: ServerLimits) -> APIRouter:
+               limits: ServerLimits, qb_default: bool = True) -> APIRouter:
     """``/api/health``, ``/api/search``, ``/api/similar``, ``/api/frames``."""
     r = APIRouter()
+    has_qb = getattr(index, "qb", None) is not None  # the index stores QB-Norm statistics (search/qb.py)
 
     @r.get("/api/health")
     async def health():
-        return {"status": "ok", "videos": len(index), "model": index.fingerprint}
+        return {"status": "ok", "videos": len(index), "model": index.fingerprint, "qb_norm": has_qb}
 
     @r.get("/api/search")
     async def search(request: Request):
         t0 = time.perf_counter()
         q = parse_text("q", request.query_params.get("q"), limits.max_query_chars)
         k = parse_k(request.query_params.get("k"), limits)
+        qb = has_qb and parse_qb(request.query_params.get("qb"), qb_default)
         try:
-            hits = await batcher.submit(q, k)
+            hits = await batcher.submit(q, (k, qb) if has_qb else k)
         except (BusyError, BatcherClosed) as e:
             raise ApiError(503, str(e)) from None
-        return {"query": q, "k": k, "took_ms": _ms_since(t0), "results": [hit_json(h, records) for h in hits]}
+        return {"query": q, "k": k, "took_ms": _ms_since(t0),
+                "qb_norm": {"enabled": qb, "applied": bool(qb and hits and getattr(hits[0], "qb", False))},
+                "results": [hit_json(h, records) for h in hits]}
 
     @r.get("/api/similar")
     async def similar(request: Request):
@@ -360,11 +375,12 @@ def add_error_handlers(app: FastAPI) -> None:
 
 # ----------------------------------------------------------------------------------------------- the app
 def create_app(index, *, limits: ServerLimits | None = None, allowed_hosts: list[str] | None = None,
-               static_dir: Path = STATIC_DIR, **bounds: int) -> FastAPI:
+               static_dir: Path = STATIC_DIR, qb_default: bool = True, **bounds: int) -> FastAPI:
     """The ASGI app over an opened index (anything with the ``SearchIndex`` interface of ``search.index``).
 
     ``limits`` (or any of its fields as keyword arguments: ``max_k=50``) bound every input and cache; see
-    ``ServerLimits``. ``allowed_hosts`` restricts the ``Host`` header (``None``: any).
+    ``ServerLimits``. ``allowed_hosts`` restricts the ``Host`` header (``None``: any). ``qb_default``: whether
+    text queries get QB-Norm when the index stores a query bank and the request does not say (``qb=0|1``).
     """
     unknown = sorted(set(bounds) - set(ServerLimits.__dataclass_fields__))
     if unknown:
@@ -385,7 +401,7 @@ def create_app(index, *, limits: ServerLimits | None = None, allowed_hosts: list
     app.state.index = index
     app.state.batcher = batcher
     add_error_handlers(app)
-    app.include_router(api_routes(index, batcher, records, frame_lists, limits))
+    app.include_router(api_routes(index, batcher, records, frame_lists, limits, qb_default))
     app.include_router(file_routes(Path(index.folder), records, frame_lists))
     app.include_router(page_routes(static_dir))
     return app

@@ -32,6 +32,7 @@ import torch
 
 from clip2video.fileio import atomic_dir, atomic_path
 from clip2video.modules.weights.identity import ModelRecord
+from clip2video.search.qb import BankRequest, bank_writer, encode_bank
 from clip2video.search.store import (
     CURRENT,
     FORMAT_VERSION,
@@ -253,11 +254,15 @@ def build_from_folder(
     info=None,
     progress: bool = True,
     on_encoded: Callable[[int], None] | None = None,
+    query_bank: BankRequest | None = None,
 ) -> BuildResult | None:
     """Index every video under ``features_path`` into ``index_dir`` (incrementally; see the module doc).
 
     ``model`` runs in the ``per_video`` layout; ``record`` (``identity.describe_model``) is what the index
     records about it.
+
+    ``query_bank`` says what to do with the QB-Norm query bank (``qb.py``; None: keep the stored one, if any);
+    its captions are encoded on rank 0 before the videos.
 
     ``on_encoded(n)`` is called after each written shard with the number of videos encoded so far (tests
     use it to interrupt a build). Returns the result on rank 0, None on other ranks.
@@ -279,6 +284,15 @@ def build_from_folder(
         _check_target(index_dir)
         index_dir.mkdir(parents=True, exist_ok=True)
         lock = _lock(index_dir)
+        try:
+            extra = bank_writer(index_dir, query_bank, fingerprint=record.fingerprint,
+                                text={"max_words": int(record.max_words), "precision": precision},
+                                scale=float(record.logit_scale),
+                                encode=lambda caps: encode_bank(model, caps, max_words=int(record.max_words),
+                                                                precision=precision, device=device))
+        except BaseException:
+            lock.close()
+            raise
         sources = list_videos(features_path)
         have = _reusable(index_dir, key)
         reuse, todo = [], []
@@ -359,7 +373,8 @@ def build_from_folder(
             logger.warning("no videos under %s (frame folders or video files)", features_path)
         meta = dict(record.to_dict(), mask_layout="per_video")
         gen = write_generation(index_dir, entries, model_meta=meta, encoding=dict(settings, key=key),
-                               index_type=index_type, search_params=search_params, source=str(features_path))
+                               index_type=index_type, search_params=search_params, source=str(features_path),
+                               extra=extra)
         kept = {e[0].video_id for e in entries}
         removed = max(old_count - len({e[0].video_id for e in reuse}), 0)
         result = BuildResult(gen, len(kept), encoded, len(reuse), removed, failed)
@@ -390,8 +405,12 @@ def write_embeddings(out_dir: str | os.PathLike, text: np.ndarray, video: np.nda
 
 
 def build_from_embeddings(emb_dir: str | os.PathLike, index_dir: str | os.PathLike, *, index_type: str = "auto",
-                          search_params: str | None = None) -> BuildResult:
-    """An index from ``video.npy`` + ``video_ids.json`` (+ ``meta.json`` describing the model, optional)."""
+                          search_params: str | None = None, query_bank: BankRequest | None = None,
+                          device: str | None = None) -> BuildResult:
+    """An index from ``video.npy`` + ``video_ids.json`` (+ ``meta.json`` describing the model, optional).
+
+    A query bank's captions need the model ``meta.json`` names (loaded only when they must be encoded).
+    """
     emb = Path(emb_dir)
     for name in ("video.npy", "video_ids.json"):
         if not (emb / name).is_file():
@@ -420,6 +439,23 @@ def build_from_embeddings(emb_dir: str | os.PathLike, index_dir: str | os.PathLi
     _check_target(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(index_dir)
+    record = ModelRecord.from_dict(meta)
+
+    def encode(captions):
+        from clip2video.modules.weights.identity import load_recorded
+
+        if not record.loadable:
+            raise ValueError(f"--query_bank: {emb} names no model (meta.json with its weights), so the bank's "
+                             "captions cannot be encoded")
+        return encode_bank(load_recorded(record, device=device), captions, max_words=int(record.max_words))
+
+    try:
+        extra = bank_writer(index_dir, query_bank, fingerprint=record.fingerprint,
+                            text={"max_words": int(record.max_words), "precision": "fp32"},
+                            scale=float(record.logit_scale), encode=encode)
+    except BaseException:
+        lock.close()
+        raise
     feats = meta.get("features_path")
     items = []
     for v in ids:
@@ -436,7 +472,7 @@ def build_from_embeddings(emb_dir: str | os.PathLike, index_dir: str | os.PathLi
         old_count = 0
     gen = write_generation(index_dir, [(it, name, r) for r, it in enumerate(items)], model_meta=meta,
                            encoding={"key": key, "from_embeddings": str(emb.resolve())}, index_type=index_type,
-                           search_params=search_params, source=str(emb.resolve()))
+                           search_params=search_params, source=str(emb.resolve()), extra=extra)
     lock.close()
     return BuildResult(gen, len(items), 0, 0, old_count, [])
 

@@ -8,6 +8,8 @@ Folder layout (``FORMAT_VERSION`` 1)::
     OUT/gen-<stamp>/meta.sqlite       one row per video: id, path, kind, size, mtime, duration, frames,
                                       thumbnails, and where its vector lives (shard, row)
     OUT/gen-<stamp>/faiss.index       the FAISS index; FAISS id = row of meta.sqlite
+    OUT/gen-<stamp>/qb_*.npy          only with a query bank: its caption vectors and the per-row QB-Norm
+                                      statistics (``qb.py``)
     OUT/shards/<name>.npy + .json     immutable float32 vector shards and the items they hold
     OUT/thumbs/<key>/<i>.jpg          small JPEGs for display
 
@@ -29,7 +31,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,12 +200,17 @@ def write_generation(
     search_params: str | None = None,
     source: str | None = None,
     compact_below: float = 0.5,
+    extra: Callable[[Path, np.ndarray], dict[str, Any]] | None = None,
 ) -> Path:
     """Write a complete new generation for ``entries`` = (item, shard name, row in shard) and switch to it.
 
     Rows are sorted by video id, so the index does not depend on the order (or the number of processes) in
     which the vectors were encoded. When less than ``compact_below`` of the referenced shard rows are live,
     the live vectors are rewritten into one new shard first.
+
+    ``extra(folder, vectors)``, when given, writes further files of the generation into its (temporary) folder
+    from the vectors in row order, and returns entries for the manifest; its files are synced and switched in
+    with the rest (the query bank statistics of ``qb.py``).
 
     Returns:
         the new generation folder.
@@ -265,6 +272,9 @@ def write_generation(
         "shards": sorted({s for _, s, _ in entries}),
         "source": source,
     }
+    if extra is not None:
+        manifest.update(extra(tmp, vectors))
+    del vectors
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for p in tmp.iterdir():  # everything on disk before the generation becomes visible
         with open(p, "rb") as f:
