@@ -73,7 +73,7 @@ def server(stub):
 def test_health(server, stub):
     status, body = get_json(server.port, "/api/health")
     assert status == 200
-    assert body == {"status": "ok", "videos": len(CAPTIONS), "model": stub.fingerprint}
+    assert body == {"status": "ok", "videos": len(CAPTIONS), "model": stub.fingerprint, "qb_norm": False}
 
 
 def test_search_returns_what_the_index_ranks(server, stub):

@@ -35,7 +35,7 @@ def search_batch(index, texts: list[str], ks: list[int | tuple[int, bool]]) -> l
     vectors = index.encode_text(texts)
     out: list[list[Any]] = [[] for _ in texts]
     keys = [kk if isinstance(kk, tuple) else (kk, None) for kk in ks]
-    for key in dict.fromkeys(keys):
+    for key in sorted(set(keys), key=lambda kq: (kq[0], str(kq[1]))):
         rows = [i for i, kk in enumerate(keys) if kk == key]
         k, qb = key
         found = index.search(vectors[rows], k) if qb is None else index.search(vectors[rows], k, qb=qb)

@@ -260,8 +260,17 @@ class SearchIndex:
         return out
 
     def _search_all_qb(self, q: np.ndarray, k: int) -> list[list[Hit]]:
-        """Exact search with QB-Norm: each query scored against every row and normalised as a whole row."""
-        rows, applied = self.qb.apply(self.logit_scale * (q @ self.all_vectors().T).astype(np.float64))
+        """Exact search with QB-Norm: each query scored against every row and normalised as a whole row.
+
+        The scores come from torch's matrix product, which keeps to the threads the process set
+        (``torch.set_num_threads``, as ``serve`` does); NumPy's BLAS starts its own and, on a loaded machine,
+        waits on them (``benchmarks/README.md``, QB-Norm in search).
+        """
+        import torch
+
+        with torch.inference_mode():
+            plain = (torch.tensor(q) @ torch.from_numpy(self.all_vectors()).T).numpy()
+        rows, applied = self.qb.apply(self.logit_scale * plain.astype(np.float64))
         out = []
         for qi in range(q.shape[0]):
             top = top_k(rows[qi], k)

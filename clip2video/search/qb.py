@@ -180,15 +180,19 @@ def row_statistics(bank: np.ndarray, rows: np.ndarray, scale: float, beta: float
                    block: int = SCORE_BLOCK) -> QBNormStats:
     """QB-Norm statistics of bank vectors (n_bank, D) against index row vectors (n, D), on the scores the index
     reports (``scale`` × inner product), bank captions a block at a time."""
+    import torch
+
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     n = rows.shape[0]
     if n == 0:
         return QBNormStats(np.zeros(0), np.zeros(0, dtype=bool), beta, k, int(bank.shape[0]))
     acc = BankStatistics(n, beta, k)
-    rows_t = np.ascontiguousarray(rows.T)
+    rows_t = torch.from_numpy(rows).T
     step = max(1, block // n)
-    for s in range(0, bank.shape[0], step):
-        acc.add(np.float32(scale) * (np.asarray(bank[s : s + step], dtype=np.float32) @ rows_t))
+    with torch.inference_mode():  # torch's product, as evaluation scores the bank (and within torch's threads)
+        for s in range(0, bank.shape[0], step):
+            part = torch.from_numpy(np.array(bank[s : s + step], dtype=np.float32))  # a copy: maps are read-only
+            acc.add((scale * (part @ rows_t)).numpy())
     return acc.result()
 
 
