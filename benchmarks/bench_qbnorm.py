@@ -115,6 +115,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+        if a.search:  # as search.py serve does: FAISS on the same number of threads
+            import faiss
+
+            faiss.omp_set_num_threads(a.threads)
     torch.set_grad_enabled(False)
     load = os.getloadavg()[0]
     print(f"bank {a.bank} captions, {a.videos} videos, dim {a.dim}, threads {torch.get_num_threads()}, "
