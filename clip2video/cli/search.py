@@ -6,7 +6,9 @@
     python search.py build --from_embeddings emb_dir --index my_index     # from infer_retrieval --save_embeddings
     python search.py query --index my_index -k 10 "a dog catches a frisbee" ["more text" ...] [--json]
     python search.py query --index my_index --like VIDEO_ID
-    python search.py build ... --query_bank train_captions.txt            # + QB-Norm for every text query
+    python search.py query --index my_index --image photo.jpg            # or --clip clip.mp4
+    python search.py query --index my_index "2:a dog" + photo.jpg - snow   # weighted query arithmetic
+    python search.py build ... --query_bank train_captions.txt            # + QB-Norm for every caption query
     torchrun --nproc_per_node 4 search.py build ...                       # encoding split over 4 processes
 
 Scores are the numbers ``infer_retrieval.py --save_sim`` writes for the same model (×logit scale). The index
@@ -35,10 +37,10 @@ from clip2video.cli.common import (
     parse_with_config,
     run_main,
 )
+from clip2video.cli.query_args import add_query_args, answer, plan_queries
 from clip2video.cli.serve import add_serve_parser, check_index_model
 
 logger = logging.getLogger("clip2video.cli.search")
-MAX_QUERY_CHARS = 10_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="search an index by text (or by an indexed video)")
     q.add_argument("--config", default=None, help="YAML file of flag defaults")
     q.add_argument("--index", required=True)
-    q.add_argument("texts", nargs="*", help="query texts")
-    q.add_argument("--queries_file", default=None, help="one query per line")
+    q.add_argument("texts", nargs="*", help="query texts, each its own query; with a standing + or - they are one "
+                   "weighted sum of texts, image and clip files and like:VIDEO_ID (docs/search-queries.md)")
+    q.add_argument("--queries_file", default=None, help="one query per line, each taken literally as a caption")
     q.add_argument("--like", default=None, metavar="VIDEO_ID", help="videos similar to an indexed one")
+    add_query_args(q)
     q.add_argument("-k", "--k", type=int, default=10)
     q.add_argument("--json", action="store_true",
                    help="print JSON: [{query, qb_norm: {enabled, applied}, results: [{video_id, score, path}]}]")
@@ -208,59 +212,28 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- query
-def read_queries(args: argparse.Namespace) -> list[str]:
-    """Texts from the command line and ``--queries_file``; empty or oversized queries are a usage error."""
-    texts = list(args.texts)
-    if args.queries_file:
-        path = Path(args.queries_file)
-        if not path.is_file():
-            raise UsageError(f"--queries_file {path}: no such file")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise UsageError(f"--queries_file {path}: not UTF-8 text") from None
-        texts += [ln for ln in lines if ln.strip()]
-    for i, t in enumerate(texts, 1):
-        if not t.strip():
-            raise UsageError(f"query {i} is empty")
-        if len(t) > MAX_QUERY_CHARS:
-            raise UsageError(f"query {i} is {len(t)} characters long; at most {MAX_QUERY_CHARS}")
-    return texts
-
-
 def cmd_query(args: argparse.Namespace) -> int:
     from clip2video.search.index import SearchIndex
 
     if args.k < 1:
         raise UsageError(f"-k must be >= 1, got {args.k}")
-    texts = read_queries(args)
+    plan = plan_queries(args)  # texts, arithmetic, --image, --clip, --like, --queries_file: usage errors first
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, force=True)  # stdout carries the results
-    if not texts and not args.like:
-        raise UsageError("give query texts, --queries_file or --like VIDEO_ID")
     index = SearchIndex.open(args.index, device=args.device, precision=args.precision)
     check_index_model(index, args)
-    out = []
     qb_on = index.qb is not None and not args.no_qb
-    if args.like:
-        try:
-            hits = index.similar(args.like, args.k)
-        except KeyError:
-            raise UsageError(f"--like {args.like}: no such video in {args.index}") from None
-        out.append({"query": {"like": args.like}, "qb": False, "results": hits})  # never normalised (captions bank)
-    if texts:
-        for t, hits in zip(texts, index.query(texts, args.k, qb=qb_on), strict=True):
-            out.append({"query": t, "qb": qb_on, "results": hits})
+    results = answer(index, plan, args.k, qb=qb_on)
+    # QB-Norm is for captions only: --like, images, clips and arithmetic are never normalised
+    qbs = [qb_json(qb_on and q.text is not None, hits) for q, hits in zip(plan, results, strict=True)]
     if args.json:
-        payload = [{"query": o["query"], "qb_norm": qb_json(o["qb"], o["results"]),
-                    "results": [{"video_id": h.video_id, "score": h.score, "path": h.path} for h in o["results"]]}
-                   for o in out]
+        payload = [{"query": q.label, "qb_norm": qb, "results": [{"video_id": h.video_id, "score": h.score,
+                                                                  "path": h.path} for h in hits]}
+                   for q, qb, hits in zip(plan, qbs, results, strict=True)]
         print(json.dumps(payload, ensure_ascii=False))
     else:
-        for o in out:
-            q = o["query"]
-            mark = "  [QB-Norm]" if qb_json(o["qb"], o["results"])["applied"] else ""
-            print(f"query: {q!r}{mark}" if isinstance(q, str) else f"like: {q['like']}")
-            for r, h in enumerate(o["results"], 1):
+        for q, qb, hits in zip(plan, qbs, results, strict=True):
+            print(q.heading() + ("  [QB-Norm]" if qb["applied"] else ""))
+            for r, h in enumerate(hits, 1):
                 print(f"  {r:3d}  {h.score:9.4f}  {h.video_id}  {h.path}")
     return 0
 

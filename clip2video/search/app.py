@@ -3,7 +3,9 @@
 The app holds one opened index (model and vectors loaded once) and answers
 
 - ``GET /api/search?q=TEXT&k=K[&qb=0|1]``: text → videos, the same ids, order and scores as ``search.py query
-  --json``; QB-Norm applied when the index stores a query bank, unless ``qb=0`` (or ``serve --no_qb``);
+  --json``; ``q`` may be query arithmetic (``"2:a dog" - snow + like:ID``); a plain caption gets QB-Norm when
+  the index stores a query bank, unless ``qb=0`` (or ``serve --no_qb``), arithmetic never;
+- ``POST /api/search``: the same with uploaded images (multipart; bounds and checks in ``rich_api.py``);
 - ``GET /api/similar?video_id=ID&k=K``: video → videos;
 - ``GET /api/frames?video_id=ID``: the frame URLs of a video indexed as a frame folder;
 - ``GET /api/health``: ``{"status": "ok", "videos": N, "model": fingerprint, "qb_norm": bool}``;
@@ -54,6 +56,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from clip2video.search.batcher import BatcherClosed, BusyError, QueryBatcher, search_batch
 from clip2video.search.build import IMAGE_EXTS  # what makes a folder a frame folder: its frames are these files
 from clip2video.search.limits import ServerLimits
+from clip2video.search.query_parse import is_plain_text
+from clip2video.search.rich_api import NO_QB, RichSearch, parse_q, rich_routes
 
 logger = logging.getLogger("clip2video.search.app")
 
@@ -231,7 +235,7 @@ def _ms_since(t0: float) -> float:
 
 # ----------------------------------------------------------------------------------------------- routes
 def api_routes(index, batcher: QueryBatcher, records: Records, frame_lists: FrameLists,
-               limits: ServerLimits, qb_default: bool = True) -> APIRouter:
+               limits: ServerLimits, rich: RichSearch, qb_default: bool = True) -> APIRouter:
     """``/api/health``, ``/api/search``, ``/api/similar``, ``/api/frames``."""
     r = APIRouter()
     has_qb = getattr(index, "qb", None) is not None  # the index stores QB-Norm statistics (search/qb.py)
@@ -245,9 +249,14 @@ def api_routes(index, batcher: QueryBatcher, records: Records, frame_lists: Fram
         t0 = time.perf_counter()
         q = parse_text("q", request.query_params.get("q"), limits.max_query_chars)
         k = parse_k(request.query_params.get("k"), limits)
-        qb = has_qb and parse_qb(request.query_params.get("qb"), qb_default)
+        qb = parse_qb(request.query_params.get("qb"), qb_default) and has_qb
+        parts = parse_q(q)  # query arithmetic (rich_api.py); a plain caption takes the batched text path
+        if not is_plain_text(parts):
+            hits = await rich.answer(parts, k, None)  # no uploads: image and clip parts are refused
+            return {"query": q, "parts": [p.to_dict() for p in parts], "k": k, "took_ms": _ms_since(t0),
+                    "qb_norm": NO_QB, "results": [hit_json(h, records) for h in hits]}
         try:
-            hits = await batcher.submit(q, (k, qb) if has_qb else k)
+            hits = await batcher.submit(parts[0].value, (k, qb) if has_qb else k)
         except (BusyError, BatcherClosed) as e:
             raise ApiError(503, str(e)) from None
         return {"query": q, "k": k, "took_ms": _ms_since(t0),
@@ -390,18 +399,21 @@ def create_app(index, *, limits: ServerLimits | None = None, allowed_hosts: list
                            max_waiting=limits.max_waiting, max_batch=limits.max_batch)
     records = Records(index, limits.record_cache)
     frame_lists = FrameLists(limits.frame_list_cache)
+    rich = RichSearch(index, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         batcher.shutdown()
+        rich.shutdown()
 
     app = FastAPI(title="clip2video search", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(HostGuard, allowed_hosts=allowed_hosts)
     app.state.index = index
     app.state.batcher = batcher
     add_error_handlers(app)
-    app.include_router(api_routes(index, batcher, records, frame_lists, limits, qb_default))
+    app.include_router(api_routes(index, batcher, records, frame_lists, limits, rich, qb_default))
+    app.include_router(rich_routes(rich, records, limits, parse_k=parse_k, hit_json=hit_json, ms_since=_ms_since))
     app.include_router(file_routes(Path(index.folder), records, frame_lists))
     app.include_router(page_routes(static_dir))
     return app

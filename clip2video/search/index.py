@@ -208,6 +208,11 @@ class SearchIndex:
                 self._model = model
         return self._model
 
+    def model_and_tokenizer(self):
+        """The recorded model (loaded on the first call) and its tokenizer, for queries other than plain text
+        (``query_vectors.QueryEncoder``)."""
+        return self._ensure_model(), self._tokenizer
+
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """(n, D) float32 caption vectors (unscaled); only real tokens go through the text tower."""
         if isinstance(texts, str):
@@ -295,6 +300,10 @@ class SearchIndex:
             v = np.concatenate([w * v[:g], (1 - w) * v[g:]])
         hits = self.search(v[None], k + 1, qb=False)[0]  # never QB-normalised: the bank holds captions
         return [h for h in hits if h.video_id != video_id][:k]
+
+    def stored_vector(self, video_id: str) -> np.ndarray:
+        """The stored ``[v_g, v_a]`` of an indexed video, (D,) float32; KeyError for an unknown id."""
+        return self.vectors([self._row_of[video_id]])[0]
 
     def record(self, video_id: str) -> VideoRecord | None:
         if video_id not in self._row_of:
