@@ -147,6 +147,17 @@ def test_no_qb_gives_the_plain_scores(qb_setup, capsys):
     plain = SearchIndex.open(s["ix"]).similar(vid, 3)
     assert [h["score"] for h in like["results"]] == pytest.approx([h.score for h in plain])
     assert not any(h.qb for h in plain)
+    # query arithmetic (a weighted sum of parts, not a caption) is not normalised either
+    (arith,) = query_json(capsys, s["ix"], "-k", "3", f"2:{s['captions'][i]}", "-", "snow")
+    assert arith["qb_norm"] == {"enabled": False, "applied": False}
+    index = SearchIndex.open(s["ix"])
+    index.qb = None  # the same index without its statistics answers the same
+    from clip2video.search.query_parse import parse_query
+    from clip2video.search.query_vectors import QueryEncoder
+
+    want = QueryEncoder(index).search(parse_query(f"2:{s['captions'][i]} - snow"), 3)
+    assert [h["video_id"] for h in arith["results"]] == [h.video_id for h in want]
+    assert [h["score"] for h in arith["results"]] == pytest.approx([h.score for h in want], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- rebuilds
@@ -282,6 +293,8 @@ def test_server_applies_qb_unless_asked_not_to(qb_setup, capsys):
                                                                           rel=1e-6)
         status, body = get_json(srv.port, "/api/search?q=a+dog&qb=maybe")
         assert status == 400 and "qb must be 0 or 1" in body["error"]
+        status, body = get_json(srv.port, f"/api/search?q={quote('2:' + cap + ' - snow')}&k=5")
+        assert status == 200 and body["parts"] and body["qb_norm"] == {"enabled": False, "applied": False}
     with ServerThread(create_app(index, qb_default=False)) as srv:  # serve --no_qb
         status, body = get_json(srv.port, f"/api/search?q={quote(cap)}&k=5")
         assert body["qb_norm"] == {"enabled": False, "applied": False}
