@@ -73,7 +73,8 @@ def server(stub):
 def test_health(server, stub):
     status, body = get_json(server.port, "/api/health")
     assert status == 200
-    assert body == {"status": "ok", "videos": len(CAPTIONS), "model": stub.fingerprint, "generation": None}
+    assert body == {"status": "ok", "videos": len(CAPTIONS), "model": stub.fingerprint, "qb_norm": False,
+                    "generation": None}
 
 
 def test_search_returns_what_the_index_ranks(server, stub):
@@ -382,7 +383,7 @@ def test_real_health(real):
 
     index = SearchIndex.open(real["index"])
     status, body = get_json(real["port"], "/api/health")
-    assert status == 200 and body == {"status": "ok", "videos": 12, "model": index.fingerprint,
+    assert status == 200 and body == {"status": "ok", "videos": 12, "model": index.fingerprint, "qb_norm": False,
                                       "generation": index.generation.name}
     assert any(f"serving 12 videos at {real['url']}/" in line for line in real["lines"])
 

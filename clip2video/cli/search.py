@@ -8,6 +8,7 @@
     python search.py query --index my_index --like VIDEO_ID
     python search.py query --index my_index --image photo.jpg            # or --clip clip.mp4
     python search.py query --index my_index "2:a dog" + photo.jpg - snow   # weighted query arithmetic
+    python search.py build ... --query_bank train_captions.txt            # + QB-Norm for every caption query
     python search.py verify --index my_index                              # every file against its checksum
     torchrun --nproc_per_node 4 search.py build ...                       # encoding split over 4 processes
 
@@ -20,8 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
+from pathlib import Path
 
 from clip2video.cli.common import (
     OneLineParser,
@@ -68,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--index_type", default="auto",
                     help="auto (by size), Flat, or a FAISS factory string such as IVF1024,SQ8")
     ix.add_argument("--search_params", default=None, help="FAISS search parameters, e.g. nprobe=32")
+    qb = b.add_argument_group("QB-Norm (query-bank normalisation of text queries)")
+    qb.add_argument("--query_bank", default=None, metavar="FILE",
+                    help="UTF-8 text, one caption per line (training captions): stored with the index and applied "
+                         "to every text query (query/serve --no_qb to switch off); a rebuild without it keeps the "
+                         "stored bank")
+    qb.add_argument("--qb_beta", type=float, default=None,
+                    help="inverse temperature β on the index's scores (default: the stored one, else 1/1.99, "
+                         "published for CLIP2Video's ×100 scores)")
+    qb.add_argument("--qb_k", type=int, default=None,
+                    help="a row is a hub when in some bank caption's top-k (default: the stored one, else 1)")
+    qb.add_argument("--no_query_bank", action="store_true", help="drop the query bank the index stores")
     o = b.add_argument_group("run")
     o.add_argument("--device", default=None)
     add_precision_arg(o)
@@ -83,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--like", default=None, metavar="VIDEO_ID", help="videos similar to an indexed one")
     add_query_args(q)
     q.add_argument("-k", "--k", type=int, default=10)
-    q.add_argument("--json", action="store_true", help="print JSON: [{query, results: [{video_id, score, path}]}]")
+    q.add_argument("--json", action="store_true",
+                   help="print JSON: [{query, qb_norm: {enabled, applied}, results: [{video_id, score, path}]}]")
+    q.add_argument("--no_qb", action="store_true",
+                   help="plain scores even when the index stores a query bank (no QB-Norm)")
     q.add_argument("--device", default=None)
     add_precision_arg(q)
     add_checkpoint_args(q)
@@ -126,6 +143,28 @@ def run(argv: list[str] | None) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- build
+def bank_request(args: argparse.Namespace):
+    """The build's ``qb.BankRequest`` from its flags; a bad bank file or value is one line (exit 2 / 1)."""
+    from clip2video.search.qb import BankRequest, read_bank_file
+
+    if args.no_query_bank and (args.query_bank or args.qb_beta is not None or args.qb_k is not None):
+        raise UsageError("--no_query_bank excludes --query_bank, --qb_beta and --qb_k")
+    if args.qb_beta is not None and not (args.qb_beta > 0 and math.isfinite(args.qb_beta)):
+        raise UsageError(f"--qb_beta must be a positive number, got {args.qb_beta}")
+    if args.qb_k is not None and args.qb_k < 1:
+        raise UsageError(f"--qb_k must be >= 1, got {args.qb_k}")
+    if args.no_query_bank:
+        return BankRequest(drop=True)
+    if not args.query_bank:
+        return BankRequest(beta=args.qb_beta, k=args.qb_k)
+    if not Path(args.query_bank).is_file():
+        raise UsageError(f"--query_bank {args.query_bank}: no such file")
+    try:
+        return read_bank_file(args.query_bank, beta=args.qb_beta, k=args.qb_k)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--query_bank {e}") from None
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     import torch
 
@@ -140,11 +179,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     check_paths(args, dirs=("features_path", "from_embeddings"))
     if args.batch_size_val:
         args.batch_size = args.batch_size_val
+    bank = bank_request(args)
     t0 = time.perf_counter()
     if args.from_embeddings:
         setup_logging(None)
         res = build_from_embeddings(args.from_embeddings, args.index, index_type=args.index_type,
-                                    search_params=args.search_params, follow_symlinks=args.follow_symlinks)
+                                    search_params=args.search_params, query_bank=bank, device=args.device,
+                                    follow_symlinks=args.follow_symlinks)
         logger.info("index %s: %d videos from %s (%.1f s)", args.index, res.count, args.from_embeddings,
                     time.perf_counter() - t0)
         return 0
@@ -166,7 +207,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                                 precision=args.precision, video_fps=args.video_fps, batch_size=args.batch_size,
                                 num_workers=args.num_thread_reader, index_type=args.index_type,
                                 search_params=args.search_params, device=info.device, info=info,
-                                progress=not args.no_progress, follow_symlinks=args.follow_symlinks)
+                                progress=not args.no_progress, query_bank=bank, follow_symlinks=args.follow_symlinks)
     finally:
         cleanup_distributed()
     if res is None:
@@ -220,17 +261,27 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def _answer(index, args: argparse.Namespace, plan) -> int:
     check_index_model(index, args)
-    results = answer(index, plan, args.k)
+    qb_on = index.qb is not None and not args.no_qb
+    results = answer(index, plan, args.k, qb=qb_on)
+    # QB-Norm is for captions only: --like, images, clips and arithmetic are never normalised
+    qbs = [qb_json(qb_on and q.text is not None, hits) for q, hits in zip(plan, results, strict=True)]
     if args.json:
-        payload = [{"query": q.label, "results": [{"video_id": h.video_id, "score": h.score, "path": h.path}
-                                                  for h in hits]} for q, hits in zip(plan, results, strict=True)]
+        payload = [{"query": q.label, "qb_norm": qb, "results": [{"video_id": h.video_id, "score": h.score,
+                                                                  "path": h.path} for h in hits]}
+                   for q, qb, hits in zip(plan, qbs, results, strict=True)]
         print(json.dumps(payload, ensure_ascii=False))
     else:
-        for q, hits in zip(plan, results, strict=True):
-            print(q.heading())
+        for q, qb, hits in zip(plan, qbs, results, strict=True):
+            print(q.heading() + ("  [QB-Norm]" if qb["applied"] else ""))
             for r, h in enumerate(hits, 1):
                 print(f"  {r:3d}  {h.score:9.4f}  {h.video_id}  {h.path}")
     return 0
+
+
+def qb_json(enabled: bool, hits) -> dict:
+    """``{"enabled", "applied"}``: QB-Norm was on for the query, and its scores are normalised ones (its top
+    video is one that some bank caption ranks first; otherwise QB-Norm leaves the scores as they are)."""
+    return {"enabled": bool(enabled), "applied": bool(enabled and hits and hits[0].qb)}
 
 
 def console() -> None:

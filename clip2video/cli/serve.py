@@ -81,6 +81,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="waiting queries encoded together in one batch")
     g.add_argument("--threads", type=int, default=None,
                    help="compute threads per query (default: cores / --max_concurrent_encodes)")
+    p.add_argument("--no_qb", action="store_true",
+                   help="answer with plain scores even when the index stores a query bank (a request's qb=1 "
+                        "still asks for QB-Norm)")
     p.add_argument("--device", default=None)
     add_precision_arg(p)
     add_checkpoint_args(p)
@@ -165,7 +168,8 @@ def serve_main(args: argparse.Namespace) -> int:
     if not loopback:
         logger.warning("listening on %s: anyone who can reach this address can search the index and fetch "
                        "its videos", args.host)
-    app = app_module.create_app(index, limits=limits, allowed_hosts=list(LOOPBACK_HOSTS) if loopback else None)
+    app = app_module.create_app(index, limits=limits, allowed_hosts=list(LOOPBACK_HOSTS) if loopback else None,
+                                qb_default=not args.no_qb)
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

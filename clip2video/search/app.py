@@ -2,12 +2,14 @@
 
 The app holds one opened index (model and vectors loaded once) and answers
 
-- ``GET /api/search?q=TEXT&k=K``: text → videos, the same ids, order and scores as ``search.py query --json``;
-  ``q`` may be query arithmetic (``"2:a dog" - snow + like:ID``);
+- ``GET /api/search?q=TEXT&k=K[&qb=0|1]``: text → videos, the same ids, order and scores as ``search.py query
+  --json``; ``q`` may be query arithmetic (``"2:a dog" - snow + like:ID``); a plain caption gets QB-Norm when
+  the index stores a query bank, unless ``qb=0`` (or ``serve --no_qb``), arithmetic never;
 - ``POST /api/search``: the same with uploaded images (multipart; bounds and checks in ``rich_api.py``);
 - ``GET /api/similar?video_id=ID&k=K``: video → videos;
 - ``GET /api/frames?video_id=ID``: the frame URLs of a video indexed as a frame folder;
-- ``GET /api/health``: ``{"status": "ok", "videos": N, "model": fingerprint, "generation": name}``;
+- ``GET /api/health``: ``{"status": "ok", "videos": N, "model": fingerprint, "qb_norm": bool, "generation":
+  name}``;
 - ``GET /video/{id}`` (HTTP Range requests, so the player can seek), ``GET /thumb/{id}/{n}``,
   ``GET /frame/{id}/{n}``: files, found only through the index's own records;
 - ``GET /`` and ``/static/{name}``: the search page (no build step, nothing fetched from elsewhere);
@@ -62,7 +64,7 @@ from clip2video.search.files import MAX_ID_CHARS, NotServed, open_recorded
 from clip2video.search.limits import ServerLimits, strict_int
 from clip2video.search.live import LiveIndex, Served
 from clip2video.search.query_parse import is_plain_text
-from clip2video.search.rich_api import RichSearch, parse_q, rich_routes
+from clip2video.search.rich_api import NO_QB, RichSearch, parse_q, rich_routes
 from clip2video.search.store import THUMBS
 from clip2video.search.web import SECURITY_HEADERS, Guard, RecordedFileResponse, server_config
 
@@ -154,6 +156,16 @@ def parse_text(name: str, raw: str | None, limit: int) -> str:
     return raw
 
 
+def parse_qb(raw: str | None, default: bool) -> bool:
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ApiError(400, f"qb must be 0 or 1, got {raw[:20]!r}")
+
+
 def hit_json(hit, records: Records) -> dict:
     rec = records.get(hit.video_id)
     uid = _url_id(hit.video_id)
@@ -177,31 +189,40 @@ def _media_type(name: str, default: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- routes
-def api_routes(live: LiveIndex, batcher: QueryBatcher, limits: ServerLimits, rich: RichSearch) -> APIRouter:
+def api_routes(live: LiveIndex, batcher: QueryBatcher, limits: ServerLimits, rich: RichSearch,
+               qb_default: bool = True) -> APIRouter:
     """``/api/health``, ``/api/search``, ``/api/similar``, ``/api/frames``."""
     r = APIRouter()
+
+    def has_qb(g: Served) -> bool:
+        return getattr(g.index, "qb", None) is not None  # the generation stores QB-Norm statistics (search/qb.py)
 
     @r.get("/api/health")
     async def health():
         with live.use() as g:
-            return {"status": "ok", "videos": len(g.index), "model": g.index.fingerprint, "generation": g.name}
+            return {"status": "ok", "videos": len(g.index), "model": g.index.fingerprint, "qb_norm": has_qb(g),
+                    "generation": g.name}
 
     @r.get("/api/search")
     async def search(request: Request):
         t0 = time.perf_counter()
         q = parse_text("q", request.query_params.get("q"), limits.max_query_chars)
         k = parse_k(request.query_params.get("k"), limits)
+        wanted = parse_qb(request.query_params.get("qb"), qb_default)
         parts = parse_q(q)  # query arithmetic (rich_api.py); a plain caption takes the batched text path
         with live.use() as g:
             if not is_plain_text(parts):
                 hits = await rich.answer(parts, k, None, g)  # no uploads: image and clip parts are refused
                 return {"query": q, "parts": [p.to_dict() for p in parts], "k": k, "took_ms": _ms_since(t0),
-                        "results": [hit_json(h, g.extra) for h in hits]}
+                        "qb_norm": NO_QB, "results": [hit_json(h, g.extra) for h in hits]}
+            qb = wanted and has_qb(g)
             try:
-                hits = await batcher.submit(parts[0].value, k, g)
+                hits = await batcher.submit(parts[0].value, (k, qb) if has_qb(g) else k, g)
             except (BusyError, BatcherClosed) as e:
                 raise ApiError(503, str(e)) from None
-            return {"query": q, "k": k, "took_ms": _ms_since(t0), "results": [hit_json(h, g.extra) for h in hits]}
+            return {"query": q, "k": k, "took_ms": _ms_since(t0),
+                    "qb_norm": {"enabled": qb, "applied": bool(qb and hits and getattr(hits[0], "qb", False))},
+                    "results": [hit_json(h, g.extra) for h in hits]}
 
     @r.get("/api/similar")
     async def similar(request: Request):
@@ -343,13 +364,14 @@ def add_error_handlers(app: FastAPI) -> None:
 
 # ----------------------------------------------------------------------------------------------- the app
 def create_app(index, *, limits: ServerLimits | None = None, allowed_hosts: list[str] | None = None,
-               static_dir: Path = STATIC_DIR, **bounds: int) -> FastAPI:
+               static_dir: Path = STATIC_DIR, qb_default: bool = True, **bounds: int) -> FastAPI:
     """The ASGI app over an opened index (anything with the ``SearchIndex`` interface of ``search.index``).
 
     ``limits`` (or any of its fields as keyword arguments: ``max_k=50``) bound every input and cache; see
-    ``ServerLimits``. ``allowed_hosts`` restricts the ``Host`` header (``None``: any). An index that can be
-    reopened (``SearchIndex``) is followed to the generations later builds write (``live.LiveIndex``); the
-    app's ``state.live`` holds it.
+    ``ServerLimits``. ``allowed_hosts`` restricts the ``Host`` header (``None``: any). ``qb_default``: whether
+    text queries get QB-Norm when the index stores a query bank and the request does not say (``qb=0|1``).
+    An index that can be reopened (``SearchIndex``) is followed to the generations later builds write
+    (``live.LiveIndex``); the app's ``state.live`` holds it.
     """
     unknown = sorted(set(bounds) - set(ServerLimits.__dataclass_fields__))
     if unknown:
@@ -378,7 +400,7 @@ def create_app(index, *, limits: ServerLimits | None = None, allowed_hosts: list
     app.state.live = live
     app.state.batcher = batcher
     add_error_handlers(app)
-    app.include_router(api_routes(live, batcher, limits, rich))
+    app.include_router(api_routes(live, batcher, limits, rich, qb_default))
     app.include_router(rich_routes(rich, live, limits, parse_k=parse_k, hit_json=hit_json, ms_since=_ms_since))
     app.include_router(file_routes(live))
     app.include_router(page_routes(static_dir))

@@ -28,14 +28,18 @@ class BatcherClosed(RuntimeError):
     """The batcher was shut down before the query could run."""
 
 
-def search_batch(index, texts: list[str], ks: list[int]) -> list[list[Any]]:
+def search_batch(index, texts: list[str], ks: list[int | tuple[int, bool]]) -> list[list[Any]]:
     """Encode ``texts`` in one pass and search them per distinct k, so each answer is exactly what a query
-    with that k alone returns (``index``: the ``SearchIndex`` interface)."""
+    with that k alone returns (``index``: the ``SearchIndex`` interface). A query's k may come as ``(k, qb)``,
+    ``qb`` saying whether QB-Norm applies to it (``SearchIndex.search(..., qb=)``)."""
     vectors = index.encode_text(texts)
     out: list[list[Any]] = [[] for _ in texts]
-    for k in sorted(set(ks)):
-        rows = [i for i, kk in enumerate(ks) if kk == k]
-        for i, hits in zip(rows, index.search(vectors[rows], k), strict=True):
+    keys = [kk if isinstance(kk, tuple) else (kk, None) for kk in ks]
+    for key in sorted(set(keys), key=lambda kq: (kq[0], str(kq[1]))):
+        rows = [i for i, kk in enumerate(keys) if kk == key]
+        k, qb = key
+        found = index.search(vectors[rows], k) if qb is None else index.search(vectors[rows], k, qb=qb)
+        for i, hits in zip(rows, found, strict=True):
             out[i] = hits
     return out
 
@@ -74,7 +78,7 @@ class QueryBatcher:
         """Queries submitted and not yet answered."""
         return self._in_flight
 
-    async def submit(self, text: str, k: int, target: Any = None) -> Any:
+    async def submit(self, text: str, k: int | tuple[int, bool], target: Any = None) -> Any:
         """The answer to one query; BusyError when the bound is reached, BatcherClosed after ``shutdown``.
 
         An exception raised by ``run`` for the batch this query ran in is raised here (to every caller of

@@ -34,6 +34,7 @@ from clip2video import fileio
 from clip2video.fileio import atomic_dir
 from clip2video.modules.weights.identity import ModelRecord
 from clip2video.search.files import IMAGE_EXTS, id_problem, scan_frame_folder, scan_video_file
+from clip2video.search.qb import BankRequest, bank_writer, encode_bank
 from clip2video.search.store import (
     CURRENT,
     FORMAT_VERSION,
@@ -338,6 +339,7 @@ def _build_from_folder(
     info=None,
     progress: bool = True,
     on_encoded: Callable[[int], None] | None = None,
+    query_bank: BankRequest | None = None,
     follow_symlinks: bool = False,
     _held_locks: list | None = None,
 ) -> BuildResult | None:
@@ -346,6 +348,9 @@ def _build_from_folder(
     ``model`` runs in the ``per_video`` layout; ``record`` (``identity.describe_model``) is what the index
     records about it. ``follow_symlinks``: index through symbolic links (recorded resolved; ``files.py``).
     Videos that are refused (unsafe ids, links not followed) or cannot be read are in ``failed``.
+
+    ``query_bank`` says what to do with the QB-Norm query bank (``qb.py``; None: keep the stored one, if any);
+    its captions are encoded on rank 0 before the videos.
 
     ``on_encoded(n)`` is called after each written shard with the number of videos encoded so far (tests
     use it to interrupt a build). Returns the result on rank 0, None on other ranks.
@@ -371,6 +376,15 @@ def _build_from_folder(
         if _held_locks is not None:
             _held_locks.append(lock)  # closed by build_from_folder whatever happens
         remove_stale_temps(index_dir)  # of an earlier build killed outright
+        try:
+            extra = bank_writer(index_dir, query_bank, fingerprint=record.fingerprint,
+                                text={"max_words": int(record.max_words), "precision": precision},
+                                scale=float(record.logit_scale),
+                                encode=lambda caps: encode_bank(model, caps, max_words=int(record.max_words),
+                                                                precision=precision, device=device))
+        except BaseException:
+            lock.close()
+            raise
         refused: list[tuple[str, str]] = []
         sources = list_videos(features_path, follow_symlinks=follow_symlinks, refused=refused)
         have = _reusable(index_dir, key)
@@ -456,7 +470,8 @@ def _build_from_folder(
         # the rate video files were read at, recorded so that a clip query is read the same way
         encoding = dict(settings, key=key, video_fps=video_fps)
         gen = write_generation(index_dir, entries, model_meta=meta, encoding=encoding,
-                               index_type=index_type, search_params=search_params, source=str(features_path))
+                               index_type=index_type, search_params=search_params, source=str(features_path),
+                               extra=extra)
         kept = {e[0].video_id for e in entries}
         removed = max(old_count - len({e[0].video_id for e in reuse}), 0)
         result = BuildResult(gen, len(kept), encoded, len(reuse), removed, failed)
@@ -486,13 +501,15 @@ def write_embeddings(out_dir: str | os.PathLike, text: np.ndarray, video: np.nda
 
 
 def build_from_embeddings(emb_dir: str | os.PathLike, index_dir: str | os.PathLike, *, index_type: str = "auto",
-                          search_params: str | None = None, follow_symlinks: bool = False) -> BuildResult:
+                          search_params: str | None = None, query_bank: BankRequest | None = None,
+                          device: str | None = None, follow_symlinks: bool = False) -> BuildResult:
     """An index from ``video.npy`` + ``video_ids.json`` (+ ``meta.json`` describing the model, optional).
 
     Every id must be a safe one (``files.id_problem``): an unsafe id is one log line each and the build is
     refused before anything is written. Files are recorded for the ids that are videos under the export's
     ``features_path`` now (listed as ``build --features_path`` lists them); the others are searchable but have
-    no files to serve.
+    no files to serve. A query bank's captions need the model ``meta.json`` names (loaded only when they must
+    be encoded).
     """
     emb = Path(emb_dir)
     for name in ("video.npy", "video_ids.json"):
@@ -529,8 +546,21 @@ def build_from_embeddings(emb_dir: str | os.PathLike, index_dir: str | os.PathLi
     with build_step("creating the index folder", index_dir):
         index_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(index_dir)
+    record = ModelRecord.from_dict(meta)
+
+    def encode(captions):
+        from clip2video.modules.weights.identity import load_recorded
+
+        if not record.loadable:
+            raise ValueError(f"--query_bank: {emb} names no model (meta.json with its weights), so the bank's "
+                             "captions cannot be encoded")
+        return encode_bank(load_recorded(record, device=device), captions, max_words=int(record.max_words))
+
     try:
         remove_stale_temps(index_dir)
+        extra = bank_writer(index_dir, query_bank, fingerprint=record.fingerprint,
+                            text={"max_words": int(record.max_words), "precision": "fp32"},
+                            scale=float(record.logit_scale), encode=encode)
         feats = meta.get("features_path")
         listed = {}
         if feats and os.path.isdir(feats):
@@ -554,7 +584,7 @@ def build_from_embeddings(emb_dir: str | os.PathLike, index_dir: str | os.PathLi
             old_count = 0
         gen = write_generation(index_dir, [(it, name, r) for r, it in enumerate(items)], model_meta=meta,
                                encoding={"key": key, "from_embeddings": str(emb.resolve())}, index_type=index_type,
-                               search_params=search_params, source=str(emb.resolve()))
+                               search_params=search_params, source=str(emb.resolve()), extra=extra)
     finally:
         lock.close()
     return BuildResult(gen, len(items), 0, 0, old_count, [])

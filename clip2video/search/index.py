@@ -24,6 +24,7 @@ import numpy as np
 
 from clip2video.modules.weights.identity import ModelMismatchError, ModelRecord
 from clip2video.search.integrity import verify_generation
+from clip2video.search.qb import load_statistics, normalise_candidates, top_k
 from clip2video.search.store import (
     FAISS_FILE,
     MANIFEST,
@@ -45,8 +46,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Hit:
     video_id: str
-    score: float  # ×logit-scale units, the number infer_retrieval.py --save_sim writes
+    score: float  # ×logit-scale units, the number infer_retrieval.py --save_sim writes (--save_sim_qb's with qb)
     path: str  # the indexed source path, as recorded at build time
+    qb: bool = False  # the score is QB-Norm's exp(β·s)/Σ_bank (the query landed on a row of R)
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,8 @@ class SearchIndex:
                                    f"expected {len(rows)} of dim {self.dim}")
         apply_search_params(self._index, manifest.get("search_params") or "")
         self.exact = manifest["index_type"] == "Flat"
+        self.qb = load_statistics(gen, manifest)  # QB-Norm statistics per row (qb.py), None without a bank
+        self._all: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -212,6 +216,19 @@ class SearchIndex:
         for j, r in enumerate(rows):
             out[j] = self._shards[self._row_shard[r]][self._row_offset[r]]
         return out
+
+    def all_vectors(self) -> np.ndarray:
+        """Every row's vector, (n, D) float32: the exact index's own storage (no copy) when it has one."""
+        if self._all is None:
+            import faiss
+
+            flat = faiss.downcast_index(self._index) if self.exact else None
+            if isinstance(flat, faiss.IndexFlat) and flat.ntotal:
+                view = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+                self._all = view  # valid while self._index lives, which it does as long as self
+            else:
+                self._all = self.vectors(np.arange(len(self)))
+        return self._all
 
     # ------------------------------------------------------------------ model
     def check_model(self, spec: ModelSpec) -> None:
@@ -260,11 +277,15 @@ class SearchIndex:
         return np.ascontiguousarray(v, dtype=np.float32)
 
     # ------------------------------------------------------------------ search
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, vectors: np.ndarray, k: int, *, qb: bool | None = None) -> list[list[Hit]]:
         """Top-k videos per query vector, best first, scores ×logit scale.
 
         An approximate index proposes candidates; their scores are then recomputed from the exact stored
         vectors (and re-sorted), so every score printed is the exact CLIP2Video score.
+
+        The vectors are text queries: when the index stores QB-Norm statistics they are applied (``qb``
+        None or True; False switches them off), over every row for an exact index, over the re-scored
+        candidates for an approximate one (``qb.py``). ``Hit.qb`` says whether a query's scores are normalised.
         """
         q = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
         if q.shape[0] == 0 or len(self) == 0 or k <= 0:
@@ -272,23 +293,49 @@ class SearchIndex:
         if q.shape[1] != self.dim:
             raise ValueError(f"query vectors have dim {q.shape[1]}, the index holds {self.dim}")
         k = min(int(k), len(self))
+        use_qb = self.qb is not None and qb is not False
+        if use_qb and self.exact:
+            return self._search_all_qb(q, k)
         fetch = k if self.exact else min(len(self), max(2 * k, k + 10))
         scores, labels = self._index.search(q, fetch)
         out = []
         for qi in range(q.shape[0]):
             lab = labels[qi][labels[qi] >= 0]
+            applied = False
             if self.exact:
                 sc = scores[qi][: len(lab)]
             else:
-                sc = self.vectors(lab) @ q[qi]
+                sc = self.logit_scale * (self.vectors(lab) @ q[qi]).astype(np.float64)
+                if use_qb:
+                    sc, applied = normalise_candidates(self.qb, lab, sc)
                 order = np.argsort(-sc, kind="stable")
                 lab, sc = lab[order], sc[order]
-            out.append([Hit(self.video_ids[r], float(s) * self.logit_scale, self.paths[r])
+            scale = self.logit_scale if self.exact else 1.0
+            out.append([Hit(self.video_ids[r], float(s) * scale, self.paths[r], applied)
                         for r, s in zip(lab[:k].tolist(), sc[:k].tolist(), strict=True)])
         return out
 
-    def query(self, texts: list[str], k: int) -> list[list[Hit]]:
-        return self.search(self.encode_text(texts), k)
+    def _search_all_qb(self, q: np.ndarray, k: int) -> list[list[Hit]]:
+        """Exact search with QB-Norm: each query scored against every row and normalised as a whole row.
+
+        The scores come from torch's matrix product, which keeps to the threads the process set
+        (``torch.set_num_threads``, as ``serve`` does); NumPy's BLAS starts its own and, on a loaded machine,
+        waits on them (``benchmarks/README.md``, QB-Norm in search).
+        """
+        import torch
+
+        with torch.inference_mode():
+            plain = (torch.tensor(q) @ torch.from_numpy(self.all_vectors()).T).numpy()
+        rows, applied = self.qb.apply(self.logit_scale * plain.astype(np.float64))
+        out = []
+        for qi in range(q.shape[0]):
+            top = top_k(rows[qi], k)
+            out.append([Hit(self.video_ids[r], float(rows[qi, r]), self.paths[r], bool(applied[qi]))
+                        for r in top.tolist()])
+        return out
+
+    def query(self, texts: list[str], k: int, *, qb: bool | None = None) -> list[list[Hit]]:
+        return self.search(self.encode_text(texts), k, qb=qb)
 
     def similar(self, video_id: str, k: int) -> list[Hit]:
         """Videos closest to an indexed one (the video itself excluded); KeyError for an unknown id.
@@ -302,7 +349,7 @@ class SearchIndex:
         if 0 < g < self.dim:
             w = float(self.model_record.center_weight)
             v = np.concatenate([w * v[:g], (1 - w) * v[g:]])
-        hits = self.search(v[None], k + 1)[0]
+        hits = self.search(v[None], k + 1, qb=False)[0]  # never QB-normalised: the bank holds captions
         return [h for h in hits if h.video_id != video_id][:k]
 
     def stored_vector(self, video_id: str) -> np.ndarray:
@@ -345,7 +392,8 @@ class SearchIndex:
         db = getattr(self, "_db", None)
         if db is not None:
             db.close()
-        self._shards, self._index = [], None  # the shards' memory maps and the FAISS index go with it
+        # the shards' memory maps and the FAISS index go with it (and the view into the index's storage first)
+        self._all, self._shards, self._index = None, [], None
         fd, self._lock_fd = getattr(self, "_lock_fd", None), None
         if fd is not None:
             os.close(fd)

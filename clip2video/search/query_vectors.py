@@ -303,7 +303,10 @@ class QueryEncoder:
         leaves out its own video."""
         v = self.vector(parts, uploads)
         named = {p.value for p in parts if p.kind == "like"}
-        hits = self.index.search(v[None], k + len(named))[0]
+        n = k + len(named)
+        # never QB-normalised: the bank holds captions, and a sum of parts (or an image, a clip) is not one
+        hits = (self.index.search(v[None], n, qb=False) if getattr(self.index, "qb", None) is not None
+                else self.index.search(v[None], n))[0]
         return [h for h in hits if h.video_id not in named][:k]
 
 

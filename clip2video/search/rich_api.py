@@ -251,6 +251,11 @@ class RichSearch:
         self.batcher.shutdown()
 
 
+#: a rich query's answer about QB-Norm: never applied (the bank holds captions; arithmetic, images and clips are
+#: not one), so that every ``/api/search`` answer has the same keys
+NO_QB = {"enabled": False, "applied": False}
+
+
 def rich_routes(rich: RichSearch, live, limits: ServerLimits, *, parse_k: Callable, hit_json: Callable,
                 ms_since: Callable[[float], float]) -> APIRouter:
     """``POST /api/search`` (``app.py`` passes the index it serves (``live.LiveIndex``: a request searches the
@@ -303,9 +308,9 @@ def rich_routes(rich: RichSearch, live, limits: ServerLimits, *, parse_k: Callab
         with live.use() as g:
             hits = await rich.answer(parts, k, form.files, g)
             return {"query": q, "parts": [p.to_dict() for p in parts], "k": k, "took_ms": ms_since(t0),
-                    "results": [hit_json(h, g.extra) for h in hits]}
+                    "qb_norm": NO_QB, "results": [hit_json(h, g.extra) for h in hits]}
 
     return r
 
 
-__all__ = ["Form", "RichSearch", "form_boundary", "parse_form", "parse_q", "read_body", "rich_routes"]
+__all__ = ["NO_QB", "Form", "RichSearch", "form_boundary", "parse_form", "parse_q", "read_body", "rich_routes"]

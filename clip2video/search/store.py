@@ -13,6 +13,8 @@ Folder layout (``FORMAT_VERSION`` 1)::
                                       root each video's files must lie under, the files recorded at build time
                                       (name, size, mtime) and its thumbnails (path, size, mtime, SHA-256)
     OUT/gen-<stamp>/faiss.index       the FAISS index; FAISS id = row of meta.sqlite
+    OUT/gen-<stamp>/qb_*.npy          only with a query bank: its caption vectors and the per-row QB-Norm
+                                      statistics (``qb.py``)
     OUT/shards/<name>.npy + .json     immutable float32 vector shards and the items they hold (the ``.json``
                                       records the ``.npy``'s size and SHA-256)
     OUT/thumbs/<key>/<i>.jpg          small JPEGs for display
@@ -44,7 +46,7 @@ import shutil
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,12 +291,17 @@ def write_generation(
     search_params: str | None = None,
     source: str | None = None,
     compact_below: float = 0.5,
+    extra: Callable[[Path, np.ndarray], dict[str, Any]] | None = None,
 ) -> Path:
     """Write a complete new generation for ``entries`` = (item, shard name, row in shard) and switch to it.
 
     Rows are sorted by video id, so the index does not depend on the order (or the number of processes) in
     which the vectors were encoded. When less than ``compact_below`` of the referenced shard rows are live,
     the live vectors are rewritten into one new shard first.
+
+    ``extra(folder, vectors)``, when given, writes further files of the generation into its (temporary) folder
+    from the vectors in row order, and returns entries for the manifest; its files are synced and switched in
+    with the rest (the query bank statistics of ``qb.py``).
 
     Returns:
         the new generation folder.
@@ -341,7 +348,13 @@ def write_generation(
             fileio.atomic_write_bytes(tmp / FAISS_FILE, faiss.serialize_index(index))
         del index
         _write_meta_db(tmp / META_DB, entries)
-        files = {f"{gen}/{FAISS_FILE}": None, f"{gen}/{META_DB}": None}
+        added: dict[str, Any] = {}
+        if extra is not None:
+            with build_step("writing the query bank's files", tmp):
+                added = extra(tmp, vectors)
+        del vectors
+        # every file of the generation folder (FAISS index, database, query bank files), then the shards
+        files = {f"{gen}/{p.name}": None for p in sorted(tmp.iterdir()) if p.is_file()}
         for s in sorted({s for _, s, _ in entries}):
             files[f"{SHARDS}/{s}.npy"] = None
             files[f"{SHARDS}/{s}.json"] = None
@@ -357,8 +370,9 @@ def write_generation(
             "search_params": params,
             "shards": sorted({s for _, s, _ in entries}),
             "source": source,
-            "files": _file_digests(folder, tmp, gen, files),
         }
+        manifest.update(added)
+        manifest["files"] = _file_digests(folder, tmp, gen, files)
         data = json.dumps(manifest, indent=1).encode()
         with build_step("writing the manifest", tmp / MANIFEST):
             fileio.atomic_write_bytes(tmp / MANIFEST, data)

@@ -26,6 +26,9 @@ function el(tag, cls, text) {
   return e;
 }
 
+// QB-Norm's normalised scores are small positive numbers: keep their significant digits
+const fmtScore = (s) => (Math.abs(s) >= 1 ? s.toFixed(3) : s.toPrecision(3));
+
 function render(results) {
   const grid = $("results");
   grid.replaceChildren();
@@ -44,7 +47,7 @@ function render(results) {
     const meta = el("div", "meta");
     const vid = el("span", "vid", r.video_id);
     vid.title = r.video_id;
-    meta.append(el("span", "rank", `${i + 1}.`), vid, el("span", "score", r.score.toFixed(3)));
+    meta.append(el("span", "rank", `${i + 1}.`), vid, el("span", "score", fmtScore(r.score)));
     const like = el("button", "like", "more like this");
     like.type = "button";
     like.title = "videos similar to this one";
@@ -71,7 +74,8 @@ async function run() {
       $("q").value = p.get("q");
       setStatus("searching …");
       body = await api(`/api/search?q=${encodeURIComponent(p.get("q"))}&k=${k}`);
-      setStatus(`${body.results.length} results · ${body.took_ms.toFixed(1)} ms`);
+      const qb = body.qb_norm && body.qb_norm.applied ? " · QB-Norm scores" : "";
+      setStatus(`${body.results.length} results · ${body.took_ms.toFixed(1)} ms${qb}`);
     } else {
       if (!state.image) { $("results").replaceChildren(); setStatus(""); }
       return;
@@ -174,7 +178,7 @@ function playFlip() {
 
 async function openViewer(r) {
   state.current = r;
-  $("viewer-title").textContent = `${r.video_id}  (${r.score.toFixed(3)})`;
+  $("viewer-title").textContent = `${r.video_id}  (${fmtScore(r.score)})`;
   const player = $("player");
   stopFlip();
   $("viewer").hidden = false;
