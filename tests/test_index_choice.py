@@ -30,14 +30,15 @@ def test_choices_by_size_and_budget():
     d = 1024
     assert ic.choose_index(10_000, d).factory == "Flat"
     assert ic.choose_index(ic.EXACT_MAX, d).factory == "Flat"
-    # a million vectors: an inverted file of ~256-vector lists with 8-bit codes, ≤ 1.5 GB
+    # a million vectors: an inverted file of ~128-vector lists with 8-bit codes, ≤ 1.5 GB, recall ≥ 0.95
     auto = ic.choose_index(1_000_000, d)
-    assert auto.factory == "IVF4096,SQ8" and auto.params == "nprobe=256" and auto.bytes <= 1.5e9
+    assert auto.factory == "IVF8192,SQ8" and auto.params == "nprobe=256" and auto.bytes <= 1.5e9
+    assert auto.recall >= 0.95
     assert ic.choose_index(1_000_000, d, ic.parse_size("1.5GB")) == auto
     # less memory: product-quantised codes (d/8 bytes) with exact re-ranking, the same measured recall
     small = ic.choose_index(1_000_000, d, ic.parse_size("500MB"))
-    assert small.factory == "IVF4096,PQ128" and "rerank=10" in small.params and small.bytes <= 500e6
-    assert small.recall == auto.recall
+    assert small.factory == "IVF8192,PQ128" and "rerank=10" in small.params and small.bytes <= 500e6
+    assert small.recall <= auto.recall
     with pytest.raises(ValueError, match="smallest index"):
         ic.choose_index(1_000_000, d, ic.parse_size("100MB"))
     # a small collection that fits stays exact; one that does not gets codes
@@ -55,11 +56,11 @@ def test_choices_by_size_and_budget():
             assert c.bytes <= ic.parse_size(budget)
 
 
-def test_list_count_aims_at_256_vectors_a_list():
-    assert ic.nlist_for(1_000_000) == 4096
-    assert ic.nlist_for(200_000) == 1024
+def test_list_count_aims_at_128_vectors_a_list():
+    assert ic.nlist_for(1_000_000) == 8192
+    assert ic.nlist_for(200_000) == 2048
     for n in (60_000, 300_000, 5_000_000):
-        assert 128 <= n / ic.nlist_for(n) <= 512
+        assert 64 <= n / ic.nlist_for(n) <= 256
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,SQ8", "IVF16_HNSW32,SQ8", "IVF16,PQ8", "HNSW32_SQ8"])
@@ -96,7 +97,7 @@ def test_build_prints_its_choice_and_obeys_the_budget(tmp_path, capsys, monkeypa
         assert f"within --max_index_memory {ic.format_size(ic.parse_size(budget))}" in out
         hits = s.search(x[:5], 10)
         assert [h[0].video_id for h in hits] == [f"v{i}" for i in range(5)]  # each vector finds itself first
-    assert SearchIndex.open(tmp_path / "ix-1MB").manifest["index_type"] == "IVF16,SQ8"
+    assert SearchIndex.open(tmp_path / "ix-1MB").manifest["index_type"] == f"IVF{ic.nlist_for(len(x))},SQ8"
     assert "PQ" in SearchIndex.open(tmp_path / "ix-300kB").manifest["index_type"]
     # --index_type overrides the budget and says so
     capsys.readouterr()

@@ -6,6 +6,10 @@
     python search.py build --from_embeddings emb_dir --index my_index     # from infer_retrieval --save_embeddings
     python search.py query --index my_index -k 10 "a dog catches a frisbee" ["more text" ...] [--json]
     python search.py query --index my_index --like VIDEO_ID
+    python search.py query --index my_index --image photo.jpg            # or --clip clip.mp4
+    python search.py query --index my_index "2:a dog" + photo.jpg - snow   # weighted query arithmetic
+    python search.py build ... --query_bank train_captions.txt            # + QB-Norm for every caption query
+    python search.py verify --index my_index                              # every file against its checksum
     torchrun --nproc_per_node 4 search.py build ...                       # encoding split over 4 processes
 
 Scores are the numbers ``infer_retrieval.py --save_sim`` writes for the same model (×logit scale). The index
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,16 +38,16 @@ from clip2video.cli.common import (
     parse_with_config,
     run_main,
 )
+from clip2video.cli.query_args import add_query_args, answer, plan_queries
 from clip2video.cli.serve import add_serve_parser, add_text_encoder_arg, check_index_model
 
 logger = logging.getLogger("clip2video.cli.search")
-MAX_QUERY_CHARS = 10_000
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="search.py", description=__doc__.split("\n")[1],
                       formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{build,query,serve}", parser_class=OneLineParser)
+    sub = p.add_subparsers(dest="command", metavar="{build,query,verify,serve}", parser_class=OneLineParser)
 
     b = sub.add_parser("build", help="index a folder of videos (or exported embeddings)")
     b.add_argument("--config", default=None, help="YAML file of flag defaults")
@@ -51,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(src, ["features_path"], helps={
         "features_path": "folder of videos: video files (read directly) and/or frame folders <id>/00000001.jpg"})
     src.add_argument("--from_embeddings", default=None, help="folder with video.npy + video_ids.json (+ meta.json)")
+    src.add_argument("--follow_symlinks", action="store_true",
+                     help="index through symbolic links (to video files, frame folders, frames); each is resolved "
+                          "now and its target recorded. Without it links are skipped, one line each")
     add_data_args(src, ["max_words", "max_frames", "feature_framerate", "video_fps", "image_mode"], helps={
         "max_words": "query length in tokens (start + words + end)",
         "video_fps": "video files are read as if extracted at this rate (sample_frame.py --fps); for frame "
@@ -66,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--max_index_memory", default=None, metavar="SIZE",
                     help="memory budget of the index (e.g. 1GB, 500MB): with --index_type auto, the index type and "
                          "parameters with the best expected recall that fit; the choice is printed")
+    qb = b.add_argument_group("QB-Norm (query-bank normalisation of text queries)")
+    qb.add_argument("--query_bank", default=None, metavar="FILE",
+                    help="UTF-8 text, one caption per line (training captions): stored with the index and applied "
+                         "to every text query (query/serve --no_qb to switch off); a rebuild without it keeps the "
+                         "stored bank")
+    qb.add_argument("--qb_beta", type=float, default=None,
+                    help="inverse temperature β on the index's scores (default: the stored one, else 1/1.99, "
+                         "published for CLIP2Video's ×100 scores)")
+    qb.add_argument("--qb_k", type=int, default=None,
+                    help="a row is a hub when in some bank caption's top-k (default: the stored one, else 1)")
+    qb.add_argument("--no_query_bank", action="store_true", help="drop the query bank the index stores")
     o = b.add_argument_group("run")
     o.add_argument("--device", default=None)
     add_precision_arg(o)
@@ -75,16 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="search an index by text (or by an indexed video)")
     q.add_argument("--config", default=None, help="YAML file of flag defaults")
     q.add_argument("--index", required=True)
-    q.add_argument("texts", nargs="*", help="query texts")
-    q.add_argument("--queries_file", default=None, help="one query per line")
+    q.add_argument("texts", nargs="*", help="query texts, each its own query; with a standing + or - they are one "
+                   "weighted sum of texts, image and clip files and like:VIDEO_ID (docs/search-queries.md)")
+    q.add_argument("--queries_file", default=None, help="one query per line, each taken literally as a caption")
     q.add_argument("--like", default=None, metavar="VIDEO_ID", help="videos similar to an indexed one")
+    add_query_args(q)
     q.add_argument("-k", "--k", type=int, default=10)
-    q.add_argument("--json", action="store_true", help="print JSON: [{query, results: [{video_id, score, path}]}]")
+    q.add_argument("--json", action="store_true",
+                   help="print JSON: [{query, qb_norm: {enabled, applied}, results: [{video_id, score, path}]}]")
+    q.add_argument("--no_qb", action="store_true",
+                   help="plain scores even when the index stores a query bank (no QB-Norm)")
     q.add_argument("--device", default=None)
     add_precision_arg(q)
     add_text_encoder_arg(q, default="torch")
     add_checkpoint_args(q)
     q.add_argument("--max_words", type=int, default=None, help=argparse.SUPPRESS)
+
+    v = sub.add_parser("verify", help="check every file of an index against the checksums its build recorded")
+    v.add_argument("--index", required=True)
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
 
     add_serve_parser(sub)  # cli/serve.py owns its flags (the model flags are query's); imports no web framework
     return p
@@ -100,7 +128,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if not argv or argv[0] not in p._subparsers._group_actions[0].choices:
         if argv and argv[0] in ("-h", "--help"):
             p.parse_args(argv)
-        raise UsageError("give a command: build, query, serve")
+        raise UsageError("give a command: build, query, verify, serve")
     sub = p._subparsers._group_actions[0].choices[argv[0]]
     args = parse_with_config(sub, argv[1:])
     args.command = argv[0]
@@ -113,10 +141,34 @@ def run(argv: list[str] | None) -> int:
         return cmd_build(args)
     if args.command == "query":
         return cmd_query(args)
+    if args.command == "verify":
+        return cmd_verify(args)
     return args.func(args)  # serve (and any other registered command)
 
 
 # ----------------------------------------------------------------------------------------------- build
+def bank_request(args: argparse.Namespace):
+    """The build's ``qb.BankRequest`` from its flags; a bad bank file or value is one line (exit 2 / 1)."""
+    from clip2video.search.qb import BankRequest, read_bank_file
+
+    if args.no_query_bank and (args.query_bank or args.qb_beta is not None or args.qb_k is not None):
+        raise UsageError("--no_query_bank excludes --query_bank, --qb_beta and --qb_k")
+    if args.qb_beta is not None and not (args.qb_beta > 0 and math.isfinite(args.qb_beta)):
+        raise UsageError(f"--qb_beta must be a positive number, got {args.qb_beta}")
+    if args.qb_k is not None and args.qb_k < 1:
+        raise UsageError(f"--qb_k must be >= 1, got {args.qb_k}")
+    if args.no_query_bank:
+        return BankRequest(drop=True)
+    if not args.query_bank:
+        return BankRequest(beta=args.qb_beta, k=args.qb_k)
+    if not Path(args.query_bank).is_file():
+        raise UsageError(f"--query_bank {args.query_bank}: no such file")
+    try:
+        return read_bank_file(args.query_bank, beta=args.qb_beta, k=args.qb_k)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--query_bank {e}") from None
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     import torch
 
@@ -139,11 +191,14 @@ def cmd_build(args: argparse.Namespace) -> int:
             max_bytes = parse_size(args.max_index_memory)
         except ValueError as e:
             raise UsageError(f"--max_index_memory {args.max_index_memory}: {e}") from None
+    bank = bank_request(args)
     t0 = time.perf_counter()
     if args.from_embeddings:
         setup_logging(None)
         res = build_from_embeddings(args.from_embeddings, args.index, index_type=args.index_type,
-                                    search_params=args.search_params, max_index_bytes=max_bytes)
+                                    search_params=args.search_params, query_bank=bank, device=args.device,
+                                    follow_symlinks=args.follow_symlinks,
+                                    max_index_bytes=max_bytes)
         logger.info("index %s: %d videos from %s (%.1f s)", args.index, res.count, args.from_embeddings,
                     time.perf_counter() - t0)
         print_index_choice(args.index, max_bytes)
@@ -165,8 +220,9 @@ def cmd_build(args: argparse.Namespace) -> int:
                                 framerate=args.feature_framerate, image_mode=args.image_mode,
                                 precision=args.precision, video_fps=args.video_fps, batch_size=args.batch_size,
                                 num_workers=args.num_thread_reader, index_type=args.index_type,
-                                search_params=args.search_params, max_index_bytes=max_bytes,
-                                device=info.device, info=info, progress=not args.no_progress)
+                                search_params=args.search_params, device=info.device, info=info,
+                                progress=not args.no_progress, query_bank=bank, follow_symlinks=args.follow_symlinks,
+                                max_index_bytes=max_bytes)
     finally:
         cleanup_distributed()
     if res is None:
@@ -177,7 +233,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if res.failed:
         for vid, why in res.failed:
             print(f"search.py: skipped {vid}: {why}", file=sys.stderr)
-        print(f"search.py: {len(res.failed)} video(s) could not be read and were skipped", file=sys.stderr)
+        print(f"search.py: {len(res.failed)} video(s) could not be read or were refused and were skipped",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -207,60 +264,66 @@ def print_index_choice(index: str, max_bytes: int | None) -> None:
     print(line)
 
 
+# ----------------------------------------------------------------------------------------------- verify
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Every file of the live generation against its recorded size and SHA-256, every thumbnail, SQLite's
+    quick_check; exit 1 with one line naming the first file that differs."""
+    from clip2video.search.integrity import verify_index
+
+    t0 = time.perf_counter()
+    report = verify_index(args.index)
+    took = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(dict(report.__dict__, seconds=round(took, 3))))
+        return 0
+    changed = report.sources_changed
+    print(f"{args.index}: generation {report.generation} intact: {report.files} files ({report.bytes / 2**20:.1f} "
+          f"MiB) and {report.thumbnails} thumbnails match their checksums, SQLite quick_check ok ({took:.1f} s)")
+    if changed:
+        print(f"{args.index}: {changed} indexed video(s) changed or gone since the build; they are not served "
+              "until the next build")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- query
-def read_queries(args: argparse.Namespace) -> list[str]:
-    """Texts from the command line and ``--queries_file``; empty or oversized queries are a usage error."""
-    texts = list(args.texts)
-    if args.queries_file:
-        path = Path(args.queries_file)
-        if not path.is_file():
-            raise UsageError(f"--queries_file {path}: no such file")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise UsageError(f"--queries_file {path}: not UTF-8 text") from None
-        texts += [ln for ln in lines if ln.strip()]
-    for i, t in enumerate(texts, 1):
-        if not t.strip():
-            raise UsageError(f"query {i} is empty")
-        if len(t) > MAX_QUERY_CHARS:
-            raise UsageError(f"query {i} is {len(t)} characters long; at most {MAX_QUERY_CHARS}")
-    return texts
-
-
 def cmd_query(args: argparse.Namespace) -> int:
     from clip2video.search.index import SearchIndex
 
     if args.k < 1:
         raise UsageError(f"-k must be >= 1, got {args.k}")
-    texts = read_queries(args)
+    plan = plan_queries(args)  # texts, arithmetic, --image, --clip, --like, --queries_file: usage errors first
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, force=True)  # stdout carries the results
-    if not texts and not args.like:
-        raise UsageError("give query texts, --queries_file or --like VIDEO_ID")
     index = SearchIndex.open(args.index, device=args.device, precision=args.precision,
                              text_encoder=args.text_encoder)
+    try:
+        return _answer(index, args, plan)
+    finally:
+        index.close()
+
+
+def _answer(index, args: argparse.Namespace, plan) -> int:
     check_index_model(index, args)
-    out = []
-    if args.like:
-        try:
-            hits = index.similar(args.like, args.k)
-        except KeyError:
-            raise UsageError(f"--like {args.like}: no such video in {args.index}") from None
-        out.append({"query": {"like": args.like}, "results": hits})
-    if texts:
-        for t, hits in zip(texts, index.query(texts, args.k), strict=True):
-            out.append({"query": t, "results": hits})
+    qb_on = index.qb is not None and not args.no_qb
+    results = answer(index, plan, args.k, qb=qb_on)
+    # QB-Norm is for captions only: --like, images, clips and arithmetic are never normalised
+    qbs = [qb_json(qb_on and q.text is not None, hits) for q, hits in zip(plan, results, strict=True)]
     if args.json:
-        payload = [{"query": o["query"], "results": [{"video_id": h.video_id, "score": h.score, "path": h.path}
-                                                     for h in o["results"]]} for o in out]
+        payload = [{"query": q.label, "qb_norm": qb, "results": [{"video_id": h.video_id, "score": h.score,
+                                                                  "path": h.path} for h in hits]}
+                   for q, qb, hits in zip(plan, qbs, results, strict=True)]
         print(json.dumps(payload, ensure_ascii=False))
     else:
-        for o in out:
-            q = o["query"]
-            print(f"query: {q!r}" if isinstance(q, str) else f"like: {q['like']}")
-            for r, h in enumerate(o["results"], 1):
+        for q, qb, hits in zip(plan, qbs, results, strict=True):
+            print(q.heading() + ("  [QB-Norm]" if qb["applied"] else ""))
+            for r, h in enumerate(hits, 1):
                 print(f"  {r:3d}  {h.score:9.4f}  {h.video_id}  {h.path}")
     return 0
+
+
+def qb_json(enabled: bool, hits) -> dict:
+    """``{"enabled", "applied"}``: QB-Norm was on for the query, and its scores are normalised ones (its top
+    video is one that some bank caption ranks first; otherwise QB-Norm leaves the scores as they are)."""
+    return {"enabled": bool(enabled), "applied": bool(enabled and hits and hits[0].qb)}
 
 
 def console() -> None:

@@ -96,6 +96,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="compute threads per query (default: cores / --max_concurrent_encodes)")
     g.add_argument("--query_cache", default="16MB", metavar="SIZE",
                    help="memory for the vectors of recent queries (LRU; e.g. 16MB, 0 for none)")
+    p.add_argument("--no_qb", action="store_true",
+                   help="answer with plain scores even when the index stores a query bank (a request's qb=1 "
+                        "still asks for QB-Norm)")
     p.add_argument("--device", default=None)
     add_precision_arg(p)
     add_text_encoder_arg(p, default="auto")
@@ -175,7 +178,9 @@ def serve_main(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"--query_cache {args.query_cache}: {e}") from None
     threads = set_compute_threads(args.threads, limits.max_concurrent_encodes)
-    index = SearchIndex.open(args.index, device=args.device, precision=args.precision,
+    # every file checked against its build's checksums before the first request (integrity.py): a server runs
+    # long, so the seconds of hashing are paid once, and a damaged index refuses to start
+    index = SearchIndex.open(args.index, device=args.device, precision=args.precision, verify=True,
                              text_encoder=args.text_encoder, query_cache_bytes=cache_bytes)
     check_index_model(index, args)
     t0 = time.perf_counter()
@@ -187,12 +192,13 @@ def serve_main(args: argparse.Namespace) -> int:
     if not loopback:
         logger.warning("listening on %s: anyone who can reach this address can search the index and fetch "
                        "its videos", args.host)
-    app = app_module.create_app(index, limits=limits, allowed_hosts=list(LOOPBACK_HOSTS) if loopback else None)
+    app = app_module.create_app(index, limits=limits, allowed_hosts=list(LOOPBACK_HOSTS) if loopback else None,
+                                qb_default=not args.no_qb)
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    server = uvicorn.Server(app_module.server_config(app, log_level="warning", access_log=False, lifespan="on"))
     stopped_by: list[int] = []
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the handler that was
     # there before; these make that second delivery a no-op, so a stop is a clean exit 0.
@@ -202,6 +208,7 @@ def serve_main(args: argparse.Namespace) -> int:
     logger.info("serving %d videos from %s at %s", len(index), args.index, url)
     server.run(sockets=[sock])
     sock.close()
+    index.close()
     why = signal.Signals(stopped_by[0]).name if stopped_by else "shutdown"
     print(f"stopped ({why})", file=sys.stderr, flush=True)
     return 0

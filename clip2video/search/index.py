@@ -16,21 +16,27 @@ import os
 import sqlite3
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clip2video.modules.weights.identity import ModelMismatchError, ModelRecord
+from clip2video.search.integrity import verify_generation
+from clip2video.search.qb import load_statistics, normalise_candidates, top_k
 from clip2video.search.store import (
     FAISS_FILE,
+    MANIFEST,
     META_DB,
     SHARDS,
     IndexFormatError,
     Item,
     apply_search_params,
+    open_db_readonly,
+    read_current_name,
     read_manifest,
+    reader_lock,
 )
 
 if TYPE_CHECKING:
@@ -40,8 +46,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Hit:
     video_id: str
-    score: float  # ×logit-scale units, the number infer_retrieval.py --save_sim writes
+    score: float  # ×logit-scale units, the number infer_retrieval.py --save_sim writes (--save_sim_qb's with qb)
     path: str  # the indexed source path, as recorded at build time
+    qb: bool = False  # the score is QB-Norm's exp(β·s)/Σ_bank (the query landed on a row of R)
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,12 @@ class VideoRecord:
     thumbnails: list[Path]
     duration: float | None
     frames: int | None
+    # the file policy's record (``files.py``): the root every served file lies under, the files recorded at
+    # build time ([name relative to ``path`` ("" for a video file), size, mtime_ns]) and each thumbnail's
+    # [size, mtime_ns, sha256]
+    root: Path | None = None
+    files: list[list[Any]] = field(default_factory=list)
+    thumb_stats: list[list[Any]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- queries
@@ -95,13 +108,14 @@ class SearchIndex:
     """
 
     def __init__(self, folder: Path, gen: Path, manifest: dict[str, Any], device: str | None, precision: str,
-                 text_encoder: str = "torch", query_cache_bytes: int = 0):
+                 text_encoder: str = "torch", query_cache_bytes: int = 0, lock_fd: int | None = None):
         from clip2video.search.text_encoder import TEXT_ENCODERS, QueryCache
 
         if text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"--text_encoder must be one of {', '.join(TEXT_ENCODERS)}, got {text_encoder!r}")
         self.folder = folder
         self.generation = gen
+        self._lock_fd = None  # set once loaded: until then the opener owns (and on failure closes) the descriptor
         self.manifest = manifest
         self.fingerprint: str = manifest["fingerprint"]
         self.model_record = ModelRecord.from_dict(manifest["model"])
@@ -110,27 +124,68 @@ class SearchIndex:
         self.device = device
         self.precision = precision
         self._lock = threading.Lock()
+        self._model = None
+        self._tokenizer = None
         self.text_encoder_name = text_encoder
         self._encoder = None
         self.query_cache = QueryCache(query_cache_bytes)
         self._load(gen, manifest)
+        self._lock_fd = lock_fd  # shared flock on the manifest: the build's clean-up leaves this generation alone
 
     # ------------------------------------------------------------------ open
     @classmethod
     def open(cls, folder: str | os.PathLike, *, device: str | None = None, precision: str = "fp32",
-             text_encoder: str = "torch", query_cache_bytes: int = 0) -> SearchIndex:
-        """The live generation of ``folder``. ``text_encoder`` picks the runtime of the text tower
-        (``text_encoder.TEXT_ENCODERS``; ``torch`` gives ``--save_sim``'s numbers); ``query_cache_bytes`` bounds
-        the cache of recent query vectors (0: none)."""
+             verify: bool | None = None, text_encoder: str = "torch", query_cache_bytes: int = 0) -> SearchIndex:
+        """Open the live generation of ``folder``, checked against its build's record (``integrity.py``).
+
+        ``text_encoder`` picks the runtime of the text tower (``text_encoder.TEXT_ENCODERS``; ``torch`` gives
+        ``--save_sim``'s numbers); ``query_cache_bytes`` bounds the cache of recent query vectors (0: none).
+
+        ``verify``: True hashes every file, False only the small ones, None (default) hashes every file on the
+        first open of a generation and only the small ones after that. A generation replaced by a build while
+        it was being opened is retried with the new one.
+        """
         folder = Path(folder)
-        gen, manifest = read_manifest(folder)
-        return cls(folder, gen, manifest, device, precision, text_encoder, query_cache_bytes)
+        for attempt in range(3):
+            gen, manifest = read_manifest(folder)
+            fd = reader_lock(gen)
+            try:
+                if fd is None or not (gen / MANIFEST).is_file():
+                    raise IndexFormatError(f"{folder}: truncated index: generation {gen.name} has no {MANIFEST}")
+                verify_generation(folder, gen, manifest, full=verify)
+                return cls(folder, gen, manifest, device, precision, text_encoder, query_cache_bytes, lock_fd=fd)
+            except BaseException as e:
+                if fd is not None:
+                    os.close(fd)
+                if isinstance(e, IndexFormatError) and attempt < 2 and read_current_name(folder) != gen.name:
+                    continue  # a build switched generations meanwhile: open the new one
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @property
+    def generation_name(self) -> str:
+        return self.generation.name
+
+    def reopen(self, *, verify: bool | None = None) -> SearchIndex:
+        """The folder's live generation opened anew (after a build); the loaded model is shared when the new
+        generation records the same one."""
+        new = SearchIndex.open(self.folder, device=self.device, precision=self.precision, verify=verify,
+                               text_encoder=self.text_encoder_name)
+        new.query_cache = self.query_cache  # keyed by fingerprint: another model's vectors are never returned
+        if self._model is not None and new.model_record.to_dict() == self.model_record.to_dict():
+            new._model, new._tokenizer, new._encoder = self._model, self._tokenizer, self._encoder
+        return new
+
+    def changed(self) -> bool:
+        """Whether ``CURRENT`` names another generation than the one open (a build switched)."""
+        name = read_current_name(self.folder)
+        return name is not None and name != self.generation.name
 
     def _load(self, gen: Path, manifest: dict[str, Any]) -> None:
         import faiss
 
         try:
-            db = sqlite3.connect(f"file:{gen / META_DB}?mode=ro", uri=True, check_same_thread=False)
+            db = open_db_readonly(gen / META_DB, check_same_thread=False)
             rows = db.execute("SELECT row, video_id, path, shard, shard_row FROM videos ORDER BY row").fetchall()
         except sqlite3.Error as e:
             raise IndexFormatError(f"{gen / META_DB}: truncated or damaged ({e})") from None
@@ -183,6 +238,8 @@ class SearchIndex:
                     self.rerank = float(value)
                 except ValueError:
                     raise IndexFormatError(f"{gen}: search parameter {part!r} is not a number") from None
+        self.qb = load_statistics(gen, manifest)  # QB-Norm statistics per row (qb.py), None without a bank
+        self._all: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -200,6 +257,19 @@ class SearchIndex:
             out[sel] = self._shards[s][offset[sel]]
         return out
 
+    def all_vectors(self) -> np.ndarray:
+        """Every row's vector, (n, D) float32: the exact index's own storage (no copy) when it has one."""
+        if self._all is None:
+            import faiss
+
+            flat = faiss.downcast_index(self._index) if self.exact else None
+            if isinstance(flat, faiss.IndexFlat) and flat.ntotal:
+                view = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+                self._all = view  # valid while self._index lives, which it does as long as self
+            else:
+                self._all = self.vectors(np.arange(len(self)))
+        return self._all
+
     # ------------------------------------------------------------------ model
     def check_model(self, spec: ModelSpec) -> None:
         """ModelMismatchError when ``spec`` describes another model than the one the index was built with.
@@ -216,28 +286,43 @@ class SearchIndex:
                                      f"index was built with ({self.fingerprint[:12]})", expected=self.fingerprint,
                                      got=theirs)
 
-    def _ensure_encoder(self):
-        """The text encoder, built on first use from the recorded model (only the encoder keeps it)."""
-        if self._encoder is not None:
-            return self._encoder
+    def _ensure_model(self):
+        if self._model is not None:
+            return self._model
         with self._lock:
-            if self._encoder is None:
+            if self._model is None:
                 from clip2video.modules.network.tokenizer import ClipTokenizer
                 from clip2video.modules.weights.identity import load_recorded
-                from clip2video.search.text_encoder import make_text_encoder
 
                 model = load_recorded(self.model_record, device=self.device)
-                tokenizer = ClipTokenizer(int(self.model_record.max_words or 32))
-                self._encoder = make_text_encoder(self.text_encoder_name, model, tokenizer, self.dim,
+                self._tokenizer = ClipTokenizer(int(self.model_record.max_words or 32))
+                self._model = model
+        return self._model
+
+    def _ensure_encoder(self):
+        """The text encoder over the recorded model, built on first use."""
+        if self._encoder is not None:
+            return self._encoder
+        model = self._ensure_model()
+        with self._lock:
+            if self._encoder is None:
+                from clip2video.search.text_encoder import make_text_encoder
+
+                self._encoder = make_text_encoder(self.text_encoder_name, model, self._tokenizer, self.dim,
                                                   precision=self.precision)
-                del model  # a runtime other than torch holds its own copy of the text weights
-                _give_back_freed_memory()
+                if self._encoder.name != "torch":
+                    _give_back_freed_memory()  # the export's temporaries (hundreds of MB)
         return self._encoder
 
     @property
     def text_encoder(self):
         """The text encoder in use (``text_encoder.TextEncoder``; its ``name`` says which runtime)."""
         return self._ensure_encoder()
+
+    def model_and_tokenizer(self):
+        """The recorded model (loaded on the first call) and its tokenizer, for queries other than plain text
+        (``query_vectors.QueryEncoder``)."""
+        return self._ensure_model(), self._tokenizer
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """(n, D) float32 caption vectors (unscaled); only real tokens go through the text tower; recent
@@ -255,11 +340,15 @@ class SearchIndex:
         return np.ascontiguousarray(v, dtype=np.float32)
 
     # ------------------------------------------------------------------ search
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, vectors: np.ndarray, k: int, *, qb: bool | None = None) -> list[list[Hit]]:
         """Top-k videos per query vector, best first, scores ×logit scale.
 
         An approximate index proposes candidates; their scores are then recomputed from the exact stored
         vectors (and re-sorted), so every score printed is the exact CLIP2Video score.
+
+        The vectors are text queries: when the index stores QB-Norm statistics they are applied (``qb``
+        None or True; False switches them off), over every row for an exact index, over the re-scored
+        candidates for an approximate one (``qb.py``). ``Hit.qb`` says whether a query's scores are normalised.
         """
         q = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
         if q.shape[0] == 0 or len(self) == 0 or k <= 0:
@@ -267,23 +356,49 @@ class SearchIndex:
         if q.shape[1] != self.dim:
             raise ValueError(f"query vectors have dim {q.shape[1]}, the index holds {self.dim}")
         k = min(int(k), len(self))
+        use_qb = self.qb is not None and qb is not False
+        if use_qb and self.exact:
+            return self._search_all_qb(q, k)
         fetch = k if self.exact else min(len(self), max(int(np.ceil(self.rerank * k)), k + 10))
         scores, labels = self._index.search(q, fetch)
         out = []
         for qi in range(q.shape[0]):
             lab = labels[qi][labels[qi] >= 0]
+            applied = False
             if self.exact:
                 sc = scores[qi][: len(lab)]
             else:
-                sc = self.vectors(lab) @ q[qi]
+                sc = self.logit_scale * (self.vectors(lab) @ q[qi]).astype(np.float64)
+                if use_qb:
+                    sc, applied = normalise_candidates(self.qb, lab, sc)
                 order = np.argsort(-sc, kind="stable")
                 lab, sc = lab[order], sc[order]
-            out.append([Hit(self.video_ids[r], float(s) * self.logit_scale, self.paths[r])
+            scale = self.logit_scale if self.exact else 1.0
+            out.append([Hit(self.video_ids[r], float(s) * scale, self.paths[r], applied)
                         for r, s in zip(lab[:k].tolist(), sc[:k].tolist(), strict=True)])
         return out
 
-    def query(self, texts: list[str], k: int) -> list[list[Hit]]:
-        return self.search(self.encode_text(texts), k)
+    def _search_all_qb(self, q: np.ndarray, k: int) -> list[list[Hit]]:
+        """Exact search with QB-Norm: each query scored against every row and normalised as a whole row.
+
+        The scores come from torch's matrix product, which keeps to the threads the process set
+        (``torch.set_num_threads``, as ``serve`` does); NumPy's BLAS starts its own and, on a loaded machine,
+        waits on them (``benchmarks/README.md``, QB-Norm in search).
+        """
+        import torch
+
+        with torch.inference_mode():
+            plain = (torch.tensor(q) @ torch.from_numpy(self.all_vectors()).T).numpy()
+        rows, applied = self.qb.apply(self.logit_scale * plain.astype(np.float64))
+        out = []
+        for qi in range(q.shape[0]):
+            top = top_k(rows[qi], k)
+            out.append([Hit(self.video_ids[r], float(rows[qi, r]), self.paths[r], bool(applied[qi]))
+                        for r in top.tolist()])
+        return out
+
+    def query(self, texts: list[str], k: int, *, qb: bool | None = None) -> list[list[Hit]]:
+        return self.search(self.encode_text(texts), k, qb=qb)
 
     def similar(self, video_id: str, k: int) -> list[Hit]:
         """Videos closest to an indexed one (the video itself excluded); KeyError for an unknown id.
@@ -297,19 +412,32 @@ class SearchIndex:
         if 0 < g < self.dim:
             w = float(self.model_record.center_weight)
             v = np.concatenate([w * v[:g], (1 - w) * v[g:]])
-        hits = self.search(v[None], k + 1)[0]
+        hits = self.search(v[None], k + 1, qb=False)[0]  # never QB-normalised: the bank holds captions
         return [h for h in hits if h.video_id != video_id][:k]
 
+    def stored_vector(self, video_id: str) -> np.ndarray:
+        """The stored ``[v_g, v_a]`` of an indexed video, (D,) float32; KeyError for an unknown id."""
+        return self.vectors([self._row_of[video_id]])[0]
+
     def record(self, video_id: str) -> VideoRecord | None:
-        if video_id not in self._row_of:
+        """The video's record with its file policy record (None for an id the index does not hold)."""
+        r = self._row_of.get(video_id)
+        if r is None:
             return None
-        with self._lock:
-            row = self._db.execute("SELECT video_id, path, kind, duration, frames, thumbnails FROM videos "
-                                   "WHERE video_id = ?", (video_id,)).fetchone()
-        if row is None:
-            return None
-        thumbs = [self.folder / t for t in json.loads(row[5] or "[]")]
-        return VideoRecord(row[0], Path(row[1]), row[2], thumbs, row[3], row[4])
+        try:
+            with self._lock:
+                row = self._db.execute("SELECT v.video_id, v.path, v.kind, v.duration, v.frames, f.root, f.entries, "
+                                       "f.thumbs FROM videos v JOIN files f ON v.row = f.row WHERE v.row = ?",
+                                       (r,)).fetchone()
+            if row is None:
+                return None
+            thumbs = json.loads(row[7] or "[]")
+            return VideoRecord(row[0], Path(row[1]), row[2], [self.folder / t[0] for t in thumbs], row[3], row[4],
+                               Path(row[5]) if row[5] else None, json.loads(row[6] or "[]"),
+                               [list(t[1:]) for t in thumbs])
+        except (sqlite3.Error, ValueError, TypeError, IndexError) as e:
+            raise IndexFormatError(f"{self.generation / META_DB}: damaged record of {video_id[:200]!r} "
+                                   f"({type(e).__name__})") from None
 
     def items(self) -> list[Item]:
         """Every indexed video with its stored file state (for incremental builds)."""
@@ -323,4 +451,20 @@ class SearchIndex:
             return self._db.execute("SELECT shard, shard_row FROM videos ORDER BY row").fetchall()
 
     def close(self) -> None:
-        self._db.close()
+        """Close the database and release the generation (a build may then remove it)."""
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
+        # the shards' memory maps and the FAISS index go with it (and the view into the index's storage first)
+        self._all, self._shards, self._index = None, [], None
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:  # an index dropped without close() releases its generation all the same
+        try:
+            fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+            if fd is not None:
+                os.close(fd)
+        except Exception:  # noqa: BLE001, S110 - nothing to report during interpreter shutdown
+            pass

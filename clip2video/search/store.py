@@ -2,20 +2,32 @@
 
 Folder layout (``FORMAT_VERSION`` 1)::
 
-    OUT/CURRENT                       name of the live generation (a small file, replaced atomically)
+    OUT/CURRENT                       name of the live generation (one line ``gen-...``, replaced atomically;
+                                      nothing else is accepted: no path, no folder outside OUT)
     OUT/gen-<stamp>/manifest.json     format version, model fingerprint and record (``ModelRecord``), encoding
-                                      settings, index type, vector shards used
+                                      settings, index type, vector shards used, and the size and SHA-256 of
+                                      every file the generation reads (``files``)
+    OUT/gen-<stamp>/manifest.sha256   the manifest's own SHA-256 (``sha256sum`` format)
     OUT/gen-<stamp>/meta.sqlite       one row per video: id, path, kind, size, mtime, duration, frames,
-                                      thumbnails, and where its vector lives (shard, row)
+                                      thumbnails, and where its vector lives (shard, row); table ``files``: the
+                                      root each video's files must lie under, the files recorded at build time
+                                      (name, size, mtime) and its thumbnails (path, size, mtime, SHA-256)
     OUT/gen-<stamp>/faiss.index       the FAISS index; FAISS id = row of meta.sqlite
-    OUT/shards/<name>.npy + .json     immutable float32 vector shards and the items they hold
+    OUT/gen-<stamp>/qb_*.npy          only with a query bank: its caption vectors and the per-row QB-Norm
+                                      statistics (``qb.py``)
+    OUT/shards/<name>.npy + .json     immutable float32 vector shards and the items they hold (the ``.json``
+                                      records the ``.npy``'s size and SHA-256)
     OUT/thumbs/<key>/<i>.jpg          small JPEGs for display
 
 Crash safety: a build writes shards first (each ``.npy`` then its ``.json``, each under a temporary name and
 renamed), then a whole new generation folder, and only then replaces ``CURRENT``. A kill at any moment leaves
 the previous ``CURRENT`` pointing at a complete generation; the shards encoded before the kill are found
 again by the next build (by their ``.json``), so the re-run does not encode them twice. Files no generation
-refers to are removed after a successful switch. The same write-new-then-switch-a-pointer idea as
+refers to are removed after a successful switch, except those of a generation a reader still has open (each
+reader holds a shared ``flock`` on its generation's manifest; see :func:`collect_garbage`). A write that fails
+(a full disk) is one :class:`IndexWriteError` naming the step and the file; the new generation's folder is
+removed and ``CURRENT`` is left as it was. Temporary files of a killed build are removed by the next one
+(:func:`remove_stale_temps`). The same write-new-then-switch-a-pointer idea as
 LMDB/Git refs; rclip's SQLite index inspired the incremental part (size + mtime per file).
 
 This module knows files only: the builder (``build.py``) decides what goes in, the reader (``index.py``)
@@ -24,33 +36,78 @@ answers queries from it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
+import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clip2video.fileio import TMP_PREFIX, atomic_path, atomic_write_bytes
+from clip2video import fileio  # through the module, so that every write of a build passes one choke point
+from clip2video.fileio import TMP_PREFIX
 from clip2video.search.index_choice import EXACT_MAX, TRAIN_PER_LIST, choose_index  # noqa: F401 - EXACT_MAX re-exported
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums (manifest ``files``, manifest.sha256), the ``files`` table, strict CURRENT
+SHARD_FORMAT_VERSION = 1  # shard sidecars keep their format: shards of version-1 indexes are reused
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
+MANIFEST_SUM = "manifest.sha256"
 META_DB = "meta.sqlite"
 FAISS_FILE = "faiss.index"
 SHARDS = "shards"
 THUMBS = "thumbs"
+GEN_PREFIX = "gen-"
+GEN_NAME = re.compile(r"gen-[0-9A-Za-z][0-9A-Za-z_.-]{0,200}")  # what new_generation_name makes; no separators
+MAX_CURRENT_BYTES = 512
 
 
 class IndexFormatError(ValueError):
     """An index folder that is missing, truncated, damaged or of another format version (one line)."""
 
+
+class IndexWriteError(OSError):
+    """A write of a build failed (disk full, read-only, ...): one line naming the step and the file."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return self.strerror or super().__str__()
+
+
+@contextlib.contextmanager
+def build_step(step: str, path: str | os.PathLike) -> Iterator[None]:
+    """Turn an OSError or SQLite error raised while doing ``step`` on ``path`` into one IndexWriteError line.
+
+    The callers guarantee the rest: temporary names are removed (``clip2video.fileio``), the new generation's
+    folder too (:func:`write_generation`), and ``CURRENT`` changes last, so the previous index still answers.
+    """
+    try:
+        yield
+    except IndexWriteError:
+        raise
+    except (OSError, sqlite3.Error) as e:
+        code = getattr(e, "errno", None)
+        if isinstance(e, sqlite3.Error):
+            code = errno.ENOSPC if "full" in str(e).lower() else code
+        why = os.strerror(code) if code else (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise IndexWriteError(code or errno.EIO, f"{step} {path}: {why}; the previous index is unchanged") from None
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (read in chunks: vector shards can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass
@@ -65,6 +122,12 @@ class Item:
     duration: float | None = None
     frames: int | None = None
     thumbnails: list[str] = field(default_factory=list)  # relative to the index folder
+    # the file policy's record (``files.py``): every file served for this video lies under ``root``; ``files``
+    # = [name relative to ``path`` ("" for a video file), size, mtime_ns]; ``thumb_stats`` = [size, mtime_ns,
+    # sha256] per thumbnail
+    root: str = ""
+    files: list[list[Any]] = field(default_factory=list)
+    thumb_stats: list[list[Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -79,7 +142,7 @@ def auto_index_type(n: int, d: int = 1024) -> tuple[str, str]:
     """(FAISS factory string, search parameters) for ``n`` vectors, chosen by size like autofaiss.
 
     Exact flat inner product while a full scan stays cheap (``EXACT_MAX``); above that the inverted file
-    ``index_choice.choose_index`` rates best (lists of ~256 vectors, centroids found through HNSW, 8-bit codes);
+    ``index_choice.choose_index`` rates best (lists of ~128 vectors, 8-bit codes);
     its candidates are re-scored with the exact vectors by :meth:`SearchIndex.search`. The rules and their
     measurements: ``index_choice.py`` and ``benchmarks/README.md``.
     """
@@ -212,28 +275,58 @@ def apply_search_params(index, params: str) -> None:
 def write_shard(folder: Path, name: str, vectors: np.ndarray, items: Sequence[Item], encoding_key: str) -> str:
     """An immutable shard: ``name.npy`` (vectors) then ``name.json`` (its items); the ``.json`` marks it whole."""
     d = Path(folder) / SHARDS
-    d.mkdir(parents=True, exist_ok=True)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if len(vectors) != len(items):
         raise ValueError(f"shard {name}: {len(vectors)} vectors for {len(items)} items")
-    with atomic_path(d / f"{name}.npy") as tmp:
-        np.save(tmp, vectors)
-    side = {"format_version": FORMAT_VERSION, "encoding_key": encoding_key, "rows": len(items),
-            "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0, "items": [it.to_dict() for it in items]}
-    atomic_write_bytes(d / f"{name}.json", json.dumps(side).encode(), durable=True)
+    with build_step("writing the vector shard", d / f"{name}.npy"):
+        d.mkdir(parents=True, exist_ok=True)
+        with fileio.atomic_path(d / f"{name}.npy") as tmp:
+            np.save(tmp, vectors)
+            digest = file_sha256(tmp)  # what reached the file, read back before it gets its name
+            size = tmp.stat().st_size
+    side = {"format_version": SHARD_FORMAT_VERSION, "encoding_key": encoding_key, "rows": len(items),
+            "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0, "npy_size": size, "npy_sha256": digest,
+            "items": [it.to_dict() for it in items]}
+    with build_step("writing the vector shard's item list", d / f"{name}.json"):
+        fileio.atomic_write_bytes(d / f"{name}.json", json.dumps(side).encode(), durable=True)
     return name
+
+
+def read_shard_side(folder: Path, name: str) -> dict[str, Any] | None:
+    """The sidecar ``.json`` of a complete shard, None for an incomplete or unreadable one."""
+    d = Path(folder) / SHARDS
+    try:
+        side = json.loads((d / f"{name}.json").read_text())
+        if side.get("format_version") != SHARD_FORMAT_VERSION or not (d / f"{name}.npy").is_file():
+            return None
+        return side
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def read_shard_items(folder: Path, name: str) -> tuple[str, list[Item]] | None:
     """(encoding key, items) of a complete shard, None for an incomplete or unreadable one."""
-    d = Path(folder) / SHARDS
+    side = read_shard_side(folder, name)
     try:
-        side = json.loads((d / f"{name}.json").read_text())
-        if side.get("format_version") != FORMAT_VERSION or not (d / f"{name}.npy").is_file():
-            return None
-        return side["encoding_key"], [Item.from_dict(x) for x in side["items"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        return (side["encoding_key"], [Item.from_dict(x) for x in side["items"]]) if side else None
+    except (KeyError, TypeError):
         return None
+
+
+def shard_intact(folder: Path, name: str) -> bool:
+    """Whether a shard's ``.npy`` still has the size and SHA-256 its sidecar recorded (True for a shard written
+    before sidecars recorded them). A build reuses only intact shards, so that damage is re-encoded, not copied
+    into the next generation."""
+    side = read_shard_side(folder, name)
+    if side is None:
+        return False
+    p = Path(folder) / SHARDS / f"{name}.npy"
+    try:
+        if "npy_sha256" not in side:
+            return True
+        return p.stat().st_size == side["npy_size"] and file_sha256(p) == side["npy_sha256"]
+    except OSError:
+        return False
 
 
 def list_shards(folder: Path) -> list[str]:
@@ -258,6 +351,7 @@ def write_generation(
     source: str | None = None,
     compact_below: float = 0.5,
     max_index_bytes: int | None = None,
+    extra: Callable[[Path, np.ndarray], dict[str, Any]] | None = None,
 ) -> Path:
     """Write a complete new generation for ``entries`` = (item, shard name, row in shard) and switch to it.
 
@@ -269,11 +363,13 @@ def write_generation(
     ValueError when nothing fits); the manifest records the choice with its estimated memory and expected
     recall (``index_choice``).
 
+    ``extra(folder, vectors)``, when given, writes further files of the generation into its (temporary) folder
+    from the vectors in row order, and returns entries for the manifest; its files are synced and switched in
+    with the rest (the query bank statistics of ``qb.py``).
+
     Returns:
         the new generation folder.
     """
-    import faiss
-
     folder = Path(folder)
     entries = sorted(entries, key=lambda e: e[0].video_id)
     ids = [e[0].video_id for e in entries]
@@ -308,98 +404,341 @@ def write_generation(
 
     gen = new_generation_name()
     tmp = folder / f".{gen}.tmp"
-    tmp.mkdir(parents=True)
-    faiss.write_index(index, str(tmp / FAISS_FILE))
-    db = sqlite3.connect(tmp / META_DB)
-    db.execute("CREATE TABLE videos (row INTEGER PRIMARY KEY, video_id TEXT UNIQUE NOT NULL, path TEXT NOT NULL, "
-               "kind TEXT NOT NULL, size INTEGER, mtime_ns INTEGER, duration REAL, frames INTEGER, "
-               "thumbnails TEXT, shard TEXT NOT NULL, shard_row INTEGER NOT NULL)")
-    db.executemany("INSERT INTO videos VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                   [(r, it.video_id, it.path, it.kind, it.size, it.mtime_ns, it.duration, it.frames,
-                     json.dumps(it.thumbnails), s, i) for r, (it, s, i) in enumerate(entries)])
-    db.commit()
-    db.close()
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "count": len(entries),
-        "dim": dim,
-        "fingerprint": model_meta.get("fingerprint", ""),
-        "model": model_meta,
-        "encoding": encoding,
-        "index_type": factory,
-        "search_params": params,
-        "index_choice": choice,
-        "shards": sorted({s for _, s, _ in entries}),
-        "source": source,
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    for p in tmp.iterdir():  # everything on disk before the generation becomes visible
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, folder / gen)
-    atomic_write_bytes(folder / CURRENT, (gen + "\n").encode(), durable=True)
-    collect_garbage(folder)
-    return folder / gen
+    final = folder / gen
+    switched = False
+    try:
+        with build_step("creating the new generation folder", tmp):
+            tmp.mkdir(parents=True)
+        with build_step("writing the FAISS index", tmp / FAISS_FILE):
+            import faiss
+
+            fileio.atomic_write_bytes(tmp / FAISS_FILE, faiss.serialize_index(index))
+        del index
+        _write_meta_db(tmp / META_DB, entries)
+        added: dict[str, Any] = {}
+        if extra is not None:
+            with build_step("writing the query bank's files", tmp):
+                added = extra(tmp, vectors)
+        del vectors
+        # every file of the generation folder (FAISS index, database, query bank files), then the shards
+        files = {f"{gen}/{p.name}": None for p in sorted(tmp.iterdir()) if p.is_file()}
+        for s in sorted({s for _, s, _ in entries}):
+            files[f"{SHARDS}/{s}.npy"] = None
+            files[f"{SHARDS}/{s}.json"] = None
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "count": len(entries),
+            "dim": dim,
+            "fingerprint": model_meta.get("fingerprint", ""),
+            "model": model_meta,
+            "encoding": encoding,
+            "index_type": factory,
+            "search_params": params,
+            "index_choice": choice,
+            "shards": sorted({s for _, s, _ in entries}),
+            "source": source,
+        }
+        manifest.update(added)
+        manifest["files"] = _file_digests(folder, tmp, gen, files)
+        data = json.dumps(manifest, indent=1).encode()
+        with build_step("writing the manifest", tmp / MANIFEST):
+            fileio.atomic_write_bytes(tmp / MANIFEST, data)
+        with build_step("writing the manifest's checksum", tmp / MANIFEST_SUM):
+            fileio.atomic_write_bytes(tmp / MANIFEST_SUM, f"{hashlib.sha256(data).hexdigest()}  {MANIFEST}\n".encode())
+        with build_step("flushing the new generation to disk", tmp):
+            for p in tmp.iterdir():  # everything on disk before the generation becomes visible
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        with build_step("moving the new generation into place", final):
+            os.replace(tmp, final)
+        with build_step(f"switching {CURRENT} to the new generation", folder / CURRENT):
+            fileio.atomic_write_bytes(folder / CURRENT, (gen + "\n").encode(), durable=True)
+        switched = True
+    finally:
+        if not switched:  # the previous generation stays the live one; nothing of this one is left
+            shutil.rmtree(tmp, ignore_errors=True)
+            if final.is_dir() and read_current_name(folder) != gen:
+                shutil.rmtree(final, ignore_errors=True)
+    try:
+        collect_garbage(folder)
+    except OSError as e:  # the new generation is live and whole; what is left is removed by the next build
+        import logging
+
+        logging.getLogger(__name__).warning("%s: clean-up after the switch stopped (%s); the next build retries",
+                                            folder, e)
+    return final
+
+
+def _write_meta_db(path: Path, entries: Sequence[tuple[Item, str, int]]) -> None:
+    """``meta.sqlite``: table ``videos`` (one row per video, FAISS id = row) and table ``files`` (the file
+    policy's record of each video; ``files.py``)."""
+    with build_step("writing the metadata database", path), fileio.atomic_path(path) as tmp:
+        db = sqlite3.connect(tmp)
+        try:
+            db.execute("CREATE TABLE videos (row INTEGER PRIMARY KEY, video_id TEXT UNIQUE NOT NULL, "
+                       "path TEXT NOT NULL, kind TEXT NOT NULL, size INTEGER, mtime_ns INTEGER, duration REAL, "
+                       "frames INTEGER, thumbnails TEXT, shard TEXT NOT NULL, shard_row INTEGER NOT NULL)")
+            db.execute("CREATE TABLE files (row INTEGER PRIMARY KEY, root TEXT NOT NULL, entries TEXT NOT NULL, "
+                       "thumbs TEXT NOT NULL)")
+            db.executemany("INSERT INTO videos VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                           [(r, it.video_id, it.path, it.kind, it.size, it.mtime_ns, it.duration, it.frames,
+                             json.dumps(it.thumbnails), s, i) for r, (it, s, i) in enumerate(entries)])
+            db.executemany("INSERT INTO files VALUES (?,?,?,?)",
+                           [(r, it.root, json.dumps(it.files, ensure_ascii=False),
+                             json.dumps([[t, *st] for t, st in zip(it.thumbnails, it.thumb_stats, strict=False)]))
+                            for r, (it, _, _) in enumerate(entries)])
+            db.commit()
+        finally:
+            db.close()
+
+
+def _file_digests(folder: Path, tmp: Path, gen: str, names: dict[str, Any]) -> dict[str, list[Any]]:
+    """[size, sha256] of every file the new generation reads, keyed by its path relative to the index folder.
+
+    A shard's ``.npy`` digest is the one its sidecar recorded when it was written (a shard damaged since then
+    then fails verification instead of being blessed anew); its sidecar and the generation's own files are
+    hashed here.
+    """
+    out: dict[str, list[Any]] = {}
+    for rel in names:
+        path = tmp / rel.split("/", 1)[1] if rel.startswith(gen + "/") else folder / rel
+        with build_step("recording the checksum of", path):
+            if rel.endswith(".npy") and rel.startswith(SHARDS + "/"):
+                side = read_shard_side(folder, Path(rel).stem)
+                if side is not None and "npy_sha256" in side:
+                    out[rel] = [int(side["npy_size"]), side["npy_sha256"]]
+                    continue
+            out[rel] = [path.stat().st_size, file_sha256(path)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- readers, clean-up
+def reader_lock(gen: Path) -> int | None:
+    """Hold a shared ``flock`` on a generation's manifest while reading it (a file descriptor; close it to
+    release). :func:`collect_garbage` leaves a generation alone while anyone holds one. None where the
+    manifest cannot be opened (the caller's next read says why)."""
+    try:
+        fd = os.open(gen / MANIFEST, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except (ImportError, OSError):
+        pass  # no flock (another OS, some network file systems): readers then simply hold no lock
+    return fd
+
+
+def _claim(gen: Path) -> tuple[bool, int | None]:
+    """(free, descriptor): whether no reader holds ``gen`` (checked with a non-blocking exclusive lock on its
+    manifest), and the descriptor keeping that lock, to be closed once the generation is removed: a reader
+    that arrives meanwhile waits, then finds it gone and opens the live one."""
+    try:
+        import fcntl
+
+        fd = os.open(gen / MANIFEST, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except (ImportError, OSError):
+        return True, None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True, fd
+    except OSError:
+        os.close(fd)
+        return False, None
+
+
+def _generation_uses(gen: Path) -> tuple[set[str], set[str]]:
+    """(shards, thumbnail keys) a generation refers to; empty sets for an unreadable one."""
+    shards: set[str] = set()
+    thumbs: set[str] = set()
+    try:
+        shards = set(json.loads((gen / MANIFEST).read_text())["shards"])
+        db = open_db_readonly(gen / META_DB)
+        try:
+            thumbs = {Path(t).parts[1] for (js,) in db.execute("SELECT thumbnails FROM videos")
+                      for t in json.loads(js) if len(Path(t).parts) > 1}
+        finally:
+            db.close()
+    except (OSError, ValueError, KeyError, TypeError, sqlite3.Error):
+        pass
+    return shards, thumbs
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Remove what killed runs left: ``.gen-*.tmp`` folders and ``.tmp-*`` files in the index folder, in
+    ``shards/`` and in every ``thumbs/<key>/``. Only under the build lock (no other build is writing).
+    Returns how many were removed."""
+    folder = Path(folder)
+    n = 0
+    places = [folder, folder / SHARDS]
+    if (folder / THUMBS).is_dir():
+        places += [p for p in (folder / THUMBS).iterdir() if p.is_dir() and not p.is_symlink()]
+    for d in places:
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if d == folder and p.name.startswith("." + GEN_PREFIX) and p.name.endswith(".tmp"):
+                _remove_any(p)
+                n += 1
+            elif p.name.startswith(TMP_PREFIX) and (p.is_file() or p.is_symlink()):
+                p.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def _remove_any(p: Path) -> None:
+    """Remove a folder tree or a file; a link is removed itself, never followed."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
 
 def collect_garbage(folder: Path) -> None:
-    """Remove what the live generation does not use: old generations, temp files, unused shards/thumbnails.
+    """Remove what no generation in use needs: old generations, temp files, unused shards and thumbnails.
 
     Only called by a build that holds the build lock, right after it switched ``CURRENT``; shards of an
-    interrupted build (never referenced) are removed here too, after the re-run has reused them.
+    interrupted build (never referenced) are removed here too, after the re-run has reused them. A generation
+    a reader (a server, a running query) still holds is kept, with its shards and thumbnails; a later build
+    removes it once it is released. Clean-up is best effort: a failure here leaves files, never a broken index.
     """
     folder = Path(folder)
-    live = (folder / CURRENT).read_text().strip()
-    manifest = json.loads((folder / live / MANIFEST).read_text())
-    keep_shards = set(manifest["shards"])
+    live = read_current_name(folder)
+    if live is None:
+        return
+    keep_shards, keep_thumbs = _generation_uses(folder / live)
     for p in folder.iterdir():
-        if p.name.startswith("gen-") and p.name != live or p.name.startswith(".gen-"):
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.name.startswith(TMP_PREFIX) and p.is_file():  # a pointer write interrupted by a kill
-            p.unlink(missing_ok=True)
+        if p.name.startswith(GEN_PREFIX) and p.name != live and p.is_dir() and not p.is_symlink():
+            free, fd = _claim(p)
+            if not free:
+                shards, thumbs = _generation_uses(p)
+                keep_shards |= shards
+                keep_thumbs |= thumbs
+                continue
+            try:
+                shutil.rmtree(p, ignore_errors=True)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        elif p.name.startswith(GEN_PREFIX) and p.name != live and p.is_symlink():
+            p.unlink(missing_ok=True)  # not a generation of this index
+    remove_stale_temps(folder)
     for p in (folder / SHARDS).glob("*") if (folder / SHARDS).is_dir() else []:
         stem = p.name.split(".")[0] if not p.name.startswith(".") else None
         if stem is None or stem not in keep_shards:
             p.unlink(missing_ok=True)
     thumbs = folder / THUMBS
     if thumbs.is_dir():
-        db = sqlite3.connect(f"file:{folder / live / META_DB}?mode=ro", uri=True)
-        used = {Path(t).parts[1] for (js,) in db.execute("SELECT thumbnails FROM videos") for t in json.loads(js)
-                if len(Path(t).parts) > 1}
-        db.close()
         for p in thumbs.iterdir():
-            if p.name not in used:
-                shutil.rmtree(p, ignore_errors=True)
+            if p.name not in keep_thumbs:
+                _remove_any(p)
 
 
 # ----------------------------------------------------------------------------------------------- reading
+def read_current_name(folder: Path) -> str | None:
+    """The generation name ``CURRENT`` holds, or None when it is missing or not a valid name (no message)."""
+    try:
+        return read_current(folder)
+    except IndexFormatError:
+        return None
+
+
+def read_current(folder: str | os.PathLike) -> str:
+    """The live generation's name, checked: ``CURRENT`` is a small regular file holding one ``gen-*`` name of
+    a real folder directly inside the index folder (not a path, not a link to elsewhere). IndexFormatError
+    (one line naming the file) for anything else."""
+    folder = Path(folder)
+    cur = folder / CURRENT
+    try:
+        st = os.lstat(cur)
+    except FileNotFoundError:
+        if (folder / "index.faiss").exists() or (folder / MANIFEST).exists():
+            raise IndexFormatError(f"{folder}: index of an older format (no {CURRENT} file); rebuild it with "
+                                   "search.py build") from None
+        raise IndexFormatError(f"{folder}: not a search index (no {CURRENT} file); build one with search.py "
+                               "build") from None
+    except OSError as e:
+        raise IndexFormatError(f"{cur}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise IndexFormatError(f"{cur}: not a regular file (a link or a folder); the index is damaged")
+    if st.st_size > MAX_CURRENT_BYTES:
+        raise IndexFormatError(f"{cur}: {st.st_size} bytes, not a generation name; the index is damaged")
+    try:
+        raw = cur.read_bytes()[:MAX_CURRENT_BYTES]
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise IndexFormatError(f"{cur}: holds binary data, not a generation name; the index is damaged") from None
+    except OSError as e:
+        raise IndexFormatError(f"{cur}: cannot read ({e.strerror or e})") from None
+    name = text.strip()
+    if not GEN_NAME.fullmatch(name):
+        raise IndexFormatError(f"{cur}: names {name[:80]!r}, not a {GEN_PREFIX}* folder of this index; the index "
+                               "is damaged")
+    gen = folder / name
+    try:
+        inside = not gen.is_symlink() and gen.is_dir() and gen.resolve().parent == folder.resolve()
+    except OSError:
+        inside = False
+    if not inside:
+        raise IndexFormatError(f"{cur}: names {name!r}, which is not a folder inside {folder} (missing, or a link "
+                               "elsewhere); truncated or damaged index")
+    return name
+
+
 def read_manifest(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """(live generation folder, its manifest), or IndexFormatError with one line saying what is wrong."""
+    """(live generation folder, its manifest), or IndexFormatError with one line saying what is wrong.
+
+    The manifest's bytes must match the SHA-256 recorded beside it (``manifest.sha256``): an edited or damaged
+    manifest (a changed logit scale rescales every score) is refused, not read.
+    """
     folder = Path(folder)
     if not folder.exists():
         raise IndexFormatError(f"{folder}: no such index folder (build one with: search.py build --index {folder})")
     if not folder.is_dir():
         raise IndexFormatError(f"{folder}: not an index folder (a file)")
-    cur = folder / CURRENT
-    if not cur.is_file():
-        if (folder / "index.faiss").exists() or (folder / MANIFEST).exists():
-            raise IndexFormatError(f"{folder}: index of an older format (no {CURRENT} file); rebuild it with "
-                                   "search.py build")
-        raise IndexFormatError(f"{folder}: not a search index (no {CURRENT} file); build one with search.py build")
-    live = cur.read_text().strip()
+    live = read_current(folder)
     gen = folder / live
-    if not live or not (gen / MANIFEST).is_file():
+    path = gen / MANIFEST
+    if not path.is_file():
         raise IndexFormatError(f"{folder}: truncated index: {CURRENT} names {live!r}, which has no {MANIFEST}")
     try:
-        manifest = json.loads((gen / MANIFEST).read_text())
+        data = path.read_bytes()
+        manifest = json.loads(data)
     except (OSError, ValueError) as e:
-        raise IndexFormatError(f"{gen / MANIFEST}: truncated or damaged ({type(e).__name__})") from None
+        raise IndexFormatError(f"{path}: truncated or damaged ({type(e).__name__})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    recorded = read_manifest_sum(gen)
+    if recorded is None and version != FORMAT_VERSION:
+        raise IndexFormatError(f"{folder}: index format version {version}, this version reads {FORMAT_VERSION}; "
+                               "rebuild it with search.py build")
+    if recorded is None:
+        raise IndexFormatError(f"{gen / MANIFEST_SUM}: missing or damaged; the manifest cannot be checked (rebuild "
+                               "the index)")
+    if hashlib.sha256(data).hexdigest() != recorded:
+        raise IndexFormatError(f"{path}: truncated or damaged (its SHA-256 differs from the one recorded in "
+                               f"{MANIFEST_SUM} at build time); rebuild the index")
     if version != FORMAT_VERSION:
         raise IndexFormatError(f"{folder}: index format version {version}, this version reads {FORMAT_VERSION}; "
                                "rebuild it with search.py build")
-    missing = [k for k in ("count", "dim", "fingerprint", "model", "index_type", "shards") if k not in manifest]
+    missing = [k for k in ("count", "dim", "fingerprint", "model", "index_type", "shards", "files")
+               if k not in manifest]
     if missing:
-        raise IndexFormatError(f"{gen / MANIFEST}: truncated or damaged (missing {', '.join(missing)})")
+        raise IndexFormatError(f"{path}: truncated or damaged (missing {', '.join(missing)})")
     return gen, manifest
+
+
+def open_db_readonly(path: str | os.PathLike, **kw: Any) -> sqlite3.Connection:
+    """A read-only SQLite connection (a ``file:`` URI, so any character of the path is safe in it)."""
+    return sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, **kw)
+
+
+def read_manifest_sum(gen: Path) -> str | None:
+    """The manifest's SHA-256 recorded in ``manifest.sha256`` (hex), or None when it is missing or not one."""
+    try:
+        text = (gen / MANIFEST_SUM).read_bytes()[:200].decode("ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+    m = re.fullmatch(r"([0-9a-f]{64}) [ *]" + re.escape(MANIFEST) + r"\n?", text)
+    return m.group(1) if m else None
