@@ -11,13 +11,15 @@ choices cost more than the arithmetic. So the same computation (``CLIP2Video.enc
 - ``onnx`` / ``onnx-int8``: the text path exported to ONNX (ids and mask with dynamic batch and length axes)
   and run by ONNX Runtime (the int8 model: ONNX Runtime's dynamic quantisation of the weights), needs the
   ``onnxruntime`` package (``pip install 'clip2video[fast]'``);
-- ``openvino``: the same ONNX graph compiled by OpenVINO (optional package ``openvino``).
+- ``openvino`` / ``openvino-bf16``: the same ONNX graph compiled by OpenVINO for the CPU, in fp32 or with bf16
+  inference precision (optional package ``openvino``).
 
-Which is fastest and which stays within cosine 0.9995 of fp32 and the same top-10 is measured by
-``benchmarks/bench_search.py`` (``benchmarks/README.md``); ``torch`` stays the default because it is the one
-whose scores equal ``--save_sim`` to float rounding whatever is installed. ``auto`` takes ``onnx`` when
-``onnxruntime`` imports and ``torch`` otherwise (said once in the log), so a missing optional package never
-stops a server.
+What ``benchmarks/bench_search.py`` measured (``benchmarks/README.md``): ONNX Runtime and OpenVINO in fp32 give
+the fp32 vectors to ~1e-7 in about half of eager torch's time for one query; no int8 path stays within cosine
+0.9995 of fp32, and bf16 passes the cosine but not the same-top-10 test. So ``auto`` (``serve``'s default) takes
+OpenVINO, else ONNX Runtime, else torch (said once in the log), all fp32: its scores equal ``--save_sim`` to
+float rounding whatever is installed, and a missing optional package never stops a server. ``query`` keeps
+``torch`` by default: exporting the tower takes seconds, more than a one-off query saves.
 
 ``QueryCache`` keeps recent query vectors: bounded by bytes, least recently used out first, keyed by the
 model fingerprint, the runtime's name and the query's token ids (the tokenizer's normalisation: case, spaces,
