@@ -475,21 +475,35 @@ class FrameResampler:
         self.warnings: list[str] = []
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        for _, frame in self.outputs():
+            yield frame
+
+    def outputs(self, wanted: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(k, frame)`` for the output frames ``k`` in ``wanted`` (all when None), in order, in one decoding pass.
+
+        Only the wanted outputs are converted to RGB, and decoding stops after the last one: a long video whose
+        segments need a few frames per second is read once, front to back, holding one frame at a time.
+        """
         index = probe(self.path, fallback_fps=self.fallback_fps, allow_truncated=self.allow_truncated)
         self.warnings = list(index.warnings)
         self.source_fps = index.rate or self.fallback_fps
         self.fps_known = index.timed or bool(index.rate)
         self.reported_frames = index.header_frames
         n_out = index.n_output(self.fps)
+        want = None if wanted is None else {int(k) for k in wanted if 0 <= int(k) < n_out}
+        if want is not None and not want:
+            return
         container, stream = _open(self.path, self.threads)
         try:
-            yield from self._frames(container, stream, index, n_out)
+            yield from self._frames(container, stream, index, n_out, want)
         finally:
             container.close()
 
-    def _frames(self, container, stream, index: VideoIndex, n_out: int) -> Iterator[np.ndarray]:
+    def _frames(self, container, stream, index: VideoIndex, n_out: int,
+                want: set[int] | None) -> Iterator[tuple[int, np.ndarray]]:
         k = 0  # next output frame; it shows source frame index.source_of(k)
         due = index.source_of(0, self.fps)
+        stop = n_out if want is None else max(want) + 1  # outputs after the last wanted one are not decoded
         try:
             for i, frame in enumerate(container.decode(stream)):
                 if index.timed:
@@ -506,15 +520,18 @@ class FrameResampler:
                                          "(truncated or corrupt)")
                 if pos < due:
                     continue
-                out = _to_rgb(frame)
-                if self.bgr:
-                    out = np.ascontiguousarray(out[..., ::-1])
+                out = None
                 while k < n_out and due == pos:
-                    self.written += 1
+                    if want is None or k in want:
+                        if out is None:
+                            out = _to_rgb(frame)
+                            if self.bgr:
+                                out = np.ascontiguousarray(out[..., ::-1])
+                        self.written += 1
+                        yield k, out
                     k += 1
-                    yield out
                     due = index.source_of(k, self.fps) if k < n_out else index.n_source
-                if k >= n_out:
+                if k >= stop:
                     return
         except (av.error.FFmpegError, OSError) as e:
             err = _decode_error(self.path, e, f"past frame {self.decoded_frames}")

@@ -34,6 +34,13 @@ from clip2video.cli.common import (
     run_main,
 )
 from clip2video.cli.serve import add_serve_parser, check_index_model
+from clip2video.search.segments import (
+    DEFAULT_MIN_SECONDS,
+    DEFAULT_SCENE_SECONDS,
+    DEFAULT_SCENE_THRESHOLD,
+    DEFAULT_STRIDE_SHARE,
+)
+from clip2video.search.segments import MODES as SEGMENT_MODES
 
 logger = logging.getLogger("clip2video.cli.search")
 MAX_QUERY_CHARS = 10_000
@@ -59,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--batch_size_val", type=int, default=None, help="alias of --batch_size")
     add_data_args(src, ["num_thread_reader"], helps={"num_thread_reader": "data-loading processes"})
     add_checkpoint_args(b)
+    sg = b.add_argument_group("moments (segments of long videos)")
+    sg.add_argument("--segment_seconds", type=float, default=None, metavar="S",
+                    help="index each video as segments [k*T, k*T + S) seconds (default: one vector per video; "
+                         f"with --segments scenes the longest shot, default {DEFAULT_SCENE_SECONDS:g})")
+    sg.add_argument("--segment_stride", type=float, default=None, metavar="T",
+                    help=f"seconds between segment starts, 0 < T <= S (default {DEFAULT_STRIDE_SHARE:g} * S)")
+    sg.add_argument("--segments", default=None, choices=SEGMENT_MODES,
+                    help="fixed: windows of --segment_seconds (the default once it is given); scenes: shots")
+    sg.add_argument("--min_segment_seconds", type=float, default=DEFAULT_MIN_SECONDS,
+                    help=f"scenes: shortest shot kept on its own (default {DEFAULT_MIN_SECONDS:g})")
+    sg.add_argument("--scene_threshold", type=float, default=DEFAULT_SCENE_THRESHOLD,
+                    help=f"scenes: content change (0-255) that is a cut (default {DEFAULT_SCENE_THRESHOLD:g})")
     ix = b.add_argument_group("index")
     ix.add_argument("--index_type", default="auto",
                     help="auto (by size), Flat, or a FAISS factory string such as IVF1024,SQ8")
@@ -124,6 +143,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     if bool(args.features_path) == bool(args.from_embeddings):
         raise UsageError("give one of --features_path (videos) or --from_embeddings (exported vectors)")
+    segments = segment_settings(args)
+    if segments is not None and args.from_embeddings:
+        raise UsageError("--segment_seconds / --segments need --features_path (videos), not --from_embeddings")
     check_paths(args, dirs=("features_path", "from_embeddings"))
     if args.batch_size_val:
         args.batch_size = args.batch_size_val
@@ -153,19 +175,42 @@ def cmd_build(args: argparse.Namespace) -> int:
                                 precision=args.precision, video_fps=args.video_fps, batch_size=args.batch_size,
                                 num_workers=args.num_thread_reader, index_type=args.index_type,
                                 search_params=args.search_params, device=info.device, info=info,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, segments=segments)
     finally:
         cleanup_distributed()
     if res is None:
         return 0
     logger.info("index %s: %d videos (%d encoded, %d unchanged, %d removed) in %.1f s", args.index, res.count,
                 res.encoded, res.reused, res.removed, time.perf_counter() - t0)
+    if segments is not None:
+        logger.info("%d segments (%s)", res.vectors, ", ".join(f"{k} {v:g}" for k, v in
+                                                               segments.to_dict().items() if k != "mode"))
     if res.failed:
         for vid, why in res.failed:
             print(f"search.py: skipped {vid}: {why}", file=sys.stderr)
         print(f"search.py: {len(res.failed)} video(s) could not be read and were skipped", file=sys.stderr)
         return 1
     return 0
+
+
+def segment_settings(args: argparse.Namespace):
+    """The build's ``SegmentSettings`` from its flags (None: one vector per video); bad values are usage errors."""
+    from clip2video.search.segments import SegmentError, SegmentSettings
+
+    if args.segment_seconds is None and args.segments is None:
+        for flag in ("segment_stride",):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag} needs --segment_seconds")
+        return None
+    mode = args.segments or "fixed"
+    if mode == "fixed" and args.segment_seconds is None:
+        raise UsageError("--segments fixed needs --segment_seconds")
+    try:
+        return SegmentSettings(mode=mode, seconds=DEFAULT_SCENE_SECONDS if args.segment_seconds is None
+                               else args.segment_seconds, stride=args.segment_stride,
+                               min_seconds=args.min_segment_seconds, threshold=args.scene_threshold)
+    except SegmentError as e:
+        raise UsageError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------- query

@@ -28,12 +28,13 @@ class BatcherClosed(RuntimeError):
     """The batcher was shut down before the query could run."""
 
 
-def search_batch(index, texts: list[str], ks: list[int]) -> list[list[Any]]:
-    """Encode ``texts`` in one pass and search them per distinct k, so each answer is exactly what a query
-    with that k alone returns (``index``: the ``SearchIndex`` interface)."""
+def search_batch(index, texts: list[str], ks: list[Any]) -> list[list[Any]]:
+    """Encode ``texts`` in one pass and search them per distinct k (an int, or a hashable request such as
+    ``moments.SearchRequest``), so each answer is exactly what a query with that k alone returns (``index``:
+    the ``SearchIndex`` interface)."""
     vectors = index.encode_text(texts)
     out: list[list[Any]] = [[] for _ in texts]
-    for k in sorted(set(ks)):
+    for k in sorted(set(ks), key=lambda k: (getattr(k, "k", k), repr(k))):
         rows = [i for i, kk in enumerate(ks) if kk == k]
         for i, hits in zip(rows, index.search(vectors[rows], k), strict=True):
             out[i] = hits

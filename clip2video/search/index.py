@@ -35,6 +35,16 @@ from clip2video.search.store import (
 
 if TYPE_CHECKING:
     from clip2video.modules.weights.spec import ModelSpec
+    from clip2video.search.moments import SearchRequest
+
+
+@dataclass(frozen=True)
+class Moment:
+    """A further segment of a hit's video: its time range (seconds) and score."""
+
+    start: float
+    end: float
+    score: float
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,10 @@ class Hit:
     video_id: str
     score: float  # ×logit-scale units, the number infer_retrieval.py --save_sim writes
     path: str  # the indexed source path, as recorded at build time
+    start: float | None = None  # the segment's time range in seconds (a whole video: 0 and its duration)
+    end: float | None = None
+    moments: tuple[Moment, ...] = ()  # grouped results: the video's next best segments, best first
+    thumbnails: tuple[int, ...] | None = None  # which of the video's thumbnails show this segment (None: all)
 
 
 @dataclass(frozen=True)
@@ -106,17 +120,37 @@ class SearchIndex:
     def _load(self, gen: Path, manifest: dict[str, Any]) -> None:
         import faiss
 
+        self.segments: dict[str, Any] | None = manifest.get("segments") or None
         try:
             db = sqlite3.connect(f"file:{gen / META_DB}?mode=ro", uri=True, check_same_thread=False)
-            rows = db.execute("SELECT row, video_id, path, shard, shard_row FROM videos ORDER BY row").fetchall()
+            videos = db.execute("SELECT row, video_id, path, shard, shard_row, duration, mtime_ns FROM videos "
+                                "ORDER BY row").fetchall()
+            if self.segments:
+                rows = db.execute("SELECT row, video, shard, shard_row, start_s, end_s, thumbnails FROM segments "
+                                  "ORDER BY row").fetchall()
+            else:
+                rows = [(r[0], r[0], r[3], r[4], 0.0, r[5], None) for r in videos]
         except sqlite3.Error as e:
             raise IndexFormatError(f"{gen / META_DB}: truncated or damaged ({e})") from None
         if len(rows) != manifest["count"] or any(r[0] != i for i, r in enumerate(rows)):
             raise IndexFormatError(f"{gen / META_DB}: truncated ({len(rows)} rows, manifest says {manifest['count']})")
+        if any(r[0] != i for i, r in enumerate(videos)) or any(not 0 <= r[1] < len(videos) for r in rows):
+            raise IndexFormatError(f"{gen / META_DB}: damaged (segments name videos it does not hold)")
         self._db = db
-        self.video_ids: list[str] = [r[1] for r in rows]
-        self.paths: list[str] = [r[2] for r in rows]
-        self._row_of = {v: i for i, v in enumerate(self.video_ids)}
+        self.video_ids: list[str] = [r[1] for r in videos]  # one per video, in id order
+        self.paths: list[str] = [r[2] for r in videos]
+        self._row_of = {v: i for i, v in enumerate(self.video_ids)}  # video id → its number
+        self.durations = np.array([np.nan if r[5] is None else float(r[5]) for r in videos], dtype=np.float64)
+        self.mtimes = np.array([r[6] or 0 for r in videos], dtype=np.int64)
+        self.n_rows = len(rows)  # vectors: one per video, or one per segment
+        self.row_video = np.array([r[1] for r in rows], dtype=np.int64)  # rows of a video are contiguous
+        self.starts = np.array([r[4] for r in rows], dtype=np.float64)
+        self.ends = np.array([np.nan if r[5] is None else r[5] for r in rows], dtype=np.float64)
+        self._row_thumbs = [None if r[6] is None else tuple(json.loads(r[6])) for r in rows]
+        self.video_first = np.searchsorted(self.row_video, np.arange(len(videos)), side="left")
+        self.video_stop = np.searchsorted(self.row_video, np.arange(len(videos)), side="right")
+        if len(rows) and np.any(np.diff(self.row_video) < 0):
+            raise IndexFormatError(f"{gen / META_DB}: damaged (a video's segments are not together)")
         shard_names = list(manifest["shards"])
         pos = {s: k for k, s in enumerate(shard_names)}
         self._shards = []
@@ -130,8 +164,8 @@ class SearchIndex:
                 raise IndexFormatError(f"{p}: vector shard of shape {m.shape} {m.dtype}, expected (n, {self.dim})")
             self._shards.append(m)
         try:
-            self._row_shard = np.array([pos[r[3]] for r in rows], dtype=np.int32)
-            self._row_offset = np.array([r[4] for r in rows], dtype=np.int64)
+            self._row_shard = np.array([pos[r[2]] for r in rows], dtype=np.int32)
+            self._row_offset = np.array([r[3] for r in rows], dtype=np.int64)
         except KeyError as e:
             raise IndexFormatError(f"{gen / META_DB}: names shard {e} that the manifest does not list") from None
         for k, m in enumerate(self._shards):
@@ -144,23 +178,36 @@ class SearchIndex:
         except (RuntimeError, OSError) as e:
             raise IndexFormatError(f"{fpath}: missing or truncated FAISS index ({str(e).splitlines()[0][:120]})") \
                 from None
-        if self._index.ntotal != len(rows) or self._index.d != self.dim:
+        if self._index.ntotal != self.n_rows or self._index.d != self.dim:
             raise IndexFormatError(f"{fpath}: holds {self._index.ntotal} vectors of dim {self._index.d}, "
                                    f"expected {len(rows)} of dim {self.dim}")
         apply_search_params(self._index, manifest.get("search_params") or "")
         self.exact = manifest["index_type"] == "Flat"
 
     def __len__(self) -> int:
+        """Number of videos (an index of segments holds more rows: ``n_rows``)."""
         return len(self.video_ids)
 
     # ------------------------------------------------------------------ vectors
     def vectors(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Exact stored vectors of the given rows, (len(rows), D) float32."""
-        rows = np.asarray(rows, dtype=np.int64)
+        """Exact stored vectors of the given rows, (len(rows), D) float32 (one gather per shard)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         out = np.empty((len(rows), self.dim), dtype=np.float32)
-        for j, r in enumerate(rows):
-            out[j] = self._shards[self._row_shard[r]][self._row_offset[r]]
+        if len(rows) == 0:
+            return out
+        shard = self._row_shard[rows]
+        offset = self._row_offset[rows]
+        for k in np.unique(shard):
+            sel = shard == k
+            out[sel] = self._shards[k][offset[sel]]
         return out
+
+    def hit(self, row: int, score: float, moments: tuple[Moment, ...] = ()) -> Hit:
+        """The :class:`Hit` of index row ``row`` with ``score`` (unscaled inner product)."""
+        v = int(self.row_video[row])
+        end = float(self.ends[row])
+        return Hit(self.video_ids[v], float(score) * self.logit_scale, self.paths[v], float(self.starts[row]),
+                   None if np.isnan(end) else end, moments, self._row_thumbs[row])
 
     # ------------------------------------------------------------------ model
     def check_model(self, spec: ModelSpec) -> None:
@@ -204,19 +251,27 @@ class SearchIndex:
         return np.ascontiguousarray(v, dtype=np.float32)
 
     # ------------------------------------------------------------------ search
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, vectors: np.ndarray, k: int | SearchRequest) -> list[list[Hit]]:
         """Top-k videos per query vector, best first, scores ×logit scale.
 
         An approximate index proposes candidates; their scores are then recomputed from the exact stored
-        vectors (and re-sorted), so every score printed is the exact CLIP2Video score.
+        vectors (and re-sorted), so every score printed is the exact CLIP2Video score. ``k`` may be a
+        ``moments.SearchRequest``: grouping of segments by video, one video's segments, filters (an index of
+        segments groups by default).
         """
+        from clip2video.search.moments import SearchRequest, search_moments
+
         q = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
-        if q.shape[0] == 0 or len(self) == 0 or k <= 0:
-            return [[] for _ in range(q.shape[0])]
-        if q.shape[1] != self.dim:
+        if q.shape[0] and q.shape[1] != self.dim:
             raise ValueError(f"query vectors have dim {q.shape[1]}, the index holds {self.dim}")
-        k = min(int(k), len(self))
-        fetch = k if self.exact else min(len(self), max(2 * k, k + 10))
+        request = k if isinstance(k, SearchRequest) else SearchRequest(int(k))
+        if not request.plain(self):
+            return search_moments(self, q, request)
+        k = request.k
+        if q.shape[0] == 0 or self.n_rows == 0 or k <= 0:
+            return [[] for _ in range(q.shape[0])]
+        k = min(int(k), self.n_rows)
+        fetch = k if self.exact else min(self.n_rows, max(2 * k, k + 10))
         scores, labels = self._index.search(q, fetch)
         out = []
         for qi in range(q.shape[0]):
@@ -227,27 +282,50 @@ class SearchIndex:
                 sc = self.vectors(lab) @ q[qi]
                 order = np.argsort(-sc, kind="stable")
                 lab, sc = lab[order], sc[order]
-            out.append([Hit(self.video_ids[r], float(s) * self.logit_scale, self.paths[r])
-                        for r, s in zip(lab[:k].tolist(), sc[:k].tolist(), strict=True)])
+            out.append([self.hit(r, s) for r, s in zip(lab[:k].tolist(), sc[:k].tolist(), strict=True)])
         return out
 
-    def query(self, texts: list[str], k: int) -> list[list[Hit]]:
+    def query(self, texts: list[str], k: int | SearchRequest) -> list[list[Hit]]:
         return self.search(self.encode_text(texts), k)
 
-    def similar(self, video_id: str, k: int) -> list[Hit]:
-        """Videos closest to an indexed one (the video itself excluded); KeyError for an unknown id.
+    def similar(self, video_id: str, k: int | SearchRequest, start: float | None = None) -> list[Hit]:
+        """Videos (or moments) closest to an indexed video, or to its segment starting at ``start``; the video
+        itself is excluded (with ``start``: only its segments that overlap that one). KeyError for an unknown id
+        or start.
 
-        The video's vector is weighted as a caption's is (``[w·v_g, (1−w)·v_a]``) so the two parts count as
-        in a text query.
+        The vector is weighted as a caption's is (``[w·v_g, (1−w)·v_a]``) so the two parts count as in a text
+        query; a whole video of several segments is the mean of its segments' parts, each made unit length.
         """
-        r = self._row_of[video_id]
-        v = self.vectors([r])[0]
+        from clip2video.search.moments import SearchRequest
+
+        v = self._row_of[video_id]
+        first, stop = int(self.video_first[v]), int(self.video_stop[v])
         g = int(self.model_record.global_dim or 0)
+        if start is None:
+            rows = np.arange(first, stop)
+            exclude = rows
+        else:
+            at = np.nonzero(np.abs(self.starts[first:stop] - float(start)) < 1e-6)[0]
+            if not len(at):
+                raise KeyError(f"{video_id}@{start}")
+            r = first + int(at[0])
+            rows = np.array([r])
+            exclude = np.arange(first, stop)[(self.starts[first:stop] < self.ends[r])
+                                             & (self.ends[first:stop] > self.starts[r])]
+        vec = self.vectors(rows)
+        if len(rows) > 1:
+            parts = [vec[:, :g], vec[:, g:]] if 0 < g < self.dim else [vec]
+            vec = np.concatenate([p.mean(0) / max(float(np.linalg.norm(p.mean(0))), 1e-12) for p in parts])
+        else:
+            vec = vec[0]
         if 0 < g < self.dim:
             w = float(self.model_record.center_weight)
-            v = np.concatenate([w * v[:g], (1 - w) * v[g:]])
-        hits = self.search(v[None], k + 1)[0]
-        return [h for h in hits if h.video_id != video_id][:k]
+            vec = np.concatenate([w * vec[:g], (1 - w) * vec[g:]])
+        request = k if isinstance(k, SearchRequest) else SearchRequest(int(k))
+        if not self.segments and start is None and request.plain(self):  # as before: one row per video
+            hits = self.search(vec[None], request.k + 1)[0]
+            return [h for h in hits if h.video_id != video_id][: request.k]
+        return self.search(vec[None], request.excluding(tuple(int(x) for x in exclude)))[0]
 
     def record(self, video_id: str) -> VideoRecord | None:
         if video_id not in self._row_of:
@@ -259,6 +337,11 @@ class SearchIndex:
             return None
         thumbs = [self.folder / t for t in json.loads(row[5] or "[]")]
         return VideoRecord(row[0], Path(row[1]), row[2], thumbs, row[3], row[4])
+
+    def rows_of(self, video_id: str) -> range:
+        """Index rows of one video (its segments in time order); KeyError for an unknown id."""
+        v = self._row_of[video_id]
+        return range(int(self.video_first[v]), int(self.video_stop[v]))
 
     def items(self) -> list[Item]:
         """Every indexed video with its stored file state (for incremental builds)."""

@@ -6,8 +6,10 @@ Folder layout (``FORMAT_VERSION`` 1)::
     OUT/gen-<stamp>/manifest.json     format version, model fingerprint and record (``ModelRecord``), encoding
                                       settings, index type, vector shards used
     OUT/gen-<stamp>/meta.sqlite       one row per video: id, path, kind, size, mtime, duration, frames,
-                                      thumbnails, and where its vector lives (shard, row)
-    OUT/gen-<stamp>/faiss.index       the FAISS index; FAISS id = row of meta.sqlite
+                                      thumbnails, and where its vector lives (shard, row); in an index of
+                                      segments (manifest ``segments``) also table ``segments``: one row per
+                                      vector (its video, start and end in seconds, its thumbnails)
+    OUT/gen-<stamp>/faiss.index       the FAISS index; FAISS id = row of meta.sqlite (of ``segments`` if present)
     OUT/shards/<name>.npy + .json     immutable float32 vector shards and the items they hold
     OUT/thumbs/<key>/<i>.jpg          small JPEGs for display
 
@@ -64,6 +66,8 @@ class Item:
     duration: float | None = None
     frames: int | None = None
     thumbnails: list[str] = field(default_factory=list)  # relative to the index folder
+    start: float | None = None  # a segment's time range in seconds (None: the whole video)
+    end: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -198,12 +202,14 @@ def write_generation(
     search_params: str | None = None,
     source: str | None = None,
     compact_below: float = 0.5,
+    segments: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete new generation for ``entries`` = (item, shard name, row in shard) and switch to it.
 
-    Rows are sorted by video id, so the index does not depend on the order (or the number of processes) in
-    which the vectors were encoded. When less than ``compact_below`` of the referenced shard rows are live,
-    the live vectors are rewritten into one new shard first.
+    Rows are sorted by video id (then segment start), so the index does not depend on the order (or the number
+    of processes) in which the vectors were encoded. When less than ``compact_below`` of the referenced shard
+    rows are live, the live vectors are rewritten into one new shard first. ``segments`` (the segment settings)
+    makes an index of segments: several entries per video, each with its ``start``/``end``.
 
     Returns:
         the new generation folder.
@@ -211,11 +217,14 @@ def write_generation(
     import faiss
 
     folder = Path(folder)
-    entries = sorted(entries, key=lambda e: e[0].video_id)
-    ids = [e[0].video_id for e in entries]
+    entries = sorted(entries, key=lambda e: (e[0].video_id, e[0].start or 0.0, e[0].end or 0.0))
+    ids = [(e[0].video_id, e[0].start, e[0].end) for e in entries]
     if len(set(ids)) != len(ids):
         dup = next(i for i, j in zip(ids, ids[1:], strict=False) if i == j)
-        raise ValueError(f"video id {dup!r} appears twice in the collection")
+        what = f"video id {dup[0]!r}" + (f" (segment {dup[1]:g}–{dup[2]:g} s)" if segments else "")
+        raise ValueError(f"{what} appears twice in the collection")
+    if not segments and any(e[0].start is not None for e in entries):
+        raise ValueError("segment entries given without segment settings")
     mmaps: dict[str, np.ndarray] = {}
     for _, s, _ in entries:
         if s not in mmaps:
@@ -247,9 +256,12 @@ def write_generation(
     db.execute("CREATE TABLE videos (row INTEGER PRIMARY KEY, video_id TEXT UNIQUE NOT NULL, path TEXT NOT NULL, "
                "kind TEXT NOT NULL, size INTEGER, mtime_ns INTEGER, duration REAL, frames INTEGER, "
                "thumbnails TEXT, shard TEXT NOT NULL, shard_row INTEGER NOT NULL)")
+    videos = _video_rows(entries) if segments else entries
     db.executemany("INSERT INTO videos VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                    [(r, it.video_id, it.path, it.kind, it.size, it.mtime_ns, it.duration, it.frames,
-                     json.dumps(it.thumbnails), s, i) for r, (it, s, i) in enumerate(entries)])
+                     json.dumps(it.thumbnails), s, i) for r, (it, s, i) in enumerate(videos)])
+    if segments:
+        _write_segment_rows(db, entries, videos)
     db.commit()
     db.close()
     manifest = {
@@ -265,6 +277,9 @@ def write_generation(
         "shards": sorted({s for _, s, _ in entries}),
         "source": source,
     }
+    if segments:
+        manifest["segments"] = dict(segments)
+        manifest["videos"] = len(videos)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for p in tmp.iterdir():  # everything on disk before the generation becomes visible
         with open(p, "rb") as f:
@@ -273,6 +288,41 @@ def write_generation(
     atomic_write_bytes(folder / CURRENT, (gen + "\n").encode(), durable=True)
     collect_garbage(folder)
     return folder / gen
+
+
+def _thumb_order(rel: str) -> tuple[int, str]:
+    stem = Path(rel).stem
+    return (int(stem), rel) if stem.isdigit() else (-1, rel)
+
+
+def _video_rows(entries: Sequence[tuple[Item, str, int]]) -> list[tuple[Item, str, int]]:
+    """One entry per video of a segmented collection (entries sorted by video): its first segment's, with the
+    thumbnails of all its segments (in frame order) and no time range."""
+    out: list[tuple[Item, str, int]] = []
+    for it, s, i in entries:
+        if out and out[-1][0].video_id == it.video_id:
+            out[-1][0].thumbnails.extend(t for t in it.thumbnails if t not in out[-1][0].thumbnails)
+            continue
+        out.append((Item.from_dict(dict(it.to_dict(), thumbnails=list(it.thumbnails), start=None, end=None)), s, i))
+    for it, _, _ in out:
+        it.thumbnails.sort(key=_thumb_order)
+    return out
+
+
+def _write_segment_rows(db: sqlite3.Connection, entries: Sequence[tuple[Item, str, int]],
+                        videos: Sequence[tuple[Item, str, int]]) -> None:
+    """Table ``segments``: row (= FAISS id), video (row of ``videos``), start_s, end_s, thumbnails (positions in
+    the video's thumbnail list), shard, shard_row."""
+    db.execute("CREATE TABLE segments (row INTEGER PRIMARY KEY, video INTEGER NOT NULL, start_s REAL NOT NULL, "
+               "end_s REAL NOT NULL, thumbnails TEXT, shard TEXT NOT NULL, shard_row INTEGER NOT NULL)")
+    number = {it.video_id: v for v, (it, _, _) in enumerate(videos)}
+    positions = [{t: j for j, t in enumerate(it.thumbnails)} for it, _, _ in videos]
+    rows = []
+    for r, (it, s, i) in enumerate(entries):
+        v = number[it.video_id]
+        pos = positions[v]
+        rows.append((r, v, float(it.start), float(it.end), json.dumps([pos[t] for t in it.thumbnails]), s, i))
+    db.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?)", rows)
 
 
 def collect_garbage(folder: Path) -> None:
