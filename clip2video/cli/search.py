@@ -34,6 +34,7 @@ from clip2video.cli.common import (
     run_main,
 )
 from clip2video.cli.serve import add_serve_parser, check_index_model
+from clip2video.search.moments import DEFAULT_MOMENTS
 from clip2video.search.segments import (
     DEFAULT_MIN_SECONDS,
     DEFAULT_SCENE_SECONDS,
@@ -94,8 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("texts", nargs="*", help="query texts")
     q.add_argument("--queries_file", default=None, help="one query per line")
     q.add_argument("--like", default=None, metavar="VIDEO_ID", help="videos similar to an indexed one")
+    q.add_argument("--start", type=float, default=None, metavar="S",
+                   help="with --like: the moment of that video starting at S seconds")
     q.add_argument("-k", "--k", type=int, default=10)
-    q.add_argument("--json", action="store_true", help="print JSON: [{query, results: [{video_id, score, path}]}]")
+    q.add_argument("--json", action="store_true",
+                   help="print JSON: [{query, results: [{video_id, score, path, start, end, moments}]}]")
+    m = q.add_argument_group("moments and filters")
+    m.add_argument("--per_segment", action="store_true",
+                   help="list segments as they rank (default: each video once, at its best segment, its next "
+                        "best segments as moments)")
+    m.add_argument("--moments", type=int, default=DEFAULT_MOMENTS,
+                   help=f"further segments listed under each video (default {DEFAULT_MOMENTS})")
+    m.add_argument("--video", default=None, metavar="VIDEO_ID", help="rank the segments of this video only")
+    m.add_argument("--path", default=None, metavar="GLOB",
+                   help="only videos whose recorded path matches this shell pattern (* also crosses /)")
+    m.add_argument("--min_duration", type=float, default=None, metavar="SECONDS")
+    m.add_argument("--max_duration", type=float, default=None, metavar="SECONDS")
+    m.add_argument("--modified_after", default=None, metavar="DATE",
+                   help="only videos whose file changed after DATE (YYYY-MM-DD[THH:MM[:SS]], local time)")
     q.add_argument("--device", default=None)
     add_precision_arg(q)
     add_checkpoint_args(q)
@@ -243,29 +260,81 @@ def cmd_query(args: argparse.Namespace) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, force=True)  # stdout carries the results
     if not texts and not args.like:
         raise UsageError("give query texts, --queries_file or --like VIDEO_ID")
+    request = search_request(args)
     index = SearchIndex.open(args.index, device=args.device, precision=args.precision)
     check_index_model(index, args)
+    if args.video is not None and args.video not in index.video_ids:
+        raise UsageError(f"--video {args.video}: no such video in {args.index}")
+    grouped = request.grouped(index) and args.video is None
     out = []
     if args.like:
         try:
-            hits = index.similar(args.like, args.k)
+            hits = index.similar(args.like, request, start=args.start)
         except KeyError:
-            raise UsageError(f"--like {args.like}: no such video in {args.index}") from None
-        out.append({"query": {"like": args.like}, "results": hits})
+            what = f"--like {args.like}" + (f" --start {args.start:g}" if args.start is not None else "")
+            raise UsageError(f"{what}: no such video{' moment' if args.start is not None else ''} in "
+                             f"{args.index}") from None
+        like = {"like": args.like} if args.start is None else {"like": args.like, "start": args.start}
+        out.append({"query": like, "results": hits})
     if texts:
-        for t, hits in zip(texts, index.query(texts, args.k), strict=True):
+        for t, hits in zip(texts, index.query(texts, request), strict=True):
             out.append({"query": t, "results": hits})
     if args.json:
-        payload = [{"query": o["query"], "results": [{"video_id": h.video_id, "score": h.score, "path": h.path}
-                                                     for h in o["results"]]} for o in out]
+        payload = [{"query": o["query"], "results": [hit_dict(h, grouped) for h in o["results"]]} for o in out]
         print(json.dumps(payload, ensure_ascii=False))
     else:
         for o in out:
             q = o["query"]
-            print(f"query: {q!r}" if isinstance(q, str) else f"like: {q['like']}")
+            print(f"query: {q!r}" if isinstance(q, str) else f"like: {q['like']}"
+                  + (f" at {_clock(q['start'])}" if "start" in q else ""))
             for r, h in enumerate(o["results"], 1):
-                print(f"  {r:3d}  {h.score:9.4f}  {h.video_id}  {h.path}")
+                print(f"  {r:3d}  {h.score:9.4f}  {h.video_id}  {_time_range(h.start, h.end)}  {h.path}")
+                for m in h.moments if grouped else ():
+                    print(f"       {m.score:9.4f}  {'':{len(h.video_id)}s}  {_time_range(m.start, m.end)}")
     return 0
+
+
+def _clock(x: float | None) -> str:
+    if x is None:
+        return "?"
+    m, sec = divmod(float(x), 60.0)
+    return f"{int(m)}:{sec:04.1f}"
+
+
+def _time_range(start: float | None, end: float | None) -> str:
+    return f"{_clock(start)}–{_clock(end)}"
+
+
+def hit_dict(h, grouped: bool) -> dict:
+    """A hit as ``query --json`` prints it: ``{video_id, score, path, start, end}`` (+ ``moments`` grouped)."""
+    d = {"video_id": h.video_id, "score": h.score, "path": h.path, "start": h.start, "end": h.end}
+    if grouped:
+        d["moments"] = [{"start": m.start, "end": m.end, "score": m.score} for m in h.moments]
+    return d
+
+
+def search_request(args: argparse.Namespace):
+    """The query flags as a ``moments.SearchRequest``; bad values are usage errors naming their flag."""
+    from clip2video.search.moments import MAX_MOMENTS, Filters, SearchRequest, parse_date
+
+    if not 0 <= args.moments <= MAX_MOMENTS:
+        raise UsageError(f"--moments must be from 0 to {MAX_MOMENTS}, got {args.moments}")
+    if args.start is not None and not args.like:
+        raise UsageError("--start goes with --like VIDEO_ID (the moment to start from)")
+    for flag in ("min_duration", "max_duration"):
+        v = getattr(args, flag)
+        if v is not None and not (v >= 0 and v < float("inf")):
+            raise UsageError(f"--{flag} must be a number of seconds >= 0, got {v:g}")
+    if args.min_duration is not None and args.max_duration is not None and args.min_duration > args.max_duration:
+        raise UsageError(f"--min_duration {args.min_duration:g} is above --max_duration {args.max_duration:g}")
+    try:
+        after = parse_date(args.modified_after, "--modified_after") if args.modified_after is not None else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    filters = Filters(path=args.path, min_duration=args.min_duration, max_duration=args.max_duration,
+                      modified_after=after)
+    return SearchRequest(args.k, group=False if args.per_segment or args.video else None, video_id=args.video,
+                         filters=filters, moments=args.moments)
 
 
 def console() -> None:

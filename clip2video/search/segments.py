@@ -44,8 +44,13 @@ DEFAULT_SCENE_SECONDS = 10.0
 """Longest shot of ``--segments scenes`` when ``--segment_seconds`` is not given (longer ones are split)."""
 DEFAULT_MIN_SECONDS = 1.0
 """Shortest shot kept on its own in ``--segments scenes`` (a cut sooner after the previous one is ignored)."""
-DEFAULT_SCENE_THRESHOLD = 12.0
-"""Content score (0–255 scale) at which consecutive frames are a cut; measured in ``benchmarks/bench_moments.py``."""
+DEFAULT_SCENE_THRESHOLD = 15.0
+"""Content score (0–255 scale) from which consecutive frames may be a cut; measured in
+``benchmarks/bench_moments.py``."""
+SCENE_RATIO = 2.5
+"""A cut's score must also be this many times the mean score of the shot's last :data:`SCENE_WINDOW` frame
+changes (PySceneDetect's adaptive detector compares with neighbours the same way): steady motion is no cut."""
+SCENE_WINDOW = 4
 THUMBS_PER_SEGMENT = 3
 CHUNK_FRAMES = 32
 """Preprocessed frames per message from a reader to the encoder (and per image-tower call)."""
@@ -173,8 +178,9 @@ class ShotCutter:
     """Shots found online, one frame at a time, as a reader decodes them.
 
     A cut lies before frame k when the content score of frames k−1 → k (mean absolute change of hue,
-    saturation and value, 0–255, on a copy about 64 pixels wide) reaches ``threshold`` and the current shot is
-    at least ``min_seconds`` long; a shot reaching ``seconds`` is closed there. A last shot shorter than
+    saturation and value, 0–255, on a copy about 64 pixels wide) reaches ``threshold`` and :data:`SCENE_RATIO`
+    times the mean of the shot's previous few scores, and the current shot is at least ``min_seconds`` long; a
+    shot reaching ``seconds`` is closed there. A last shot shorter than
     ``min_seconds`` is merged into the one before it where the two together are not longer than ``seconds``
     (always when it is too short to sample), so a closed shot is handed out only once the next one is known:
     at most two shots of frames are held.
@@ -212,8 +218,10 @@ class ShotCutter:
         """Feed output frame ``k`` (in order); returns the shots ``(first, stop)`` now final."""
         out: list[tuple[int, int]] = []
         sc = self.score(rgb)
+        recent = self.scores[max(self.start + 1, k - SCENE_WINDOW) : k]  # changes within the open shot
         self.scores.append(sc if sc is not None else 0.0)
-        cut = sc is not None and sc >= self.threshold and self._length(self.start, k) >= self.min_len
+        steady = SCENE_RATIO * (sum(recent) / len(recent)) if recent else 0.0
+        cut = sc is not None and sc >= max(self.threshold, steady) and self._length(self.start, k) >= self.min_len
         full = self._length(self.start, k) >= self.max_len
         if k > self.start and (cut or full):
             out += self._close(k)
@@ -381,6 +389,8 @@ class SegmentEncoder:
         self.per_frame = model.config.video_encoder != "vip"  # CLIP-ViP has no per-frame features
         self.videos: dict[Any, dict[str, Any]] = {}
         self.timings = {"tower_s": 0.0, "heads_s": 0.0, "frames": 0, "segments": 0}
+        self.peak_features = 0  # most frame features held at once (all videos), and per video
+        self.peaks: dict[Any, int] = {}
 
     def feed(self, key: Any, msg: dict[str, Any]) -> list[tuple[Segment, np.ndarray, list[str]]] | None:
         """Take one message of video ``key``; at its ``end``, returns its segments with their vectors and
@@ -395,6 +405,8 @@ class SegmentEncoder:
         elif kind == "frames":
             st["thumbs"].update(msg["thumbs"])
             self._frames(st, msg["ks"], msg["frames"])
+            self.peaks[key] = max(self.peaks.get(key, 0), len(st["feats"]))
+            self.peak_features = max(self.peak_features, sum(len(v["feats"]) for v in self.videos.values()))
             self._advance(st)
         elif kind == "end":
             self._advance(st)
