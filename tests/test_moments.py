@@ -261,3 +261,200 @@ def test_bad_segment_flags(long_video, tiny_ckpt, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert rc == 2 and err.count("\n") == 0 and words in err, (flags, err)
     assert not (tmp_path / "ix").exists()
+
+
+# ----------------------------------------------------------------------------------------------- queries
+def _random_index(folder: Path, index_type: str = "Flat", search_params: str | None = None, seed: int = 0):
+    """A segmented index of random clustered vectors (no model): 60 videos of 1–30 segments under two folders,
+    with varied durations and modification times. Returns (folder, vectors, per-row video number)."""
+    from clip2video.search.store import Item, write_generation, write_shard
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((12, 32)).astype(np.float32)
+    items, vecs = [], []
+    for v in range(60):
+        n_seg = int(rng.integers(1, 31))
+        dur = 2.0 * n_seg
+        path = f"/data/{'holiday' if v % 3 == 0 else 'work'}/clip{v:02d}.mp4"
+        mtime = 1_700_000_000_000_000_000 + v * 86_400 * 10**9
+        for j in range(n_seg):
+            x = centres[(v + j) % 12] + 0.6 * rng.standard_normal(32).astype(np.float32)
+            vecs.append(x / np.linalg.norm(x))
+            items.append(Item(f"v{v:02d}", path, "file", 100, mtime, dur, 10 * n_seg, [], 2.0 * j,
+                              min(2.0 * j + 4.0, dur)))
+    vecs = np.stack(vecs).astype(np.float32)
+    folder.mkdir(parents=True)
+    write_shard(folder, "s0", vecs, items, "k")
+    write_generation(folder, [(it, "s0", r) for r, it in enumerate(items)],
+                     model_meta={"dim": 32, "fingerprint": "random", "logit_scale": 1.0}, encoding={"key": "k"},
+                     index_type=index_type, search_params=search_params,
+                     segments={"mode": "fixed", "seconds": 4.0, "stride": 2.0})
+    video_of = np.array([int(it.video_id[1:]) for it in items])
+    return folder, vecs, video_of
+
+
+def brute_force(index: SearchIndex, vecs, q, k, *, group=True, video=None, allowed_videos=None, moments=3):
+    """The expected answer, computed the obvious way: (video id, start, score, [(start, score)]) rows."""
+    video_of = index.row_video
+    ok = np.ones(len(vecs), bool)
+    if allowed_videos is not None:
+        ok &= allowed_videos[video_of]
+    if video is not None:
+        ok &= video_of == index.video_ids.index(video)
+    sc = vecs @ q
+    rows = [r for r in np.lexsort((np.arange(len(sc)), -sc)) if ok[r]]
+    if not group or video is not None:
+        return [(index.video_ids[video_of[r]], index.starts[r], sc[r], []) for r in rows[:k]]
+    out, seen = [], set()
+    for r in rows:
+        v = video_of[r]
+        if v in seen:
+            continue
+        seen.add(v)
+        rest = [x for x in rows if video_of[x] == v and x != r][:moments]
+        out.append((index.video_ids[v], index.starts[r], sc[r], [(index.starts[x], sc[x]) for x in rest]))
+    return out[:k]
+
+
+def assert_same(hits, want):
+    assert [(h.video_id, h.start) for h in hits] == [(w[0], w[1]) for w in want]
+    np.testing.assert_allclose([h.score for h in hits], [w[2] for w in want], atol=1e-5, rtol=0)
+    for h, w in zip(hits, want, strict=True):
+        assert [m.start for m in h.moments] == [m[0] for m in w[3]]
+        np.testing.assert_allclose([m.score for m in h.moments], [m[1] for m in w[3]], atol=1e-5, rtol=0)
+
+
+FILTER_CASES = {
+    "none": ({}, None),
+    "path": ({"path": "/data/holiday/*"}, lambda ix: np.array(["/holiday/" in p for p in ix.paths])),
+    "min_duration": ({"min_duration": 40.0}, lambda ix: ix.durations >= 40.0),
+    "max_duration": ({"max_duration": 10.0}, lambda ix: ix.durations <= 10.0),
+    "duration_range": ({"min_duration": 20.0, "max_duration": 30.0},
+                       lambda ix: (ix.durations >= 20.0) & (ix.durations <= 30.0)),
+    "modified_after": ({"modified_after": 1_700_000_000_000_000_000 + 45 * 86_400 * 10**9},
+                       lambda ix: ix.mtimes > 1_700_000_000_000_000_000 + 45 * 86_400 * 10**9),
+    "path_and_modified": ({"path": "*work*", "modified_after": 1_700_000_000_000_000_000 + 20 * 86_400 * 10**9},
+                          lambda ix: np.array(["work" in p for p in ix.paths])
+                          & (ix.mtimes > 1_700_000_000_000_000_000 + 20 * 86_400 * 10**9)),
+}
+
+
+@pytest.mark.parametrize("exact_rows", [20_000, 0], ids=["exact-scan", "faiss-selector"])
+def test_grouping_video_and_filters_equal_brute_force(tmp_path, monkeypatch, exact_rows):
+    from clip2video.search import moments
+    from clip2video.search.moments import Filters, SearchRequest
+
+    monkeypatch.setattr(moments, "EXACT_FILTERED_ROWS", exact_rows)
+    folder, vecs, _ = _random_index(tmp_path / "flat")
+    index = SearchIndex.open(folder)
+    assert index.exact and len(index) == 60 and index.n_rows == len(vecs)
+    rng = np.random.default_rng(1)
+    queries = rng.standard_normal((6, 32)).astype(np.float32)
+    for name, (kw, allow) in FILTER_CASES.items():
+        allowed = None if allow is None else allow(index)
+        f = Filters(**kw)
+        for k in (1, 5, 20, 100):
+            for group in (True, False):
+                req = SearchRequest(k, group=group, filters=f)
+                got = index.search(queries, req)
+                for q, hits in zip(queries, got, strict=True):
+                    want = brute_force(index, vecs, q, k, group=group, allowed_videos=allowed)
+                    assert_same(hits, want)
+                    if allowed is not None:  # k under filters: as many hits as rows/videos pass
+                        n_ok = int(allowed.sum()) if group else int(allowed[index.row_video].sum())
+                        assert len(hits) == min(k, n_ok), (name, k, group)
+        video = index.video_ids[7]
+        for q in queries[:2]:
+            (hits,) = index.search(q[None], SearchRequest(50, video_id=video, filters=f))
+            assert_same(hits, brute_force(index, vecs, q, 50, video=video, allowed_videos=allowed))
+    # grouped hits carry the video's next best segments; moments=0 leaves them out
+    (hits,) = index.search(queries[:1], SearchRequest(5, moments=0))
+    assert all(h.moments == () for h in hits) and len({h.video_id for h in hits}) == 5
+
+
+def test_filters_with_an_approximate_index_still_return_k(tmp_path, monkeypatch):
+    from clip2video.search import moments
+    from clip2video.search.moments import Filters, SearchRequest
+
+    folder, vecs, _ = _random_index(tmp_path / "ivf", index_type="IVF8,Flat", search_params="nprobe=1")
+    index = SearchIndex.open(folder)
+    assert not index.exact
+    rng = np.random.default_rng(2)
+    queries = rng.standard_normal((8, 32)).astype(np.float32)
+    for exact_rows in (20_000, 0):  # exact scan of the passing rows / FAISS selector + over-fetch
+        monkeypatch.setattr(moments, "EXACT_FILTERED_ROWS", exact_rows)
+        for name, (kw, allow) in FILTER_CASES.items():
+            allowed = np.ones(60, bool) if allow is None else allow(index)
+            for k in (3, 20, 60):
+                for group in (True, False):
+                    got = index.search(queries, SearchRequest(k, group=group, filters=Filters(**kw)))
+                    n_ok = int(allowed.sum()) if group else int(allowed[index.row_video].sum())
+                    for q, hits in zip(queries, got, strict=True):
+                        assert len(hits) == min(k, n_ok), (name, k, group, exact_rows)
+                        assert all(allowed[index.video_ids.index(h.video_id)] for h in hits)
+                        if group:
+                            assert len({h.video_id for h in hits}) == len(hits)
+                        # every score is the exact one
+                        for h in hits:
+                            r = np.nonzero((index.row_video == index.video_ids.index(h.video_id))
+                                           & (index.starts == h.start))[0][0]
+                            assert abs(h.score - float(vecs[r] @ q)) < 1e-5
+    # probing every list makes the approximate index exact: then the answers equal brute force
+    index._index.nprobe = 8
+    monkeypatch.setattr(moments, "EXACT_FILTERED_ROWS", 0)
+    for kw, allow in FILTER_CASES.values():
+        for q in queries[:3]:
+            (hits,) = index.search(q[None], SearchRequest(10, filters=Filters(**kw)))
+            assert_same(hits, brute_force(index, vecs, q, 10, allowed_videos=None if allow is None else allow(index)))
+
+
+def test_query_flags_moments_and_filters(long_video, tiny_ckpt, tmp_path, capsys):
+    """``query`` flags through the command line: JSON fields, grouping, --per_segment, --video, filters."""
+    from clip2video.search.moments import Filters, SearchRequest
+
+    videos = tmp_path / "videos"
+    (videos / "trips").mkdir(parents=True)
+    shutil.copy(long_video / "videos" / "long.mp4", videos / "trips" / "long.mp4")
+    frames = read_frames(long_video / "videos" / "long.mp4")
+    encode_video(videos / "short.mp4", [f[..., ::-1] for f in frames[:30]], fps=SRC_FPS, gop=8)
+    ix = tmp_path / "ix"
+    assert search.main(build_argv(videos, ix, tiny_ckpt, "--segment_seconds", "2")) == 0
+    index = SearchIndex.open(ix)
+    assert index.video_ids == ["short", "trips/long"] and index.n_rows == 2 + 9
+    q = "a red circle moves left"
+    qv = index.encode_text([q])
+
+    def hits_json(request):
+        return [{"video_id": h.video_id, "start": h.start, "end": h.end} for h in index.search(qv, request)[0]]
+
+    def trim(res):
+        return [{k: r[k] for k in ("video_id", "start", "end")} for r in res[0]["results"]]
+
+    (res,) = query_json(capsys, ix, q)
+    assert set(res["results"][0]) == {"video_id", "score", "path", "start", "end", "moments"}
+    assert [r["video_id"] for r in res["results"]] in (["short", "trips/long"], ["trips/long", "short"])
+    assert all(set(m) == {"start", "end", "score"} for r in res["results"] for m in r["moments"])
+    assert trim(query_json(capsys, ix, "--per_segment", "-k", "5", q)) == hits_json(SearchRequest(5, group=False))
+    got = query_json(capsys, ix, "--video", "trips/long", "-k", "20", q)[0]["results"]
+    assert len(got) == 9 and {r["video_id"] for r in got} == {"trips/long"} and "moments" not in got[0]
+    assert [r["score"] for r in got] == sorted((r["score"] for r in got), reverse=True)
+    assert trim(query_json(capsys, ix, "--path", "*/trips/*", q)) == \
+        hits_json(SearchRequest(10, filters=Filters(path="*/trips/*")))
+    assert {r["video_id"] for r in query_json(capsys, ix, "--max_duration", "5", q)[0]["results"]} == {"short"}
+    assert {r["video_id"] for r in query_json(capsys, ix, "--min_duration", "5", q)[0]["results"]} == {"trips/long"}
+    assert query_json(capsys, ix, "--modified_after", "2999-01-01", q)[0]["results"] == []
+    assert len(query_json(capsys, ix, "--modified_after", "2000-01-01T00:00", q)[0]["results"]) == 2
+    like = query_json(capsys, ix, "--like", "trips/long", "--start", "4", "--per_segment", "-k", "20")[0]
+    assert all(not (r["video_id"] == "trips/long" and r["start"] < 6 and r["end"] > 4) for r in like["results"])
+    assert len(like["results"]) == 11 - 3  # the moment and the two overlapping it are left out
+    for flags, words in ((["--video", "nope", q], "--video nope: no such video"),
+                         (["--modified_after", "yesterday", q], "--modified_after 'yesterday': not a date"),
+                         (["--min_duration", "5", "--max_duration", "2", q], "is above --max_duration"),
+                         (["--min_duration", "-1", q], "--min_duration must be"),
+                         (["--like", "trips/long", "--start", "3.3"], "no such video moment"),
+                         (["--start", "3", q], "--start goes with --like"),
+                         (["--moments", "99", q], "--moments must be from 0 to")):
+        capsys.readouterr()
+        rc = search.main(["query", "--index", str(ix), *flags])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.count("\n") == 0 and words in err, (flags, err)

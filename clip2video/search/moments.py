@@ -195,19 +195,14 @@ def _search_params(index: SearchIndex, selector):
     """FAISS search parameters carrying ``selector`` and the index's own probe settings."""
     import faiss
 
-    ix = index._index
-    ivf = None
-    try:
-        ivf = faiss.extract_index_ivf(ix)
-    except (RuntimeError, AttributeError):
-        ivf = None
-    if ivf is not None and ivf is not ix:
-        return None  # a wrapped IVF (e.g. a refine stage): no selector through the wrapper; caller scans exactly
-    if ivf is not None:
-        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
-    if hasattr(ix, "hnsw"):
+    ix = faiss.downcast_index(index._index)
+    if isinstance(ix, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=ix.nprobe)
+    if isinstance(ix, faiss.IndexHNSW):
         return faiss.SearchParametersHNSW(sel=selector, efSearch=ix.hnsw.efSearch)
-    return faiss.SearchParameters(sel=selector)
+    if isinstance(ix, (faiss.IndexFlat, faiss.IndexScalarQuantizer, faiss.IndexPQ)):
+        return faiss.SearchParameters(sel=selector)
+    return None  # a wrapper (refine stage, transform): rows are filtered after the search instead
 
 
 # ----------------------------------------------------------------------------------------------- search
