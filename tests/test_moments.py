@@ -379,6 +379,10 @@ def test_filters_with_an_approximate_index_still_return_k(tmp_path, monkeypatch)
     folder, vecs, _ = _random_index(tmp_path / "ivf", index_type="IVF8,Flat", search_params="nprobe=1")
     index = SearchIndex.open(folder)
     assert not index.exact
+    selectors = []
+    real_params = moments._search_params
+    monkeypatch.setattr(moments, "_search_params", lambda ix, sel: selectors.append(real_params(ix, sel))
+                        or selectors[-1])
     rng = np.random.default_rng(2)
     queries = rng.standard_normal((8, 32)).astype(np.float32)
     for exact_rows in (20_000, 0):  # exact scan of the passing rows / FAISS selector + over-fetch
@@ -399,6 +403,7 @@ def test_filters_with_an_approximate_index_still_return_k(tmp_path, monkeypatch)
                             r = np.nonzero((index.row_video == index.video_ids.index(h.video_id))
                                            & (index.starts == h.start))[0][0]
                             assert abs(h.score - float(vecs[r] @ q)) < 1e-5
+    assert selectors and all(p is not None and p.nprobe == 1 for p in selectors)  # the selector path ran
     # probing every list makes the approximate index exact: then the answers equal brute force
     index._index.nprobe = 8
     monkeypatch.setattr(moments, "EXACT_FILTERED_ROWS", 0)
