@@ -29,6 +29,7 @@ nothing here returns a black or made-up frame.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import os
 from collections import OrderedDict
@@ -423,6 +424,59 @@ def _decode_in_order(container, stream, targets: set[int], got: dict, path: Path
     except (av.error.FFmpegError, OSError) as e:
         raise _decode_error(path, e, f"frame {len(got)}") from None
     raise VideoReadError(f"{path}: decodes to fewer frames than it holds (truncated or corrupt)")
+
+
+def source_frames(path: str | os.PathLike, first: int, stop: int, *, index: VideoIndex | None = None,
+                  threads: int = 1) -> Iterator[tuple[int, av.VideoFrame]]:
+    """``(i, frame)`` for the source frames at positions ``[first, stop)`` of ``index.pts``, in order, decoded
+    from the keyframe before ``first`` (one seek) and handed over one at a time (for cutting clips: the
+    frames go straight to an encoder, a long clip is never held).
+
+    Raises:
+        VideoReadError: the file cannot be opened or a frame of the range cannot be decoded.
+    """
+    path = Path(path)
+    index = index or probe(path)
+    if not 0 <= first < stop <= index.n_source:
+        raise VideoReadError(f"{path}: source frames [{first}, {stop}) asked for, the video holds {index.n_source}")
+    container, stream = _open(path, threads)
+    try:
+        if not index.timed:  # no timestamps: decode from the start, frames numbered in order
+            for i, frame in enumerate(container.decode(stream)):
+                if i >= first:
+                    yield i, frame
+                if i + 1 >= stop:
+                    return
+            raise VideoReadError(f"{path}: decodes to fewer frames than it holds (truncated or corrupt)")
+        target, last = index.pts[first], index.pts[stop - 1]
+        for _key_pts, seek_to in _seek_points(index, target):
+            container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
+            frames = container.decode(stream)
+            head = next((f for f in frames if f.pts is not None), None)
+            if head is None or head.pts > target:
+                continue  # the seek landed after the first frame wanted: an earlier keyframe
+            for frame in itertools.chain([head], frames):
+                pts = frame.pts  # read before handing the frame out: the caller may restamp it
+                if pts is None or pts < target:
+                    continue
+                i = bisect.bisect_left(index.pts, pts)
+                if i >= len(index.pts) or index.pts[i] != pts:
+                    continue
+                yield i, frame
+                if pts >= last:
+                    return
+            break
+        raise VideoReadError(f"{path}: the frames from {float((target - index.pts[0]) * index.time_base):.3f}s "
+                             "cannot be decoded (truncated or corrupt)")
+    except (av.error.FFmpegError, OSError) as e:
+        raise _decode_error(path, e, "a clip's frames") from None
+    finally:
+        container.close()
+
+
+def frame_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a decoded frame, upright (as every reader here sees it)."""
+    return _to_rgb(frame)
 
 
 class FrameResampler:

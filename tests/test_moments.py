@@ -463,3 +463,141 @@ def test_query_flags_moments_and_filters(long_video, tiny_ckpt, tmp_path, capsys
         rc = search.main(["query", "--index", str(ix), *flags])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and err.count("\n") == 0 and words in err, (flags, err)
+
+
+# ----------------------------------------------------------------------------------------------- export
+def _nearest(frame: np.ndarray, source: list[np.ndarray]) -> int:
+    d = [np.abs(frame.astype(np.int16) - s.astype(np.int16)).mean() for s in source]
+    return int(np.argmin(d))
+
+
+@pytest.fixture(scope="module")
+def export_index(long_video, tiny_ckpt, tmp_path_factory):
+    """A segmented index of the 9.6 s file (10 fps, keyframe every 8 frames) and of its 5 fps frame folder."""
+    root = tmp_path_factory.mktemp("export")
+    (root / "media").mkdir()
+    shutil.copy(long_video / "videos" / "long.mp4", root / "media" / "long.mp4")
+    shutil.copytree(long_video / "frames" / "long", root / "media" / "long_frames")
+    ix = root / "ix"
+    assert search.main(build_argv(root / "media", ix, tiny_ckpt, "--segment_seconds", "2")) == 0
+    return ix, root / "media"
+
+
+def test_export_exact_copy_and_errors(export_index, tmp_path, capsys):
+    ix, media = export_index
+    source = read_frames(media / "long.mp4")  # 96 frames at 10 fps
+    for start, end in ((2.34, 4.5), (0.0, 9.6), (9.55, 9.6), (3.0, 3.05)):
+        out = tmp_path / f"clip_{start}_{end}.mp4"
+        capsys.readouterr()
+        assert search.main(["export", "--index", str(ix), "--video_id", "long", "--start", str(start), "--end",
+                            str(end), str(out)]) == 0
+        assert "re-encoded, frame-exact" in capsys.readouterr().out
+        got = read_frames(out)
+        first = int(Fraction(repr(start)) * SRC_FPS)  # the frame on screen at start
+        last = -(-int(Fraction(repr(end)) * SRC_FPS * 1000) // 1000) - 1  # the last frame before end
+        assert len(got) == last - first + 1, (start, end)
+        assert _nearest(got[0], source) == first and _nearest(got[-1], source) == last
+        assert abs(float(probe(out).duration) - (end - start)) < 1e-3  # the asked duration
+    # stream copy: whole groups of pictures, and it says which range it holds
+    out = tmp_path / "copy.mp4"
+    capsys.readouterr()
+    assert search.main(["export", "--index", str(ix), "--video_id", "long", "--start", "2.34", "--end", "4.5",
+                        "--copy", str(out)]) == 0
+    line = capsys.readouterr().out
+    keys = [float((k - probe(media / "long.mp4").pts[0]) * probe(media / "long.mp4").time_base)
+            for k in probe(media / "long.mp4").keyframe_pts]
+    k0 = max(k for k in keys if k <= 2.3 + 1e-9)
+    k1 = min((k for k in keys if k >= 4.5 - 1e-9), default=9.6)
+    assert f"{k0:.3f}–{k1:.3f} s" in line and "cut at keyframes" in line and "asked 2.340–4.500 s" in line
+    got = read_frames(out)
+    assert len(got) == round((k1 - k0) * SRC_FPS) and _nearest(got[0], source) == round(k0 * SRC_FPS)
+    # a frame folder is exported from its frames (5 fps)
+    out = tmp_path / "frames.mp4"
+    assert search.main(["export", "--index", str(ix), "--video_id", "long_frames", "--start", "1", "--end", "2.1",
+                        str(out)]) == 0
+    assert len(read_frames(out)) == 6  # frames at 1.0, 1.2, ..., 2.0 s
+    for flags, words in (
+            (["--video_id", "long", "--start", "4", "--end", "4"], "start 4 s is not before end 4 s"),
+            (["--video_id", "long", "--start", "5", "--end", "3"], "is not before end"),
+            (["--video_id", "long", "--start", "8", "--end", "12"], "outside the video (0–9.600 s)"),
+            (["--video_id", "long", "--start", "-1", "--end", "2"], "before the video's beginning"),
+            (["--video_id", "nope", "--start", "1", "--end", "2"], "--video_id nope: no such video"),
+            (["--video_id", "long_frames", "--start", "1", "--end", "2", "--copy"], "--copy needs a video file")):
+        capsys.readouterr()
+        rc = search.main(["export", "--index", str(ix), *flags, str(tmp_path / "bad.mp4")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.count("\n") == 0 and words in err, (flags, err)
+        assert not (tmp_path / "bad.mp4").exists()
+    capsys.readouterr()
+    assert search.main(["export", "--index", str(ix), "--video_id", "long", "--start", "1", "--end", "2",
+                        str(tmp_path / "x.avi")]) == 2
+    assert "ending in .mp4" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- API
+def test_api_moments_filters_and_clips(export_index, tmp_path):
+    pytest.importorskip("fastapi")
+    from server_utils import ServerThread, get_json, raw_get
+
+    from clip2video.search.app import create_app
+    from clip2video.search.moments import Filters, SearchRequest
+
+    ix, _ = export_index
+    index = SearchIndex.open(ix)
+    q = "a red circle moves left"
+    qv = index.encode_text([q])
+    with ServerThread(create_app(index, max_clip_seconds=5)) as srv:
+        port = srv.port
+
+        def api(path):
+            return get_json(port, path)
+
+        status, body = api(f"/api/search?q={q.replace(' ', '+')}&k=5")
+        assert status == 200
+        want = index.search(qv, SearchRequest(5))[0]
+        assert [(r["video_id"], r["start"], r["end"]) for r in body["results"]] == \
+            [(h.video_id, h.start, h.end) for h in want]
+        r0 = body["results"][0]
+        assert [m["start"] for m in r0["moments"]] == [m.start for m in want[0].moments]
+        assert r0["clip"] == f"/api/clip?video_id={r0['video_id']}&start={r0['start']:g}&end={r0['end']:g}"
+        assert 1 <= len(r0["thumbnails"]) <= 3  # this segment's own thumbnails
+        status, body = api(f"/api/search?q={q.replace(' ', '+')}&k=7&group=0")
+        assert [(r["video_id"], r["start"]) for r in body["results"]] == \
+            [(h.video_id, h.start) for h in index.search(qv, SearchRequest(7, group=False))[0]]
+        status, body = api(f"/api/search?q={q.replace(' ', '+')}&k=20&video_id=long")
+        assert {r["video_id"] for r in body["results"]} == {"long"} and len(body["results"]) == 9
+        status, body = api(f"/api/search?q={q.replace(' ', '+')}&path=*frames*")
+        assert [r["video_id"] for r in body["results"]] == ["long_frames"]
+        assert [(r["video_id"], r["start"]) for r in body["results"]] == \
+            [(h.video_id, h.start) for h in index.search(qv, SearchRequest(10, filters=Filters(path="*frames*")))[0]]
+        status, body = api("/api/search?q=x&max_duration=5")
+        assert status == 200 and body["results"] == []
+        status, body = api("/api/search?q=x&modified_after=2000-01-01")
+        assert status == 200 and len(body["results"]) == 2
+        for bad, code, words in (("group=2", 400, "group must be 0 or 1"), ("video_id=nope", 404, "unknown video_id"),
+                                 ("min_duration=-3", 400, "min_duration must be"),
+                                 ("modified_after=soon", 400, "not a date"), ("moments=500", 400, "moments must be")):
+            status, body = api(f"/api/search?q=x&{bad}")
+            assert status == code and words in body["error"], (bad, body)
+        status, body = api("/api/similar?video_id=long&start=2&k=20&group=0")
+        assert status == 200 and body["start"] == 2.0
+        assert all(not (r["video_id"] == "long" and r["start"] < 4 and r["end"] > 2) for r in body["results"])
+        assert api("/api/similar?video_id=long&start=2.5")[0] == 404
+        # clips: the range as MP4, frame-exact; bounded length; bad ranges are 400
+        status, headers, data = raw_get(port, "/api/clip?video_id=long&start=2.34&end=4.5")
+        assert status == 200 and headers["content-type"] == "video/mp4" and headers["x-clip-exact"] == "1"
+        assert 'filename="long_2.34-4.5.mp4"' in headers["content-disposition"]
+        (tmp_path / "c.mp4").write_bytes(data)
+        assert len(read_frames(tmp_path / "c.mp4")) == 44 - 23 + 1  # frames at 2.3 (on screen at 2.34) … 4.4 s
+        status, headers, _ = raw_get(port, "/api/clip?video_id=long&start=2.34&end=4.5&copy=1")
+        assert status == 200 and headers["x-clip-exact"] == "0"
+        for bad, code, words in (("video_id=long&start=0&end=6", 400, "the limit is 5 s"),
+                                 ("video_id=long&start=3&end=3", 400, "is not before end"),
+                                 ("video_id=long&start=8&end=11", 400, "outside the video"),
+                                 ("video_id=long&start=x&end=2", 400, "start must be a number"),
+                                 ("video_id=long&start=1", 400, "give start and end"),
+                                 ("video_id=nope&start=1&end=2", 404, "unknown video_id")):
+            status, body = api(f"/api/clip?{bad}")
+            assert status == code and words in body["error"], (bad, body)
+    assert srv.stopped_cleanly
+    assert not list(Path(__import__("tempfile").gettempdir()).glob("clip2video-clip-*"))

@@ -50,7 +50,7 @@ MAX_QUERY_CHARS = 10_000
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="search.py", description=__doc__.split("\n")[1],
                       formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{build,query,serve}", parser_class=OneLineParser)
+    sub = p.add_subparsers(dest="command", metavar="{build,query,export,serve}", parser_class=OneLineParser)
 
     b = sub.add_parser("build", help="index a folder of videos (or exported embeddings)")
     b.add_argument("--config", default=None, help="YAML file of flag defaults")
@@ -118,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_args(q)
     q.add_argument("--max_words", type=int, default=None, help=argparse.SUPPRESS)
 
+    e = sub.add_parser("export", help="cut a moment of an indexed video into an MP4 file")
+    e.add_argument("--config", default=None, help="YAML file of flag defaults")
+    e.add_argument("--index", required=True)
+    e.add_argument("--video_id", required=True, help="an indexed video (as query prints it)")
+    e.add_argument("--start", type=float, required=True, help="seconds")
+    e.add_argument("--end", type=float, required=True, help="seconds (the clip ends just before it)")
+    e.add_argument("output", help="the MP4 file to write")
+    e.add_argument("--copy", action="store_true",
+                   help="copy the compressed stream instead of re-encoding: fast, but cut at keyframes (the "
+                        "range it really holds is printed)")
+
     add_serve_parser(sub)  # cli/serve.py owns its flags (the model flags are query's); imports no web framework
     return p
 
@@ -132,7 +143,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if not argv or argv[0] not in p._subparsers._group_actions[0].choices:
         if argv and argv[0] in ("-h", "--help"):
             p.parse_args(argv)
-        raise UsageError("give a command: build, query, serve")
+        raise UsageError("give a command: build, query, export, serve")
     sub = p._subparsers._group_actions[0].choices[argv[0]]
     args = parse_with_config(sub, argv[1:])
     args.command = argv[0]
@@ -145,6 +156,8 @@ def run(argv: list[str] | None) -> int:
         return cmd_build(args)
     if args.command == "query":
         return cmd_query(args)
+    if args.command == "export":
+        return cmd_export(args)
     return args.func(args)  # serve (and any other registered command)
 
 
@@ -335,6 +348,31 @@ def search_request(args: argparse.Namespace):
                       modified_after=after)
     return SearchRequest(args.k, group=False if args.per_segment or args.video else None, video_id=args.video,
                          filters=filters, moments=args.moments)
+
+
+# ----------------------------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from clip2video.search.export import ExportError, export_clip
+    from clip2video.search.index import SearchIndex
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".mp4":
+        raise UsageError(f"{out}: the clip is written as MP4; give a file name ending in .mp4")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out}: folder {out.parent} does not exist")
+    index = SearchIndex.open(args.index)
+    rec = index.record(args.video_id)
+    if rec is None:
+        raise UsageError(f"--video_id {args.video_id}: no such video in {args.index}")
+    if out.exists() and out.resolve() == Path(rec.path).resolve():
+        raise UsageError(f"{out}: that is the indexed video itself")
+    try:
+        clip = export_clip(rec.path, out, args.start, args.end, kind=rec.kind, fps=index.frame_rate(args.video_id),
+                           copy=args.copy, what=f"--video_id {args.video_id}")
+    except ExportError as e:
+        raise UsageError(str(e)) from None
+    print(f"wrote {clip.describe((args.start, args.end))}")
+    return 0
 
 
 def console() -> None:

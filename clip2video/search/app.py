@@ -3,7 +3,12 @@
 The app holds one opened index (model and vectors loaded once) and answers
 
 - ``GET /api/search?q=TEXT&k=K``: text → videos, the same ids, order and scores as ``search.py query --json``;
-- ``GET /api/similar?video_id=ID&k=K``: video → videos;
+  each result has the ``start``/``end`` of its segment; in an index of segments results are grouped by video
+  (its next best segments as ``moments``) unless ``group=0``; ``video_id=`` ranks one video's segments;
+  ``path=``, ``min_duration=``, ``max_duration=``, ``modified_after=`` filter before k (``moments.py``);
+- ``GET /api/similar?video_id=ID&k=K[&start=S]``: video (or the moment of it starting at S) → videos;
+- ``GET /api/clip?video_id=ID&start=S&end=E[&copy=1]``: that range as an MP4 download (``export.py``; at most
+  ``max_clip_seconds`` long, one cut at a time);
 - ``GET /api/frames?video_id=ID``: the frame URLs of a video indexed as a frame folder;
 - ``GET /api/health``: ``{"status": "ok", "videos": N, "model": fingerprint}``;
 - ``GET /video/{id}`` (HTTP Range requests, so the player can seek), ``GET /thumb/{id}/{n}``,
@@ -36,6 +41,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import mimetypes
 import os
 import time
@@ -53,6 +59,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from clip2video.search.batcher import BatcherClosed, BusyError, QueryBatcher, search_batch
 from clip2video.search.build import IMAGE_EXTS  # what makes a folder a frame folder: its frames are these files
 from clip2video.search.limits import ServerLimits
+from clip2video.search.moments import DEFAULT_MOMENTS, MAX_MOMENTS, Filters, SearchRequest, parse_date
 
 logger = logging.getLogger("clip2video.search.app")
 
@@ -200,17 +207,77 @@ def parse_text(name: str, raw: str | None, limit: int) -> str:
     return raw
 
 
-def hit_json(hit, records: Records) -> dict:
+def parse_float(name: str, raw: str | None, *, low: float = 0.0) -> float | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw) if len(raw) <= 32 else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < low:
+        raise ApiError(400, f"{name} must be a number >= {low:g}, got {raw[:40]!r}")
+    return value
+
+
+def parse_group(raw: str | None) -> bool | None:
+    if raw in (None, ""):
+        return None
+    if raw not in ("0", "1"):
+        raise ApiError(400, f"group must be 0 or 1, got {raw[:20]!r}")
+    return raw == "1"
+
+
+def parse_request(request: Request, k: int, records: Records) -> SearchRequest:
+    """The search options of a request's query string (grouping, one video, filters); 400 on a bad value,
+    404 for an unknown ``video_id``."""
+    p = request.query_params
+    group = parse_group(p.get("group"))
+    video_id = p.get("video_id") or None
+    if video_id is not None:
+        video_id = parse_text("video_id", video_id, MAX_ID_CHARS)
+        if records.get(video_id) is None:
+            raise ApiError(404, f"unknown video_id {video_id[:200]!r}")
+    path = p.get("path") or None
+    if path is not None:
+        path = parse_text("path", path, 1000)
+    raw_moments = p.get("moments") or str(DEFAULT_MOMENTS)
+    if not (raw_moments.isdigit() and int(raw_moments) <= MAX_MOMENTS):
+        raise ApiError(400, f"moments must be an integer from 0 to {MAX_MOMENTS}, got {raw_moments[:20]!r}")
+    after = p.get("modified_after") or None
+    try:
+        after = parse_date(after, "modified_after") if after is not None else None
+        filters = Filters(path=path, min_duration=parse_float("min_duration", p.get("min_duration")),
+                          max_duration=parse_float("max_duration", p.get("max_duration")), modified_after=after)
+    except ValueError as e:
+        raise ApiError(400, str(e).splitlines()[0]) from None
+    return SearchRequest(k, group=group, video_id=video_id, filters=filters, moments=int(raw_moments))
+
+
+def _seconds(x: float) -> str:
+    return f"{x:.3f}".rstrip("0").rstrip(".")
+
+
+def hit_json(hit, records: Records, max_clip: float = math.inf) -> dict:
     rec = records.get(hit.video_id)
     uid = _url_id(hit.video_id)
     kind = rec.kind if rec is not None else None
+    n = len(rec.thumbnails) if rec is not None else 0
+    own = getattr(hit, "thumbnails", None)
+    shown = range(n) if own is None else [i for i in own if 0 <= i < n]
+    start, end = getattr(hit, "start", None), getattr(hit, "end", None)
     return {
         "video_id": hit.video_id,
         "score": float(hit.score),
-        "thumbnails": [f"/thumb/{uid}/{i}" for i in range(len(rec.thumbnails))] if rec is not None else [],
+        "start": start,
+        "end": end,
+        "moments": [{"start": m.start, "end": m.end, "score": float(m.score)} for m in getattr(hit, "moments", ())],
+        "thumbnails": [f"/thumb/{uid}/{i}" for i in shown],
         "video": f"/video/{uid}" if kind == "file" else None,
         "kind": kind,
         "frames": f"/api/frames?video_id={uid}" if kind == "frames" else None,
+        "clip": (f"/api/clip?video_id={uid}&start={_seconds(start)}&end={_seconds(end)}"
+                 if kind is not None and start is not None and end is not None and end - start <= max_clip
+                 else None),
     }
 
 
@@ -233,31 +300,60 @@ def api_routes(index, batcher: QueryBatcher, records: Records, frame_lists: Fram
         t0 = time.perf_counter()
         q = parse_text("q", request.query_params.get("q"), limits.max_query_chars)
         k = parse_k(request.query_params.get("k"), limits)
+        req = parse_request(request, k, records)
         try:
-            hits = await batcher.submit(q, k)
+            hits = await batcher.submit(q, k if req == SearchRequest(k) else req)
         except (BusyError, BatcherClosed) as e:
             raise ApiError(503, str(e)) from None
-        return {"query": q, "k": k, "took_ms": _ms_since(t0), "results": [hit_json(h, records) for h in hits]}
+        return {"query": q, "k": k, "took_ms": _ms_since(t0),
+                "results": [hit_json(h, records, limits.max_clip_seconds) for h in hits]}
 
     @r.get("/api/similar")
     async def similar(request: Request):
         t0 = time.perf_counter()
-        video_id = parse_text("video_id", request.query_params.get("video_id"), MAX_ID_CHARS)
-        k = parse_k(request.query_params.get("k"), limits)
+        p = request.query_params
+        video_id = parse_text("video_id", p.get("video_id"), MAX_ID_CHARS)
+        k = parse_k(p.get("k"), limits)
+        start = parse_float("start", p.get("start"))
         if records.get(video_id) is None:
             raise ApiError(404, f"unknown video_id {video_id[:200]!r}")
+        req = SearchRequest(k, group=parse_group(p.get("group")))
 
         def run():
             try:
-                return index.similar(video_id, k)
+                if start is None and req == SearchRequest(k):
+                    return index.similar(video_id, k)
+                return index.similar(video_id, req, start=start)
             except KeyError:
                 return None
 
         hits = await asyncio.to_thread(run)
         if hits is None:
+            what = f"video_id {video_id[:200]!r}" + (f" start {start:g}" if start is not None else "")
+            raise ApiError(404, f"unknown {what}")
+        return {"video_id": video_id, "start": start, "k": k, "took_ms": _ms_since(t0),
+                "results": [hit_json(h, records, limits.max_clip_seconds) for h in hits]}
+
+    clip_slots = asyncio.Semaphore(limits.max_concurrent_clips)
+
+    @r.get("/api/clip")
+    async def clip(request: Request):
+        p = request.query_params
+        video_id = parse_text("video_id", p.get("video_id"), MAX_ID_CHARS)
+        start, end = parse_float("start", p.get("start")), parse_float("end", p.get("end"))
+        if start is None or end is None:
+            raise ApiError(400, "give start and end (seconds)")
+        if p.get("copy") not in (None, "", "0", "1"):
+            raise ApiError(400, "copy must be 0 or 1")
+        rec = records.get(video_id)
+        if rec is None:
             raise ApiError(404, f"unknown video_id {video_id[:200]!r}")
-        return {"video_id": video_id, "k": k, "took_ms": _ms_since(t0),
-                "results": [hit_json(h, records) for h in hits]}
+        if end - start > limits.max_clip_seconds:
+            raise ApiError(400, f"clip of {end - start:g} s asked for; the limit is {limits.max_clip_seconds} s")
+        if clip_slots.locked():
+            raise ApiError(503, "busy: another clip is being cut; retry shortly")
+        async with clip_slots:
+            return await _cut_clip(index, rec, video_id, start, end, p.get("copy") == "1")
 
     @r.get("/api/frames")
     async def frames(request: Request):
@@ -274,6 +370,36 @@ def api_routes(index, batcher: QueryBatcher, records: Records, frame_lists: Fram
         return {"video_id": video_id, "count": n, "frames": [f"/frame/{uid}/{i}" for i in range(0, n, step)]}
 
     return r
+
+
+async def _cut_clip(index, rec, video_id: str, start: float, end: float, copy: bool):
+    """Cut the clip into a private temporary folder, send it, then remove it."""
+    import shutil
+    import tempfile
+
+    from starlette.background import BackgroundTask
+
+    from clip2video.search.export import ExportError, export_clip
+
+    tmp = Path(tempfile.mkdtemp(prefix="clip2video-clip-"))
+    out = tmp / "clip.mp4"
+    fps = index.frame_rate(video_id) if hasattr(index, "frame_rate") else None
+    try:
+        clip = await asyncio.to_thread(export_clip, rec.path, out, start, end, kind=rec.kind, fps=fps, copy=copy,
+                                       what=f"video {video_id[:200]!r}")
+    except ExportError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ApiError(400, str(e)) from None
+    except (OSError, ValueError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.warning("clip of %r %g–%g s failed: %s", video_id, start, end, e)
+        raise ApiError(422, f"video {video_id[:200]!r} cannot be cut ({str(e).splitlines()[0][:200]})") from None
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in video_id)[-80:] or "clip"
+    filename = f"{name}_{_seconds(clip.start)}-{_seconds(clip.end)}.mp4"
+    return FileResponse(out, media_type="video/mp4", filename=filename,
+                        headers={"X-Clip-Range": f"{clip.start:.3f}-{clip.end:.3f}",
+                                 "X-Clip-Exact": "1" if clip.exact else "0"},
+                        background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True))
 
 
 def file_routes(folder: Path, records: Records, frame_lists: FrameLists) -> APIRouter:

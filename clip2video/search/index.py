@@ -338,6 +338,19 @@ class SearchIndex:
         thumbs = [self.folder / t for t in json.loads(row[5] or "[]")]
         return VideoRecord(row[0], Path(row[1]), row[2], thumbs, row[3], row[4])
 
+    def frame_rate(self, video_id: str) -> float:
+        """Frames per second that a frame folder's frames stand for (what its times are measured in): the
+        index's ``--video_fps``, else its recorded frames / duration, else the default."""
+        from clip2video.dataloaders.video_io import DEFAULT_VIDEO_FPS
+
+        fps = (self.manifest.get("encoding") or {}).get("video_fps")
+        if fps:
+            return float(fps)
+        rec = self.record(video_id)
+        if rec is not None and rec.frames and rec.duration:
+            return float(rec.frames) / float(rec.duration)
+        return DEFAULT_VIDEO_FPS
+
     def rows_of(self, video_id: str) -> range:
         """Index rows of one video (its segments in time order); KeyError for an unknown id."""
         v = self._row_of[video_id]

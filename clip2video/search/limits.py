@@ -21,6 +21,8 @@ class ServerLimits:
         max_batch: waiting queries encoded together in one batch.
         max_frames_listed: frame URLs one ``/api/frames`` answer lists (evenly spaced beyond).
         record_cache / frame_list_cache: video records and frame-folder listings kept in memory.
+        max_clip_seconds: longest clip ``/api/clip`` cuts (400 beyond).
+        max_concurrent_clips: clips cut at once (503 beyond; cutting re-encodes video).
     """
 
     max_query_chars: int = 1000
@@ -32,6 +34,8 @@ class ServerLimits:
     max_frames_listed: int = 240
     record_cache: int = 65536
     frame_list_cache: int = 1024
+    max_clip_seconds: int = 300
+    max_concurrent_clips: int = 1
 
     def __post_init__(self) -> None:
         for f in fields(self):
