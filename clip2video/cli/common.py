@@ -263,11 +263,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="attention-mask layout of the temporal heads (default: original for released "
                         "checkpoints, what the checkpoint says for ours)")
     g.add_argument("--clip_path", default=None, help="CLIP weights: OpenAI's ViT-*.pt, an OpenAI-layout state dict, "
-                   "open_clip's open_clip_pytorch_model.bin / .safetensors or an open_clip training checkpoint")
+                   "open_clip's open_clip_pytorch_model.bin / .safetensors or an open_clip training checkpoint; "
+                   "or OpenAI's name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px, or ViT-B-32, ...): downloaded "
+                   "once into $CLIP2VIDEO_CACHE (default ~/.cache/clip) and checked against its published SHA-256")
     g.add_argument("--clip_model", default=None, metavar="NAME[:TAG]",
                    help="open_clip architecture of --clip_path (ViT-B-16, ViT-L-14-336, ViT-B-32-quickgelu, ...; "
                         ":TAG picks a pretrained tag's normalisation); needed when the file cannot tell its "
-                        "activation (an open_clip file without open_clip_config.json)")
+                        "activation (an open_clip file without open_clip_config.json). Without --clip_path, "
+                        "NAME:TAG fetches open_clip's weights of that tag (Hugging Face hub and cache)")
+    g.add_argument("--offline", action="store_true",
+                   help="never download weights: a named --clip_path / --clip_model NAME:TAG must be in the cache")
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -341,6 +346,12 @@ def model_spec(args: argparse.Namespace, *, if_given: bool = False) -> ModelSpec
     if if_given and not set(getattr(args, "given_flags", ())) & set(MODEL_SOURCE_FLAGS):
         return None
     variant, fields = model_fields(args)
+    ckpt = args.checkpoint or args.init_model
+    if ckpt is None and args.zero_shot:
+        if not args.clip_path and ":" not in (args.clip_model or ""):
+            raise UsageError("--zero_shot needs --clip_path (a file, or a name such as ViT-B/32) or --clip_model "
+                             "NAME:TAG")
+        resolve_clip_flags(args)  # a name → the cached file (fetched unless --offline): the spec names a file
     spec = ModelSpec(
         checkpoint=args.checkpoint or args.init_model, model_num=args.model_num, zero_shot=bool(args.zero_shot),
         clip_path=args.clip_path, clip_model=args.clip_model, variant=variant,
@@ -363,6 +374,8 @@ PATH_FLAGS_DIRS = ("features_path", "data_root")
 def check_paths(args: argparse.Namespace, files: Iterable[str] = PATH_FLAGS_FILES,
                 any_kind: Iterable[str] = PATH_FLAGS_ANY, dirs: Iterable[str] = PATH_FLAGS_DIRS) -> None:
     """Every named path that was given must exist: one line naming the flag and the path otherwise."""
+    from clip2video.modules.weights.hub import known_names, openai_release
+
     for kind, names in (("file", files), ("file or folder", any_kind), ("folder", dirs)):
         for name in names:
             value = getattr(args, name, None)
@@ -370,10 +383,26 @@ def check_paths(args: argparse.Namespace, files: Iterable[str] = PATH_FLAGS_FILE
                 continue
             path = Path(value)
             ok = path.is_file() if kind == "file" else path.is_dir() if kind == "folder" else path.exists()
+            if not ok and name == "clip_path" and openai_release(str(value)):
+                continue  # a name: fetched when the model is built (resolve_clip_flags)
             if not ok:
                 what = "not a file" if kind == "file" and path.exists() else (
                     "not a folder" if kind == "folder" and path.exists() else f"no such {kind}")
+                if name == "clip_path" and not path.exists() and not path.suffix:  # meant as a name?
+                    what += f", nor a CLIP name ({known_names()}; open_clip's: --clip_model NAME:TAG)"
                 raise UsageError(f"--{name} {value}: {what}")
+
+
+def resolve_clip_flags(args: argparse.Namespace) -> str:
+    """The local CLIP file that ``--clip_path`` / ``--clip_model NAME:TAG`` designate, fetched first when they
+    name weights (``--offline``: only from the cache); stored back in ``args.clip_path``, so that everything
+    after (the model, an index's record of it) sees a file."""
+    from clip2video.modules.weights.hub import resolve_clip_weights
+
+    path = resolve_clip_weights(getattr(args, "clip_path", None), getattr(args, "clip_model", None),
+                                offline=bool(getattr(args, "offline", False)))
+    args.clip_path = str(path)
+    return args.clip_path
 
 
 def output_paths(output_dir: str | None) -> tuple[Path | None, Path | None]:

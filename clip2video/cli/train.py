@@ -52,6 +52,7 @@ from clip2video.cli.common import (
     model_fields,
     model_flags_given,
     parse_with_config,
+    resolve_clip_flags,
     run_main,
 )
 
@@ -140,13 +141,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max_steps must be >= 0, got {args.max_steps}")
     if args.freeze_layer_num < -1:
         raise UsageError(f"--freeze_layer_num must be >= -1, got {args.freeze_layer_num}")
-    if sum(bool(x) for x in (args.clip_path, args.init_model, args.tiny_clip)) == 0:
-        raise UsageError("give --clip_path (OpenAI ViT-B-32.pt), --init_model or --tiny_clip")
-    if args.tiny_clip and args.clip_path:
+    tagged = ":" in (args.clip_model or "")  # NAME:TAG alone fetches open_clip's weights of that tag
+    if sum(bool(x) for x in (args.clip_path or tagged, args.init_model, args.tiny_clip)) == 0:
+        raise UsageError("give --clip_path (a file such as ViT-B-32.pt, or a name such as ViT-B/32), --clip_model "
+                         "NAME:TAG, --init_model or --tiny_clip")
+    if args.tiny_clip and (args.clip_path or tagged):
         raise UsageError("--tiny_clip and --clip_path exclude each other")
-    if args.clip_model and not args.clip_path:
-        raise UsageError("--clip_model names the architecture of --clip_path: give both (a checkpoint records "
-                         "its backbone)")
+    if args.clip_model and not args.clip_path and not tagged:
+        raise UsageError("--clip_model names the architecture of --clip_path: give both, or NAME:TAG for open_clip's "
+                         "weights of that tag (a checkpoint records its backbone)")
     if not args.features_path:
         raise UsageError("--features_path is required (folder of frame folders)")
     check_paths(args)
@@ -169,7 +172,7 @@ def build_model(args: argparse.Namespace):
         return model
     if args.tiny_clip:
         return create_model(variant, clip_config=ClipConfig.tiny(), mask_layout=layout, **fields)
-    sd, clip_cfg = load_clip(args.clip_path, args.clip_model)  # the backbone, recorded in every checkpoint
+    sd, clip_cfg = load_clip(resolve_clip_flags(args), args.clip_model)  # the backbone, recorded in checkpoints
     return create_model(make_config(variant, clip_cfg, mask_layout=layout, **fields), clip_state_dict=sd)
 
 

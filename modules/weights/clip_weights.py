@@ -7,7 +7,9 @@ Formats read (``--clip_path``):
   and plain state dicts of them (they keep OpenAI's integer buffers ``input_resolution``, ...);
 * open_clip's published files (``open_clip_pytorch_model.bin`` or ``open_clip_model.safetensors``, usually
   with ``open_clip_config.json`` beside them) and open_clip training checkpoints (``{"state_dict": ...}``,
-  keys under ``module.`` when trained with DDP).
+  keys under ``module.`` when trained with DDP);
+* names instead of files: OpenAI's (``ViT-B/32``, ...) and ``--clip_model NAME:TAG`` are fetched into a cache
+  first (``hub.py``).
 
 For ViT CLIPs open_clip stores OpenAI's parameter names, so the only mapping needed is removing wrapper
 prefixes (``module.``, ``_orig_mod.``) and, for a model built with open_clip's custom-text class around a
@@ -44,6 +46,7 @@ from clip2video.modules.network.backbone import OPENAI_EXTRA_KEYS, OPENAI_MEAN, 
 from clip2video.modules.network.tokenizer import VOCAB_SIZE as BPE_VOCAB  # OpenAI CLIP's BPE vocabulary
 
 from .checkpoint import CheckpointError, read_weights
+from .hub import resolve_clip_weights
 
 logger = logging.getLogger(__name__)
 
@@ -236,18 +239,22 @@ def load_clip_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return sd, fmt, shapes
 
 
-def load_clip(path: str | os.PathLike, model_name: str | None = None) -> tuple[dict[str, torch.Tensor], ClipConfig]:
+def load_clip(path: str | os.PathLike | None, model_name: str | None = None, *,
+              offline: bool = False) -> tuple[dict[str, torch.Tensor], ClipConfig]:
     """(float32 OpenAI-layout state dict, ClipConfig) of a CLIP weight file; see the module doc for the rules.
 
     Args:
-        path: an OpenAI or open_clip weight file (``--clip_path``).
+        path: an OpenAI or open_clip weight file (``--clip_path``), or a name that
+            :func:`~clip2video.modules.weights.hub.resolve_clip_weights` fetches (``ViT-B/32``); None with a
+            ``NAME:TAG`` model name fetches open_clip's pretrained weights of that tag.
         model_name: ``--clip_model``: open_clip architecture name, optionally ``NAME:PRETRAINED_TAG``.
+        offline: never download: named weights must already be cached.
 
     Raises:
         CheckpointError: unreadable file, unsupported tower or tokenizer, shapes that contradict
             ``model_name``, an activation that the rules cannot decide or that two sources disagree on.
     """
-    path = Path(path)
+    path = resolve_clip_weights(path, model_name, offline=offline)  # a name → the cached file
     sd, fmt, shapes = load_clip_tensors(path)
     openai = fmt.startswith("OpenAI")
 
