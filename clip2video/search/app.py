@@ -367,7 +367,9 @@ def api_routes(index, batcher: QueryBatcher, records: Records, frame_lists: Fram
         n = len(paths)
         step = max(1, -(-n // limits.max_frames_listed))
         uid = _url_id(video_id)
-        return {"video_id": video_id, "count": n, "frames": [f"/frame/{uid}/{i}" for i in range(0, n, step)]}
+        fps = index.frame_rate(video_id) if hasattr(index, "frame_rate") else None  # what its times count in
+        return {"video_id": video_id, "count": n, "fps": fps,
+                "frames": [f"/frame/{uid}/{i}" for i in range(0, n, step)]}
 
     return r
 
