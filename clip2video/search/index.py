@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clip2video.modules.weights.identity import ModelMismatchError, ModelRecord
+from clip2video.search.moments import Moment, SearchRequest, search_moments
 from clip2video.search.store import (
     FAISS_FILE,
     META_DB,
@@ -35,16 +36,6 @@ from clip2video.search.store import (
 
 if TYPE_CHECKING:
     from clip2video.modules.weights.spec import ModelSpec
-    from clip2video.search.moments import SearchRequest
-
-
-@dataclass(frozen=True)
-class Moment:
-    """A further segment of a hit's video: its time range (seconds) and score."""
-
-    start: float
-    end: float
-    score: float
 
 
 @dataclass(frozen=True)
@@ -259,8 +250,6 @@ class SearchIndex:
         ``moments.SearchRequest``: grouping of segments by video, one video's segments, filters (an index of
         segments groups by default).
         """
-        from clip2video.search.moments import SearchRequest, search_moments
-
         q = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
         if q.shape[0] and q.shape[1] != self.dim:
             raise ValueError(f"query vectors have dim {q.shape[1]}, the index holds {self.dim}")
@@ -296,8 +285,6 @@ class SearchIndex:
         The vector is weighted as a caption's is (``[w·v_g, (1−w)·v_a]``) so the two parts count as in a text
         query; a whole video of several segments is the mean of its segments' parts, each made unit length.
         """
-        from clip2video.search.moments import SearchRequest
-
         v = self._row_of[video_id]
         first, stop = int(self.video_first[v]), int(self.video_stop[v])
         g = int(self.model_record.global_dim or 0)

@@ -27,12 +27,12 @@ import datetime as dt
 import fnmatch
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from clip2video.search.index import Hit, SearchIndex
+SearchIndex = Any  # ``index.SearchIndex`` (not imported: the index imports this module)
+Hit = Any
 
 EXACT_FILTERED_ROWS = 20_000
 """At most this many rows passing the filters: score them all exactly instead of searching FAISS."""
@@ -40,6 +40,15 @@ DEFAULT_MOMENTS = 3
 """Further segments listed under a grouped hit."""
 MAX_MOMENTS = 50
 _CHUNK = 65_536  # rows scored per matrix product in exact scans (bounded memory)
+
+
+@dataclass(frozen=True)
+class Moment:
+    """A further segment of a hit's video: its time range (seconds) and score."""
+
+    start: float
+    end: float
+    score: float
 
 
 @dataclass(frozen=True)
@@ -250,8 +259,6 @@ def _grouped(index: SearchIndex, q: np.ndarray, request: SearchRequest, allowed:
 
 def _moments(index: SearchIndex, q: np.ndarray, v: int, best: int, allowed: np.ndarray | None, n: int):
     """The next ``n`` best allowed segments of video ``v`` (its best one, row ``best``, left out), exactly."""
-    from clip2video.search.index import Moment
-
     if n <= 0:
         return ()
     rows = np.arange(int(index.video_first[v]), int(index.video_stop[v]), dtype=np.int64)
@@ -265,5 +272,5 @@ def _moments(index: SearchIndex, q: np.ndarray, v: int, best: int, allowed: np.n
                  for i, x in zip(r.tolist(), s.tolist(), strict=True))
 
 
-__all__ = ["DEFAULT_MOMENTS", "EXACT_FILTERED_ROWS", "Filters", "SearchRequest", "allowed_rows", "exact_top",
+__all__ = ["DEFAULT_MOMENTS", "EXACT_FILTERED_ROWS", "Filters", "Moment", "SearchRequest", "allowed_rows", "exact_top",
            "parse_date", "search_moments", "top_rows"]
