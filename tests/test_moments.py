@@ -136,9 +136,56 @@ def test_segment_score_equals_cut_out_frame_folder(long_video, tiny_ckpt, tmp_pa
             for j, (s, _) in enumerate(segs):
                 worst = max(worst, abs(got[(captions[c], s)] - float(sim[c, j])))
         assert worst <= 1e-4, (ix.name, worst)
-    # the two indexes hold the same vectors (file read directly == its PNG extraction)
+    # the two indexes hold the same vectors (file read directly == its PNG extraction), as does a build whose
+    # videos are read by two loader processes
     a, b = SearchIndex.open(ix_folder), SearchIndex.open(ix_file)
     np.testing.assert_allclose(a.vectors(range(a.n_rows)), b.vectors(range(b.n_rows)), atol=1e-5, rtol=0)
+    if mode == "fixed":
+        argv = build_argv(root / "videos", tmp_path / "ix_workers", tiny_ckpt, *flags)
+        argv[argv.index("--num_thread_reader") + 1] = "2"
+        assert search.main(argv) == 0
+        c = SearchIndex.open(tmp_path / "ix_workers")
+        np.testing.assert_allclose(c.vectors(range(c.n_rows)), b.vectors(range(b.n_rows)), atol=1e-5, rtol=0)
+
+
+def test_segments_of_a_clip_vip_model(long_video, tmp_path, capsys):
+    """CLIP-ViP has no per-frame features: its segments go through the whole video encoder, still exactly the
+    cut-out frame folder's vectors."""
+    import torch
+
+    from clip2video.modules.network.backbone import ClipConfig
+    from clip2video.modules.weights.factory import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vip", clip_config=ClipConfig.tiny())
+    ckpt = tmp_path / "vip" / "best.pt"
+    ckpt.parent.mkdir()
+    torch.save({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, ckpt)
+    ix = tmp_path / "ix"
+    argv = build_argv(long_video / "frames", ix, ckpt, "--segment_seconds", "4", "--segment_stride", "2.5")
+    argv[argv.index("--checkpoint") + 1 : argv.index("--model_num") + 2] = [str(ckpt)]
+    assert search.main(argv) == 0
+    segs = segments_of(ix)
+    assert len(segs) == 4
+    csv_rows = ["video_id,caption,split"]
+    cut = tmp_path / "cut"
+    files = sorted((long_video / "frames" / "long").iterdir())
+    for j, (s, e) in enumerate(segs):
+        (cut / f"seg{j}").mkdir(parents=True)
+        for k, f in enumerate(files):
+            if _frac(s) <= Fraction(k, F) < _frac(e):
+                shutil.copy(f, cut / f"seg{j}" / f.name)
+        csv_rows.append(f"seg{j},{CAPTIONS[j]},test")
+    (tmp_path / "cut.csv").write_text("\n".join(csv_rows) + "\n")
+    eval_argv = generic_eval_argv(tmp_path / "cut.csv", cut, ckpt, tmp_path / "sim.npy", "--feature_framerate", "2",
+                                  max_frames=6)
+    eval_argv[eval_argv.index("--checkpoint") + 1 : eval_argv.index("--model_num") + 2] = [str(ckpt)]
+    assert infer_retrieval.main(eval_argv) == 0
+    sim = np.load(tmp_path / "sim.npy")
+    got = index_scores(capsys, ix, CAPTIONS[: len(segs)])
+    for c in range(len(segs)):
+        for j, (s, _) in enumerate(segs):
+            assert abs(got[(CAPTIONS[c], s)] - float(sim[c, j])) <= 1e-4
 
 
 # ----------------------------------------------------------------------------------------------- the plan
