@@ -75,7 +75,7 @@ def main() -> None:
                          for s, tk in zip(range(0, a.captions, chunk), tokens, strict=True)])
     text = TextEmbedding(l2n(eot), aligned)
     video = encode_video_heads(model, feats, vmask, batch_size=256)
-    metrics, _ = score(model, text, video, caption_video, True)
+    metrics, _, _ = score(model, text, video, caption_video, True)
     ours = time.perf_counter() - t0
     print(f"ours: {ours:.2f} s (text TAB + heads once per video + chunked scores + metrics), "
           f"T2V R@1 {metrics['t2v']['R1']:.2f} (random)")

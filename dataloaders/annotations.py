@@ -529,6 +529,84 @@ class GenericParser(DatasetParser):
         return PairSet([(v, c) for v, c in pairs if v in keep])
 
 
+# ------------------------------------------------------------------------------------------------- provenance
+
+#: What each evaluation datatype measures (result files record it next to the set's name).
+PROTOCOLS = {
+    "msrvtt": "MSR-VTT single-caption protocol: the csv's caption-video pairs (1k-A: MSRVTT_JSFUSION_test.csv)",
+    "msrvttfull": "MSR-VTT multi-caption protocol: every json caption of the listed videos (MSRVTT_test.full.csv)",
+    "msvd": "MSVD multi-caption protocol: every caption of the split's videos",
+    "vatexEnglish": "VATEX multi-caption protocol: the English captions of the split's videos (HGR: test; "
+                    "random 1k5: test1k5_sec)",
+    "generic": "generic annotation file: single-caption when every video has one caption, else multi-caption",
+}
+
+
+def annotation_files(datatype: str, *, data_path=None, csv_path=None, split: str = "test",
+                     train: bool = False) -> list[Path]:
+    """The annotation files a split is read from (for result files, which record their hashes).
+
+    Args:
+        datatype: one of :data:`DATATYPES`.
+        data_path: the datatype's ``--data_path``.
+        csv_path: MSR-VTT's split csv (``--val_csv`` for evaluation, ``--train_csv`` for training).
+        split: the MSVD/VATEX list, or the generic file's split value.
+        train: the training side (MSR-VTT training reads the json as well as the csv).
+    """
+    dt = normalize_datatype(datatype)
+    if dt in ("msrvtt", "msrvttfull"):
+        files = [csv_path] if dt == "msrvtt" and not train else [csv_path, data_path]
+        return [Path(f) for f in files if f]
+    if dt == "generic":
+        return [Path(data_path)] if data_path else []
+    folder = Path(data_path) if data_path else None
+    if folder is None:
+        return []
+    captions = folder / ("raw-captions.pkl" if dt == "msvd" else "vatex_data.json")
+    return [captions, folder / f"{split}_list.txt"]
+
+
+def read_caption_file(path: str | os.PathLike) -> list[str]:
+    """Captions of a UTF-8 text file, one per line (a query bank); blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not UTF-8 (the line is named) or no caption at all.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file (query bank: UTF-8 text, one caption per line)")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{p}: line {line} is not UTF-8 text (query bank: UTF-8, one caption per line)") from None
+    captions = [line.strip() for line in text.splitlines() if line.strip()]
+    if not captions:
+        raise ValueError(f"{p}: no captions (query bank: UTF-8 text, one caption per line)")
+    return captions
+
+
+def load_caption_bank(datatype: str, *, data_path, split: str) -> tuple[list[str], list[Path]]:
+    """Every caption of a training split, read from the annotation files themselves, and those files.
+
+    ``split`` is what selects the split for the datatype: the list name for MSVD/VATEX (``train``), the split
+    value of a generic file, or the video-list csv for MSR-VTT (``MSRVTT_train.9k.csv``). All listed videos'
+    captions are kept, whether or not their frames exist (a bank needs captions only).
+    """
+    dt = normalize_datatype(datatype)
+    if dt in ("msrvtt", "msrvttfull"):
+        pairs = parser_for(dt).train_set(data_path=data_path, train_csv=split)
+        files = annotation_files(dt, data_path=data_path, csv_path=split, train=True)
+    else:
+        pairs = parser_for(dt).train_set(data_path=data_path, split=split)
+        files = annotation_files(dt, data_path=data_path, split=split, train=True)
+    captions = [c for _, c in pairs.pairs]
+    if not captions:
+        raise ValueError(f"query bank {split!r} of {', '.join(map(str, files))}: no captions")
+    return captions, files
+
+
 #: One parser per datatype (:data:`DATATYPES`); look one up with :func:`parser_for`.
 PARSERS: dict[str, DatasetParser] = {p.datatype: p for p in (MsrvttParser(), MsrvttFullParser(), MsvdParser(),
                                                                VatexParser(), GenericParser())}
@@ -599,13 +677,17 @@ def load_train_set(
 __all__ = [
     "DATATYPES",
     "PARSERS",
+    "PROTOCOLS",
     "DatasetParser",
     "MSVD_SPLITS",
     "PairSet",
     "RetrievalSet",
     "VATEX_SPLITS",
+    "annotation_files",
+    "load_caption_bank",
     "load_eval_set",
     "load_train_set",
     "normalize_datatype",
     "parser_for",
+    "read_caption_file",
 ]

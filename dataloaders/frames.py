@@ -237,7 +237,14 @@ def _decode_with_torch(data: bytes) -> np.ndarray | None:
 
 
 def _decode_rgb(path: str, image_size: int, mode: str) -> np.ndarray:
-    """(H, W, 3) uint8: the frame as Pillow decodes it and converts it to RGB.
+    """(H, W, 3) uint8: the frame file as Pillow decodes it and converts it to RGB (:func:`_decode_rgb_bytes`)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return _decode_rgb_bytes(data, image_size, mode)
+
+
+def _decode_rgb_bytes(data: bytes, image_size: int, mode: str) -> np.ndarray:
+    """(H, W, 3) uint8: the encoded image as Pillow decodes it and converts it to RGB.
 
     Colour JPEGs are decoded by torchvision's libjpeg-turbo call when it gives Pillow's pixels
     (:func:`_torch_jpeg_matches_pillow`): it writes planar pixels directly, where Pillow decodes to 4-byte
@@ -245,8 +252,6 @@ def _decode_rgb(path: str, image_size: int, mode: str) -> np.ndarray:
     cannot decode, goes through Pillow, whose errors name the problem. In ``fast`` mode, JPEGs with a short
     side ≥ 2·S use libjpeg's DCT scaling through Pillow's ``draft``.
     """
-    with open(path, "rb") as f:
-        data = f.read()
     if mode == "exact" and data[:3] == b"\xff\xd8\xff" and _torch_jpeg_matches_pillow():  # JPEG start marker
         rgb = _decode_with_torch(data)
         if rgb is not None:
@@ -272,14 +277,19 @@ def read_frame_rgb(path: str | os.PathLike, image_size: int = 224, mode: str = "
         FrameError: the file is missing or not a readable image.
     """
     path = os.fspath(path)
+    return _guarded(lambda: _decode_rgb(path, image_size, mode), path)
+
+
+def _guarded(fn, name: str):
+    """``fn()``, its decoding errors as one FrameError line naming ``name``."""
     try:
-        return _decode_rgb(path, image_size, mode)
+        return fn()
     except FileNotFoundError:
-        raise FrameError(f"{path}: frame file does not exist") from None
+        raise FrameError(f"{name}: frame file does not exist") from None
     except UnidentifiedImageError:
-        raise FrameError(f"{path}: not a readable image") from None
+        raise FrameError(f"{name}: not a readable image") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated/corrupt data surfaces as OSError in PIL
-        raise FrameError(f"{path}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+        raise FrameError(f"{name}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
             from None
 
 
@@ -305,14 +315,38 @@ def preprocess_image(path: str | os.PathLike, image_size: int = 224, mode: str =
     Raises:
         FrameError: the file is missing or not a readable image.
     """
+    path = os.fspath(path)
+    return _preprocess(lambda: _decode_rgb(path, image_size, mode), path, image_size, mode, out)
+
+
+def preprocess_image_bytes(data: bytes, image_size: int = 224, mode: str = "exact", out: torch.Tensor | None = None,
+                           *, name: str = "image", upright: bool = False) -> torch.Tensor:
+    """An encoded image held in memory (an uploaded query image) → what :func:`preprocess_image` gives for a
+    file holding these bytes: the same decoder, resize and normalisation, so an image query is the frame a
+    frame folder would show. ``name`` is used in messages. ``upright`` first applies the EXIF orientation
+    (photos from phones), which frame folders never carry; without such a tag the result is unchanged.
+    """
+    def decode() -> np.ndarray:
+        if upright:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.getexif().get(0x0112, 1) not in (0, 1):  # 0x0112: Orientation
+                    from PIL import ImageOps
+
+                    return np.asarray(ImageOps.exif_transpose(img).convert("RGB"), dtype=np.uint8)
+        return _decode_rgb_bytes(data, image_size, mode)
+
+    return _preprocess(decode, name, image_size, mode, out)
+
+
+def _preprocess(decode, name: str, image_size: int, mode: str, out: torch.Tensor | None) -> torch.Tensor:
+    """Decode (``decode()`` → RGB array), resize, crop and normalise into ``out``; FrameError naming ``name``."""
     if mode not in MODES:
         raise ValueError(f"image mode must be one of {MODES}, got {mode!r}")
-    rgb = read_frame_rgb(path, image_size, mode)
-    try:
-        return preprocess_rgb(rgb, image_size, out)
-    except ValueError as e:  # an image the resize cannot take (e.g. an empty one)
-        why = str(e).splitlines()[0] if str(e) else "ValueError"
-        raise FrameError(f"{os.fspath(path)}: cannot decode image ({why})") from None
+
+    def run() -> torch.Tensor:
+        return preprocess_rgb(decode(), image_size, out)
+
+    return _guarded(run, name)
 
 
 def load_video(
@@ -467,6 +501,7 @@ __all__ = [
     "load_video",
     "load_video_file",
     "preprocess_image",
+    "preprocess_image_bytes",
     "preprocess_rgb",
     "read_frame_rgb",
     "resize_crop",

@@ -289,3 +289,29 @@ def test_vatex_folder_rule(tmp_path):
             (tmp_path / "f" / name / f"{i:08d}.jpg").write_bytes(b"")
     r = load_eval_set("vatexEnglish", data_path=tmp_path, features_path=tmp_path / "f", split="val")
     assert r.video_ids == ["six"]
+
+
+def test_annotation_files_and_caption_banks_of_training_splits(tmp_path):
+    """What result files hash per datatype, and a query bank read from a training split's own files."""
+    from clip2video.dataloaders.annotations import annotation_files, load_caption_bank
+
+    data = tmp_path / "MSRVTT_data.json"
+    data.write_text(json.dumps({"sentences": [{"video_id": v, "caption": f"{v} caption {i}"}
+                                               for i in range(2) for v in ("v1", "v2", "v3")]}))
+    train = tmp_path / "train.csv"
+    train.write_text("video_id\nv3\nv1\n")
+    test = tmp_path / "test.csv"
+    captions, files = load_caption_bank("msrvtt", data_path=str(data), split=str(train))
+    assert captions == ["v1 caption 0", "v3 caption 0", "v1 caption 1", "v3 caption 1"]  # json order
+    assert files == [train, data]
+    assert annotation_files("msrvtt", data_path=str(data), csv_path=str(test)) == [test]  # 1k-A reads the csv only
+    assert annotation_files("msrvttfull", data_path=str(data), csv_path=str(test)) == [test, data]
+    assert annotation_files("msvd", data_path=str(tmp_path), split="test") == [tmp_path / "raw-captions.pkl",
+                                                                               tmp_path / "test_list.txt"]
+    assert annotation_files("vatex", data_path=str(tmp_path), split="test1k5_sec") == [
+        tmp_path / "vatex_data.json", tmp_path / "test1k5_sec_list.txt"]
+    gen = tmp_path / "g.csv"
+    gen.write_text("video_id,caption,split\na,one,train\nb,two,test\na,three,train\n")
+    assert load_caption_bank("generic", data_path=str(gen), split="train") == (["one", "three"], [gen])
+    with pytest.raises(ValueError, match="no rows with split == 'val'"):
+        load_caption_bank("generic", data_path=str(gen), split="val")

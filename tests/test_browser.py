@@ -190,7 +190,8 @@ def test_search_page(page_index, tmp_path):
         # "more like this" on the first result
         page.click(".result:first-child button.like")
         wait_js(page, "location.hash.includes('like=')")
-        wait_js(page, "document.getElementById('status').textContent.includes('videos like bikes ·')")  # answered
+        # the final status (the page says "videos like bikes …" while it waits for the answer)
+        wait_js(page, "document.getElementById('status').textContent.includes('videos like bikes ·')")
         ids = page.eval_on_selector_all(".result .vid", "els => els.map(e => e.textContent)")
         assert ids == [h.video_id for h in index.similar("bikes", 20)]
 
@@ -312,3 +313,124 @@ def test_moments_on_the_page(moments_index):
         browser.close()
     assert srv.stopped_cleanly
     assert not errors, errors
+
+
+# ----------------------------------------------------------------------------------------------- image queries
+@pytest.fixture(scope="module")
+def image_index(tmp_path_factory):
+    """A real index of a tiny random model: synthetic frame folders and two one-frame folders (JPEG, PNG)."""
+    import torch
+
+    from clip2video.cli import search
+    from clip2video.dataloaders.synthetic import make_synthetic_dataset
+    from clip2video.modules.network.backbone import ClipConfig
+    from clip2video.modules.weights.factory import create_model
+    from clip2video.modules.weights.release import export_original
+    from clip2video.search.index import SearchIndex
+
+    root = tmp_path_factory.mktemp("browser-images")
+    make_synthetic_dataset(root / "s", n_videos=6, seed=3, size=32, n_frames=8, write="frames", splits=(0, 0, 1))
+    videos = root / "s" / "frames"
+    jpg, png = root / "frame.jpg", root / "still.png"
+    shutil.copy(videos / "syn00000" / "00000004.jpg", jpg)
+    Image.open(videos / "syn00003" / "00000002.jpg").convert("RGB").save(png)
+    for name, src in (("single", jpg), ("single_png", png)):
+        (videos / name).mkdir()
+        shutil.copy(src, videos / name / f"00000001{src.suffix}")
+    torch.manual_seed(0)
+    ckpt = export_original(create_model("tab_tdb", clip_config=ClipConfig.tiny(), center_k=3),
+                           root / "ckpt" / "pytorch_model.bin.1")
+    argv = ["build", "--features_path", str(videos), "--index", str(root / "ix"), "--checkpoint", str(ckpt.parent),
+            "--model_num", "1", "--max_words", "16", "--max_frames", "6", "--num_thread_reader", "0",
+            "--device", "cpu", "--no_progress"]
+    assert search.main(argv) == 0
+    return SearchIndex.open(root / "ix", device="cpu"), jpg, png
+
+
+def test_search_page_with_an_image(image_index):
+    """The file picker and a dropped image search with that image (alone, then with the typed text), as the
+    library ranks them; "more like this" from an image's results; a non-image shows the server's message."""
+    import base64
+
+    from clip2video.search.query_parse import Part, parse_query
+    from clip2video.search.query_vectors import QueryEncoder
+
+    index, jpg, png = image_index
+    enc = QueryEncoder(index)
+
+    def ranked(parts):
+        return [h.video_id for h in enc.search(parts, 20)]
+
+    def shown(page):
+        return page.eval_on_selector_all(".result .vid", "els => els.map(e => e.textContent)")
+
+    with ServerThread(create_app(index)) as srv, sync_api.sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1200, "height": 720})
+        requested, errors = [], []
+        page.on("request", lambda r: requested.append(r.url))
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(srv.url + "/")
+        wait_js(page, "document.getElementById('info').textContent.includes('videos')")
+
+        # the file picker: the image alone
+        page.set_input_files("#image-file", str(jpg))
+        wait_js(page, "document.getElementById('status').textContent.includes('results for image frame.jpg')")
+        assert page.is_visible("#image-chip") and page.inner_text("#image-name") == "frame.jpg"
+        wait_js(page, "document.getElementById('image-preview').naturalWidth === 32")
+        ids = shown(page)
+        assert ids == ranked([Part(1.0, "image", str(jpg))]) and ids[0] == "single"
+
+        # typed text and the image together
+        page.fill("#q", "a red circle")
+        page.press("#q", "Enter")
+        wait_js(page, "document.getElementById('status').textContent.includes('a red circle + image frame.jpg')")
+        assert shown(page) == ranked(parse_query(f'a red circle + "image:{jpg}"'))
+
+        # removing the image: a plain text search again
+        page.click("#image-clear")
+        assert page.is_hidden("#image-chip") and page.locator(".result").count() == 0
+        page.press("#q", "Enter")
+        wait_js(page, "location.hash.includes('q=')")
+        wait_js(page, "document.getElementById('status').textContent.includes('results ·')")
+        assert shown(page) == [h.video_id for h in index.query(["a red circle"], 20)[0]]
+
+        # a dropped image (a drag carrying a file, as a file manager's drag does)
+        data = base64.b64encode(png.read_bytes()).decode()
+        page.evaluate("""([data, name]) => {
+            const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, { type: "image/png" }));
+            document.body.dispatchEvent(new DragEvent("dragenter", { dataTransfer: dt, bubbles: true }));
+            window.__zoneShown = !document.getElementById("dropzone").hidden;
+            document.body.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+        }""", [data, "a still (1).png"])
+        assert page.evaluate("window.__zoneShown") and page.is_hidden("#dropzone")
+        wait_js(page, "document.getElementById('status').textContent.includes('image a still _1_.png')")
+        ids = shown(page)
+        assert ids == ranked(parse_query(f'a red circle + "image:{png}"'))
+        page.fill("#q", "")
+        page.press("#q", "Enter")
+        wait_js(page, "document.getElementById('status').textContent.includes(' results for image a still _1_.png')")
+        ids = shown(page)
+        assert ids == ranked([Part(1.0, "image", str(png))]) and ids[0] == "single_png"
+
+        # "more like this" on the image's second result
+        second = ids[1]
+        page.click(".result:nth-child(2) button.like")
+        wait_js(page, f"document.getElementById('status').textContent.includes('videos like {second} ·')")
+        assert shown(page) == [h.video_id for h in index.similar(second, 20)]
+
+        # a file that claims to be an image but is not: the server's one-line message
+        page.evaluate("""() => {
+            const dt = new DataTransfer();
+            dt.items.add(new File(["hello, not an image"], "fake.png", { type: "image/png" }));
+            document.body.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+        }""")
+        wait_js(page, "document.getElementById('status').className === 'error'")
+        assert "fake.png: not an image" in page.inner_text("#status")
+        assert page.locator(".result").count() == 0
+        browser.close()
+    assert srv.stopped_cleanly
+    assert not errors, errors
+    assert not [u for u in requested if not u.startswith(srv.url)]

@@ -96,7 +96,9 @@ def test_saved_metrics_are_the_metrics_of_the_saved_matrix(demo):
         r = _run(demo, v)
         assert r["sim"].shape == (len(rset.captions), len(rset.video_ids))
         assert np.isfinite(r["sim"]).all()
-        assert retrieval_metrics(r["sim"], rset.caption_video, rset.multi_caption) == r["metrics"]
+        assert retrieval_metrics(r["sim"], rset.caption_video, rset.multi_caption) == {
+            d: r["metrics"][d] for d in ("t2v", "v2t")}
+        assert r["metrics"]["run"]["counts"]["captions"] == len(rset.captions)
 
 
 def test_report_rows_equal_the_metrics_and_direction_accuracy(demo):

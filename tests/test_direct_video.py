@@ -200,7 +200,7 @@ def test_zero_shot_from_mp4_folder(synthetic, tmp_path):
             "--batch_size_val", "4", "--num_thread_reader", "0", "--device", "cpu", "--metrics_json",
             str(tmp_path / "m.json")]
     assert infer_retrieval.main(argv) == 0
-    assert set(json.loads((tmp_path / "m.json").read_text())) == {"t2v", "v2t"}
+    assert set(json.loads((tmp_path / "m.json").read_text())) == {"t2v", "v2t", "run"}
 
 
 # ------------------------------------------------------------------------------------- real H.264 files

@@ -21,20 +21,25 @@ STEPS = 10
 B = 8  # global batch
 
 
-def _grads(model: torch.nn.Module, rank: int, world: int) -> dict[str, torch.Tensor]:
-    """Parameter gradients of one step on samples [rank·B/world, (rank+1)·B/world) of a fixed batch,
-    through DDP (which averages) and the gathered loss."""
+def _batch(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Samples [rank·B/world, (rank+1)·B/world) of a fixed batch of B."""
     from test_training import ColourPairs
-
-    from clip2video.modules.training.loss import global_batch_loss
 
     data = ColourPairs(B)
     per = B // world
     items = [data[i] for i in range(rank * per, (rank + 1) * per)]
-    batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+
+
+def _grads(model: torch.nn.Module, rank: int, world: int, gather_grad: str = "exact") -> dict[str, torch.Tensor]:
+    """Parameter gradients of one step on this rank's share of a fixed batch, through DDP (which averages)
+    and the gathered loss."""
+    from clip2video.modules.training.loss import global_batch_loss
+
+    batch = _batch(rank, world)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     out = net(batch["input_ids"], batch["attention_mask"], batch["frames"], batch["frame_mask"])
-    loss, _ = global_batch_loss(model, out.text, out.video, out.logit_scale)
+    loss, _ = global_batch_loss(model, out.text, out.video, out.logit_scale, gather_grad)
     loss.backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
@@ -55,6 +60,7 @@ def _worker(rank: int, world: int, port: int, out: str, variant: str) -> None:
     try:
         Path(out).mkdir(parents=True, exist_ok=True)
         torch.save(_grads(micro_model(variant, seed=1), rank, world), Path(out) / f"grads{rank}.pt")
+        torch.save(_grads(micro_model(variant, seed=1), rank, world, "local"), Path(out) / f"local{rank}.pt")
         model = micro_model(variant, seed=1)
         res = train(model, ColourPairs(96), micro_cfg(Path(out), batch_size=8, epochs=1, max_steps=STEPS), info=info)
         torch.save({"losses": res.losses, "model": model.state_dict()}, Path(out) / f"rank{rank}.pt")
@@ -101,6 +107,54 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, variant)
     init = micro_model(variant, seed=1).state_dict()
     assert max(float((init[k] - r0["model"][k]).abs().max()) for k in init) > 1e-3
 
+    # --gather_grad local: each rank's features get the gradient of their own rows of its copy of the loss and
+    # DDP averages: the mean over ranks of the gradient through that rank's slice alone, computed here by hand
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = _local_slice_gradient(micro_model(variant, seed=1), world=2)
+    finally:
+        torch.set_num_threads(threads)
+    l0 = torch.load(tmp_path / "two" / "local0.pt", weights_only=False)
+    l1 = torch.load(tmp_path / "two" / "local1.pt", weights_only=False)
+    for name, g in want.items():
+        assert torch.equal(l0[name], l1[name]), name
+        assert float((l0[name] - g).abs().max()) <= 1e-5 * max(float(g.abs().max()), 1.0), name
+    enc = [n for n in want if n != "clip.logit_scale"]
+    ratio = sum(float((l0[n] * g_ref[n]).sum()) for n in enc) / sum(float((g_ref[n] ** 2).sum()) for n in enc)
+    assert abs(ratio - 0.5) < 1e-3, f"local gather gives {ratio:.4f} × the exact gradient (1/world expected)"
+    assert torch.allclose(l0["clip.logit_scale"], g_ref["clip.logit_scale"], rtol=1e-5)  # not through the gather
+
+
+def _local_slice_gradient(model: torch.nn.Module, world: int) -> dict[str, torch.Tensor]:
+    """The DDP-averaged gradient of CLIP4Clip's gather, by hand in one process: for each rank r, the gradient
+    of the global-batch loss through the embedding rows of r's slice only (all other rows detached); then the
+    mean over r."""
+    from clip2video.modules.network.model import TextEmbedding, VideoEmbedding
+
+    batch = _batch(0, 1)
+    out = model(batch["input_ids"], batch["attention_mask"], batch["frames"], batch["frame_mask"])
+    per = B // world
+    params = dict(model.named_parameters())
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def only(x: torch.Tensor | None, r: int) -> torch.Tensor | None:
+        if x is None:
+            return None
+        keep = torch.zeros(x.shape[0], 1, dtype=torch.bool)
+        keep[r * per : (r + 1) * per] = True
+        return torch.where(keep, x, x.detach())
+
+    for r in range(world):
+        t = TextEmbedding(only(out.text.global_, r), only(out.text.aligned, r))
+        v = VideoEmbedding(only(out.video.global_, r), only(out.video.aligned, r))
+        loss, _ = model.loss(t, v, out.logit_scale)
+        grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
+        for (n, _p), g in zip(params.items(), grads, strict=True):
+            if g is not None:
+                total[n] += g / world
+    return total
+
 
 def test_sampler_shards_each_global_batch_contiguously():
     one = GlobalBatchSampler(40, 8, seed=5)
@@ -133,3 +187,57 @@ def test_single_process_setup_needs_no_environment(monkeypatch):
     assert info == DistInfo(0, 0, 1, torch.device("cpu"), "")
     assert info.is_main and not info.is_distributed
     assert not torch.distributed.is_initialized()
+
+
+def _cli_worker(rank: int, world: int, ports: list[int], argv: list[str], out: str, cut_at: int) -> None:
+    """train.py's main in a gloo process group; with ``cut_at`` the run is interrupted when that many steps are
+    done (as a kill would, after latest.pt was saved) and then resumed with --resume latest in a new group."""
+    from clip2video.cli.train import main
+    from clip2video.modules.training import loop
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    rcs = []
+    if cut_at:
+        real = loop.optimizer_step
+
+        def interrupted(run, epoch):
+            if run.state.step == cut_at:
+                raise KeyboardInterrupt
+            return real(run, epoch)
+
+        loop.optimizer_step = interrupted
+        os.environ["MASTER_PORT"] = str(ports[1])
+        rcs.append(main(argv))
+        loop.optimizer_step = real
+        argv = [*argv, "--resume", "latest"]
+    os.environ["MASTER_PORT"] = str(ports[0])
+    rcs.append(main(argv))
+    (Path(out) / f"rc{rank}").write_text(" ".join(map(str, rcs)))
+
+
+@pytest.mark.slow
+def test_train_py_clip4clip_with_two_gloo_processes_and_resume(tmp_path):
+    """train.py --recipe clip4clip --gather_grad local under 2 gloo processes (global batch 4 = 2 × 2): a run
+    interrupted after step 2 and resumed ends exactly like an uninterrupted one."""
+    from test_training import losses_of, make_generic_data, train_argv
+
+    csv, feats = make_generic_data(tmp_path)
+    flags = ("--recipe", "clip4clip", "--gather_grad", "local", "--save_every_steps", "1", "--eval_every", "0",
+             "--device", "cpu", "--no_export")
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    for out, cut_at in ((ref, 0), (cut, 2)):
+        out.mkdir()
+        mp.spawn(_cli_worker, args=(2, [_free_port(), _free_port()], train_argv(csv, feats, out, *flags), str(out),
+                                    cut_at), nprocs=2, join=True)
+    assert [(ref / f"rc{r}").read_text() for r in (0, 1)] == ["0", "0"]
+    assert [(cut / f"rc{r}").read_text() for r in (0, 1)] == ["130 0", "130 0"]
+    a = torch.load(ref / "latest.pt", map_location="cpu", weights_only=False)
+    b = torch.load(cut / "latest.pt", map_location="cpu", weights_only=False)
+    assert a["step"] == b["step"] == 6 and a["recipe"] == "clip4clip"
+    assert a["config"]["args"]["gather_grad"] == "local" and a["config"]["model"]["mask_layout"] == "original"
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert losses_of(ref) == losses_of(cut) and len(losses_of(ref)) == 6
+    log = (ref / "log.txt").read_text()
+    assert "global batch 4 (2 per process × 2 processes" in log and "recipe clip4clip: BertAdam" in log

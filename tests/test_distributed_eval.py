@@ -45,7 +45,8 @@ def _argv(ds: str, weights: Path, out: Path) -> list[str]:
 
     return argv_for(ds, PARITY, weights, out) + [
         "--save_sim", str(out / "sim.npy"), "--metrics_json", str(out / "metrics.json"),
-        "--num_thread_reader", "0", "--device", "cpu"]
+        "--num_thread_reader", "0", "--device", "cpu", "--qb_norm_split", "train", "--save_sim_qb",
+        str(out / "qb.npy")]
 
 
 def test_two_processes_equal_one_process_original_layout(parity_weights, tmp_path):
@@ -66,11 +67,15 @@ def test_two_processes_equal_one_process_original_layout(parity_weights, tmp_pat
     assert sim1.shape == sim2.shape
     # each rank batches its share differently, so fp32 products may round differently (a few ulp of ~10)
     assert np.abs(sim1 - sim2).max() <= 5e-5
-    assert json.loads((two / "metrics.json").read_text()) == json.loads((one / "metrics.json").read_text())
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert {d: m2[d] for d in ("t2v", "v2t")} == {d: m1[d] for d in ("t2v", "v2t")}
+    assert (m1["run"]["processes"], m2["run"]["processes"]) == (1, 2)
+    # QB-Norm: each rank scores half of the bank; the merged statistics normalise as one process does
+    assert m2["qb_norm"] == m1["qb_norm"] and m2["run"]["post_processing"]["qb_norm"]["bank"]["captions"] == 6
+    np.testing.assert_allclose(np.load(two / "qb.npy"), np.load(one / "qb.npy"), rtol=1e-4, atol=0)
     want = np.load(PARITY / "expected" / "msvd.sim.npy")
     assert np.abs(sim2 - want).max() <= 1e-4  # and both are the original's matrix
-    assert json.loads((two / "metrics.json").read_text()) == json.loads(
-        (PARITY / "expected" / "msvd.metrics.json").read_text())
+    assert {d: m2[d] for d in ("t2v", "v2t")} == json.loads((PARITY / "expected" / "msvd.metrics.json").read_text())
     log = (two / "msvd.log").read_text()
     assert log.count("timings:") == 1 and "2 processes: rank 0 encodes" in log  # rank 0 alone writes the log
     assert not [f for f in os.listdir(two) if ".tmp-" in f]

@@ -40,7 +40,8 @@ def test_outputs_visualize_dsl(setup, tmp_path, capsys):
     assert infer_retrieval.main(argv) == 0
     sim = np.load(tmp_path / "s.npy")
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert set(metrics) == {"t2v", "v2t", "dsl"} and set(metrics["t2v"]) == {"R1", "R5", "R10", "MdR", "MnR"}
+    assert set(metrics) == {"t2v", "v2t", "dsl", "run"} and set(metrics["t2v"]) == {"R1", "R5", "R10", "MdR", "MnR"}
+    assert metrics["run"]["post_processing"]["dsl"]["note"] == "uses all test queries; not a single-query method"
     assert sim.dtype == np.float32 and sim.shape[0] == 2 * sim.shape[1]  # two captions per clip
     assert (tmp_path / "run" / "log.txt").read_text().count("markdown: |") == 2
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics

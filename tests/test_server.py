@@ -164,12 +164,16 @@ def test_errors_are_one_json_line(server, path, status, needle):
 
 
 def test_post_is_refused(server):
+    """POST only where an upload is taken (/api/search, multipart: tests/test_rich_queries.py); elsewhere 405."""
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    conn.request("POST", "/api/search?q=dog")
+    conn.request("POST", "/api/similar?video_id=video0000")
     r = conn.getresponse()
     assert r.status == 405 and json.loads(r.read()) == {"error": "method not allowed"}
+    conn.request("POST", "/api/search?q=dog")  # not a form
+    r = conn.getresponse()
+    assert r.status == 400 and "multipart/form-data" in json.loads(r.read())["error"]
     conn.close()
 
 

@@ -12,6 +12,12 @@ paths, e.g. (MSR-VTT 1k-A)::
         --center_proj TAB_TDB --clip_path ViT-B-32.pt --save_sim sim.npy --metrics_json metrics.json
 
 ``--output_dir`` may be a folder or, as the original's scripts pass it, a log-file path.
+
+Post-processing, always reported next to the plain metrics and labelled: ``--qb_norm BANK`` (QB-Norm, Bogolin
+et al. 2022: dynamic inverted softmax with a bank of training captions; a fixed bank, so it also works for one
+query at a time) and ``--dsl`` (dual softmax over all test queries; not a single-query method). Every result
+file and the log record what was measured: protocol, annotation files and weights by SHA-256, counts, mask
+layout, precision, all flags, post-processing and the code version.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -55,12 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--output_dir", default=None, help="output folder, or a log-file path (as the original)")
     o.add_argument("--do_eval", action="store_true", help="accepted for compatibility (evaluation always runs)")
     o.add_argument("--save_sim", default=None, help="write the caption × video matrix here (.npy)")
-    o.add_argument("--metrics_json", default=None, help="write {t2v: {...}, v2t: {...}} here")
+    o.add_argument("--metrics_json", default=None,
+                   help="write {t2v: {...}, v2t: {...}, [dsl, qb_norm,] run: {what was measured}} here")
     o.add_argument("--save_embeddings", default=None, metavar="DIR",
                    help="write text.npy, video.npy, text_ids.json, video_ids.json, meta.json here")
     o.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     add_precision_arg(o)
-    o.add_argument("--dsl", action="store_true", help="also report dual-softmax re-ranked metrics (labelled)")
+    o.add_argument("--dsl", action="store_true",
+                   help="also report dual-softmax re-ranked metrics (labelled; uses all test queries, so not a "
+                        "single-query method)")
+    q = p.add_argument_group("QB-Norm (query-bank normalisation; reported next to the plain metrics)")
+    q.add_argument("--qb_norm", default=None, metavar="BANK",
+                   help="query bank: UTF-8 text file, one caption per line (training captions), encoded with the "
+                        "same model and text flags")
+    q.add_argument("--qb_norm_split", default=None, metavar="SPLIT",
+                   help="instead of a file, every caption of a training split of --datatype/--data_path: a split "
+                        "name for msvd/vatex/generic (train), the video-list csv for MSR-VTT (MSRVTT_train.9k.csv)")
+    q.add_argument("--qb_beta", type=float, default=None,
+                   help="inverse temperature on the model's scores (default 1/1.99, published for CLIP2Video's "
+                        "x100 scores)")
+    q.add_argument("--qb_k", type=int, default=1, help="a video is a hub when in some bank query's top-k (1)")
+    q.add_argument("--save_sim_qb", default=None, metavar="FILE.npy",
+                   help="write the QB-Norm matrix (normalised rows exp(beta*s)/sum, other rows unchanged)")
     o.add_argument("--visualize", nargs=2, metavar=("N", "OUT.png"), default=None,
                    help="PNG grid of the top-5 videos for N queries, ground truth marked")
     o.add_argument("--seed", type=int, default=42)
@@ -84,11 +107,100 @@ def run(args: argparse.Namespace) -> int:
         cleanup_distributed()
 
 
+def check_qb_args(args: argparse.Namespace) -> None:
+    """QB-Norm's flags, each failing with one line naming the flag."""
+    if args.qb_norm and args.qb_norm_split:
+        raise UsageError("--qb_norm and --qb_norm_split exclude each other (a bank file or a training split)")
+    has_bank = bool(args.qb_norm or args.qb_norm_split)
+    if not has_bank:
+        for flag in ("save_sim_qb", "qb_beta"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag} needs a query bank (--qb_norm BANK or --qb_norm_split SPLIT)")
+        return
+    if args.qb_beta is not None and not (args.qb_beta > 0 and math.isfinite(args.qb_beta)):
+        raise UsageError(f"--qb_beta must be a positive number, got {args.qb_beta}")
+    if args.qb_k < 1:
+        raise UsageError(f"--qb_k must be >= 1, got {args.qb_k}")
+    if args.qb_norm and not Path(args.qb_norm).is_file():
+        raise UsageError(f"--qb_norm {args.qb_norm}: no such file")
+    if args.qb_norm_split and args.datatype in ("msrvtt", "msrvttfull") and not Path(args.qb_norm_split).is_file():
+        raise UsageError(f"--qb_norm_split {args.qb_norm_split}: no such file (for MSR-VTT, the training video "
+                         "list csv, e.g. MSRVTT_train.9k.csv)")
+
+
+def load_bank(args: argparse.Namespace) -> tuple[list[str] | None, dict | None]:
+    """The query bank's captions and what the result files record about it (or None, None)."""
+    from clip2video.dataloaders.annotations import load_caption_bank, read_caption_file
+    from clip2video.provenance import file_record
+
+    if args.qb_norm:
+        captions = read_caption_file(args.qb_norm)
+        return captions, {"source": "file", "file": file_record(args.qb_norm), "captions": len(captions)}
+    if args.qb_norm_split:
+        captions, files = load_caption_bank(args.datatype, data_path=args.data_path, split=args.qb_norm_split)
+        return captions, {"source": "training split", "datatype": args.datatype, "split": args.qb_norm_split,
+                          "files": [file_record(f) for f in files], "captions": len(captions)}
+    return None, None
+
+
+def run_record(args: argparse.Namespace, rset, model, info, bank: dict | None, spec) -> dict:
+    """What a metrics file says it measured (README "Result files"): protocol, data, weights, settings, code."""
+    import numpy as np
+
+    from clip2video.dataloaders.annotations import PROTOCOLS, annotation_files, normalize_datatype
+    from clip2video.modules.evaluation.qbnorm import CLIP2VIDEO_BETA
+    from clip2video.modules.weights.checkpoint import released_path
+    from clip2video.provenance import code_version, file_record
+
+    datatype = normalize_datatype(args.datatype)
+    per_video = np.bincount(rset.caption_video, minlength=len(rset.video_ids)) if len(rset.video_ids) else np.zeros(0)
+    ckpt_file = released_path(spec.checkpoint, spec.model_num) if spec.checkpoint else None
+    sidecar = ckpt_file.with_name(ckpt_file.name + ".config.json") if ckpt_file else None
+    clip = None  # the CLIP weights (zero-shot) or the file / name describing a released checkpoint's backbone
+    if spec.clip_path:
+        clip = file_record(spec.clip_path) if Path(spec.clip_path).is_file() else {"name": spec.clip_path}
+    post: dict = {"plain": "none: the model's scores (keys t2v, v2t)"}
+    if args.dsl:
+        post["dsl"] = {"method": "dual softmax over the test queries of each video column (CAMoE)",
+                       "note": "uses all test queries; not a single-query method", "temperature": 1.0,
+                       "directions": ["t2v", "v2t"]}
+    if bank is not None:
+        post["qb_norm"] = {"method": "QB-Norm, dynamic inverted softmax (Bogolin et al. 2022)",
+                           "bank": bank, "beta": args.qb_beta or CLIP2VIDEO_BETA, "k": args.qb_k,
+                           "scale": "the model's scores (logit scale x cosine)",
+                           "note": "a fixed bank of training captions: usable for single queries",
+                           "directions": ["t2v"]}
+    return {
+        "protocol": {"name": rset.name, "description": PROTOCOLS[datatype], "multi_caption": bool(rset.multi_caption)},
+        "datatype": datatype,
+        "split": args.split if datatype in ("msvd", "vatexEnglish", "generic") else None,
+        "annotations": [file_record(f) for f in annotation_files(datatype, data_path=args.data_path,
+                                                                  csv_path=args.val_csv, split=args.split)],
+        "features_path": str(Path(args.features_path).resolve()),
+        "counts": {"captions": len(rset.captions), "videos": len(rset.video_ids),
+                   "captions_per_video": {"min": int(per_video.min()) if per_video.size else 0,
+                                          "max": int(per_video.max()) if per_video.size else 0,
+                                          "mean": float(per_video.mean()) if per_video.size else 0.0}},
+        "checkpoint": file_record(ckpt_file),
+        "checkpoint_config": file_record(sidecar) if sidecar is not None and sidecar.is_file() else None,
+        "clip": clip,
+        "model": {"variant": model.config.variant, "mask_layout": model.config.mask_layout,
+                  "logit_scale": float(model.logit_scale.detach().exp()), "backbone": model.config.clip.describe()},
+        "mask_layout": model.config.mask_layout,
+        "precision": args.precision,
+        "device": str(info.device),
+        "processes": info.world_size,
+        "post_processing": post,
+        "flags": json.loads(json.dumps({k: v for k, v in sorted(vars(args).items())}, default=str)),
+        "code": code_version(),
+    }
+
+
 def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
     from clip2video.dataloaders.annotations import load_eval_set
     from clip2video.dataloaders.dataset import VideoDataset
     from clip2video.modules.evaluation.engine import eval_loader, evaluate, video_share
-    from clip2video.modules.evaluation.metrics import format_table, markdown_row
+    from clip2video.modules.evaluation.metrics import format_comparison, format_table, markdown_row
     from clip2video.modules.network.tokenizer import ClipTokenizer
     from clip2video.modules.runtime.logging_utils import setup_logging
     from clip2video.modules.weights.spec import load_model
@@ -102,6 +214,7 @@ def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
     if not args.features_path:
         raise UsageError("--features_path is required (folder of frame folders)")
     check_paths(args)
+    check_qb_args(args)
     device = info.device
     torch.manual_seed(args.seed)
 
@@ -109,6 +222,10 @@ def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
                          val_csv=args.val_csv, split=args.split, skip_missing=args.skip_missing)
     logger.info("%s: %d captions, %d videos (%s)", args.datatype, len(rset.captions), len(rset.video_ids),
                 "multi-caption" if rset.multi_caption else "one caption per video")
+    bank_captions, bank = load_bank(args)
+    if bank is not None:
+        logger.info("QB-Norm query bank: %d captions (%s)", len(bank_captions),
+                    args.qb_norm or f"split {args.qb_norm_split} of {args.data_path}")
     spec = model_spec(args)  # the model the flags describe, loaded strictly (modules.weights.spec.load_model)
     model = load_model(spec).to(device).eval()
     logger.info("model: variant %s, mask layout %s, %s", model.config.variant, model.config.mask_layout,
@@ -125,21 +242,45 @@ def _run(args: argparse.Namespace, info, out_dir, log_file) -> int:
     t0 = time.perf_counter()
     res = evaluate(model, rset, loader, tokenizer=ClipTokenizer(args.max_words), batch_size_val=args.batch_size_val,
                    device=device, precision=args.precision, save_sim=args.save_sim,
-                   keep_sim=bool(args.visualize), dsl=args.dsl, progress=info.is_main, info=info)
+                   keep_sim=bool(args.visualize), dsl=args.dsl, progress=info.is_main, info=info,
+                   qb_bank=bank_captions, qb_beta=args.qb_beta, qb_k=args.qb_k, save_sim_qb=args.save_sim_qb)
     if not info.is_main:
         return 0
     logger.info("timings: %s (total %.1f s)", {k: round(v, 2) for k, v in res.timings.items()},
                 time.perf_counter() - t0)
+    record = run_record(args, rset, model, info, bank, spec)
+    counts = record["counts"]
+    logger.info("measured: %s (%s); %d captions × %d videos, %.2f captions per video (min %d, max %d); mask layout "
+                "%s, precision %s; code %s %s", record["protocol"]["name"], record["protocol"]["description"],
+                counts["captions"], counts["videos"], counts["captions_per_video"]["mean"],
+                counts["captions_per_video"]["min"], counts["captions_per_video"]["max"], record["mask_layout"],
+                record["precision"], record["code"]["version"], record["code"]["git_commit"] or "(no git commit)")
+    for f in record["annotations"]:
+        logger.info("annotation file %s sha256 %s", f["path"], f["sha256"])
+    if record["checkpoint"]:
+        logger.info("checkpoint %s sha256 %s", record["checkpoint"]["path"], record["checkpoint"]["sha256"])
     table = format_table(res.metrics, f"{args.datatype} ({len(rset.captions)} captions × {len(rset.video_ids)} videos)")
     logger.info("\n%s", table)
     name = f"{model.config.variant} {args.datatype}"
     logger.info("markdown: %s", markdown_row(name, res.metrics))
     if res.dsl_metrics is not None:
-        logger.info("\n%s", format_table(res.dsl_metrics, "with dual-softmax re-ranking (DSL, not CLIP2Video)"))
+        logger.info("\n%s", format_table(res.dsl_metrics, "with dual-softmax re-ranking (DSL: uses all test queries; "
+                                                           "not a single-query method; not CLIP2Video)"))
         logger.info("markdown: %s", markdown_row(name + " +DSL", res.dsl_metrics))
     payload = dict(res.metrics)
     if res.dsl_metrics is not None:
         payload["dsl"] = res.dsl_metrics
+    if res.qb is not None:
+        qb = record["post_processing"]["qb_norm"]
+        qb["normalised_queries"] = res.qb.normalised
+        qb["retrieved_videos"] = int(res.qb.stats.retrieved.sum())
+        logger.info("\n%s", format_comparison(
+            [("T2V", res.metrics["t2v"]), ("T2V +QB-Norm", res.qb.metrics["t2v"])],
+            f"QB-Norm (dynamic inverted softmax; bank {bank['captions']} captions, β {qb['beta']:.4f}, k {qb['k']}; "
+            f"{res.qb.normalised} of {len(rset.captions)} queries normalised; T2V only: the bank holds captions)"))
+        payload["qb_norm"] = res.qb.metrics
+    payload["run"] = record
+    logger.info("run record: %s", json.dumps(record, sort_keys=True))
     if args.metrics_json:
         from clip2video.fileio import atomic_write_text
 

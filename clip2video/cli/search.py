@@ -6,6 +6,8 @@
     python search.py build --from_embeddings emb_dir --index my_index     # from infer_retrieval --save_embeddings
     python search.py query --index my_index -k 10 "a dog catches a frisbee" ["more text" ...] [--json]
     python search.py query --index my_index --like VIDEO_ID
+    python search.py query --index my_index --image photo.jpg            # or --clip clip.mp4
+    python search.py query --index my_index "2:a dog" + photo.jpg - snow   # weighted query arithmetic
     torchrun --nproc_per_node 4 search.py build ...                       # encoding split over 4 processes
 
 Scores are the numbers ``infer_retrieval.py --save_sim`` writes for the same model (×logit scale). The index
@@ -33,6 +35,7 @@ from clip2video.cli.common import (
     parse_with_config,
     run_main,
 )
+from clip2video.cli.query_args import add_query_args, answer, plan_queries
 from clip2video.cli.serve import add_serve_parser, check_index_model
 from clip2video.search.moments import DEFAULT_MOMENTS
 from clip2video.search.segments import (
@@ -44,7 +47,6 @@ from clip2video.search.segments import (
 from clip2video.search.segments import MODES as SEGMENT_MODES
 
 logger = logging.getLogger("clip2video.cli.search")
-MAX_QUERY_CHARS = 10_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="search an index by text (or by an indexed video)")
     q.add_argument("--config", default=None, help="YAML file of flag defaults")
     q.add_argument("--index", required=True)
-    q.add_argument("texts", nargs="*", help="query texts")
-    q.add_argument("--queries_file", default=None, help="one query per line")
+    q.add_argument("texts", nargs="*", help="query texts, each its own query; with a standing + or - they are one "
+                   "weighted sum of texts, image and clip files and like:VIDEO_ID (docs/search-queries.md)")
+    q.add_argument("--queries_file", default=None, help="one query per line, each taken literally as a caption")
     q.add_argument("--like", default=None, metavar="VIDEO_ID", help="videos similar to an indexed one")
     q.add_argument("--start", type=float, default=None, metavar="S",
                    help="with --like: the moment of that video starting at S seconds")
+    add_query_args(q)
     q.add_argument("-k", "--k", type=int, default=10)
     q.add_argument("--json", action="store_true",
                    help="print JSON: [{query, results: [{video_id, score, path, start, end, moments}]}]")
@@ -244,63 +248,31 @@ def segment_settings(args: argparse.Namespace):
 
 
 # ----------------------------------------------------------------------------------------------- query
-def read_queries(args: argparse.Namespace) -> list[str]:
-    """Texts from the command line and ``--queries_file``; empty or oversized queries are a usage error."""
-    texts = list(args.texts)
-    if args.queries_file:
-        path = Path(args.queries_file)
-        if not path.is_file():
-            raise UsageError(f"--queries_file {path}: no such file")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise UsageError(f"--queries_file {path}: not UTF-8 text") from None
-        texts += [ln for ln in lines if ln.strip()]
-    for i, t in enumerate(texts, 1):
-        if not t.strip():
-            raise UsageError(f"query {i} is empty")
-        if len(t) > MAX_QUERY_CHARS:
-            raise UsageError(f"query {i} is {len(t)} characters long; at most {MAX_QUERY_CHARS}")
-    return texts
-
-
 def cmd_query(args: argparse.Namespace) -> int:
     from clip2video.search.index import SearchIndex
 
     if args.k < 1:
         raise UsageError(f"-k must be >= 1, got {args.k}")
-    texts = read_queries(args)
+    plan = plan_queries(args)  # texts, arithmetic, --image, --clip, --like, --queries_file: usage errors first
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, force=True)  # stdout carries the results
-    if not texts and not args.like:
-        raise UsageError("give query texts, --queries_file or --like VIDEO_ID")
     request = search_request(args)
     index = SearchIndex.open(args.index, device=args.device, precision=args.precision)
     check_index_model(index, args)
     if args.video is not None and args.video not in index.video_ids:
         raise UsageError(f"--video {args.video}: no such video in {args.index}")
     grouped = request.grouped(index) and args.video is None
-    out = []
-    if args.like:
-        try:
-            hits = index.similar(args.like, request, start=args.start)
-        except KeyError:
-            what = f"--like {args.like}" + (f" --start {args.start:g}" if args.start is not None else "")
-            raise UsageError(f"{what}: no such video{' moment' if args.start is not None else ''} in "
-                             f"{args.index}") from None
-        like = {"like": args.like} if args.start is None else {"like": args.like, "start": args.start}
-        out.append({"query": like, "results": hits})
-    if texts:
-        for t, hits in zip(texts, index.query(texts, request), strict=True):
-            out.append({"query": t, "results": hits})
+    results = answer(index, plan, request, start=args.start)
+    labels = [dict(q.label, start=args.start) if q.like is not None and args.start is not None else q.label
+              for q in plan]
     if args.json:
-        payload = [{"query": o["query"], "results": [hit_dict(h, grouped) for h in o["results"]]} for o in out]
+        payload = [{"query": label, "results": [hit_dict(h, grouped) for h in hits]}
+                   for label, hits in zip(labels, results, strict=True)]
         print(json.dumps(payload, ensure_ascii=False))
     else:
-        for o in out:
-            q = o["query"]
-            print(f"query: {q!r}" if isinstance(q, str) else f"like: {q['like']}"
-                  + (f" at {_clock(q['start'])}" if "start" in q else ""))
-            for r, h in enumerate(o["results"], 1):
+        for q, hits in zip(plan, results, strict=True):
+            print(q.heading() + (f" at {_clock(args.start)}" if q.like is not None and args.start is not None
+                                 else ""))
+            for r, h in enumerate(hits, 1):
                 print(f"  {r:3d}  {h.score:9.4f}  {h.video_id}  {_time_range(h.start, h.end)}  {h.path}")
                 for m in h.moments if grouped else ():
                     print(f"       {m.score:9.4f}  {'':{len(h.video_id)}s}  {_time_range(m.start, m.end)}")

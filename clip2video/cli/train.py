@@ -25,6 +25,11 @@ processes, so N processes with B/N samples each train exactly like one process w
 ``--gradient_accumulation_steps k`` is different: each of the k micro-batches only contrasts its own B/k
 samples (fewer negatives), so it is NOT equivalent to a bigger batch; see modules/training/loop.py.
 
+``--recipe clip4clip`` trains with the step CLIP2Video's training descends from (CLIP4Clip's BertAdam, its
+name-based decay groups and whole-run schedules, the original mask layout; ``--gather_grad local`` adds its
+all-gather gradient); the paper configs select it. ``--recipe clip2video`` (the default) is this project's
+AdamW step. docs/reproducing.md lists the differences.
+
 Outputs (rank 0): ``latest.pt`` (everything needed to resume; ``--resume latest`` continues mid-epoch),
 ``best.pt`` (best validation metric; the validation split, never the test split), ``pytorch_model.bin.N``
 after every epoch N (0-based; the release format ``infer_retrieval.py --checkpoint OUT --model_num N``
@@ -64,6 +69,9 @@ TRAIN_DATA_FLAGS = ("datatype", "val_datatype", "data_root", "train_csv", "val_c
 
 # ----------------------------------------------------------------------------------------------- flags
 def build_parser() -> argparse.ArgumentParser:
+    from clip2video.modules.training.loss import GATHER_GRADS
+    from clip2video.modules.training.optim import RECIPES, SCHEDULES
+
     p = OneLineParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of flag defaults (flags on the command line win)")
     p.add_argument("--do_train", action="store_true", help="accepted for CLIP4Clip compatibility (always trains)")
@@ -77,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     })
 
     o = p.add_argument_group("optimisation")
+    o.add_argument("--recipe", default="clip2video", choices=list(RECIPES),
+                   help="clip2video: AdamW, decay on matrices, cosine after the warm-up (default); clip4clip: "
+                        "CLIP4Clip's BertAdam step, decay groups and schedules, --mask_layout original")
+    o.add_argument("--schedule", default=None, choices=list(SCHEDULES),
+                   help="schedule of the clip4clip recipe over the whole run (default warmup_cosine)")
+    o.add_argument("--gather_grad", default="exact", choices=list(GATHER_GRADS),
+                   help="exact: N processes give the gradient of one process with the global batch (default); "
+                        "local: CLIP4Clip's all-gather, whose backward keeps each process's own slice")
     o.add_argument("--lr", type=float, default=1e-4, help="learning rate of the new heads")
     o.add_argument("--coef_lr", type=float, default=1e-3, help="CLIP's learning rate is lr × coef_lr")
     o.add_argument("--weight_decay", type=float, default=0.2)
@@ -141,6 +157,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max_steps must be >= 0, got {args.max_steps}")
     if args.freeze_layer_num < -1:
         raise UsageError(f"--freeze_layer_num must be >= -1, got {args.freeze_layer_num}")
+    if args.recipe == "clip2video" and args.schedule not in (None, "warmup_cosine"):
+        raise UsageError(f"--schedule {args.schedule} exists only with --recipe clip4clip (the clip2video recipe "
+                         "warms up then runs a cosine over the remaining steps)")
+    if args.recipe == "clip4clip" and args.schedule is None:
+        args.schedule = "warmup_cosine"  # recorded in args.yaml as what the run used
     tagged = ":" in (args.clip_model or "")  # NAME:TAG alone fetches open_clip's weights of that tag
     if sum(bool(x) for x in (args.clip_path or tagged, args.init_model, args.tiny_clip)) == 0:
         raise UsageError("give --clip_path (a file such as ViT-B-32.pt, or a name such as ViT-B/32), --clip_model "
@@ -156,6 +177,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- building
+def default_mask_layout(recipe: str) -> str:
+    """The mask layout a recipe trains with when ``--mask_layout`` is not given: the clip4clip recipe
+    reproduces the original's training computation (masks tiled across the batch), ours gives each video its
+    own mask (vectors that depend on the video alone, as an index needs)."""
+    return "original" if recipe == "clip4clip" else "per_video"
+
+
 def build_model(args: argparse.Namespace):
     """The model the flags describe: from --init_model, from CLIP weights, or a random tiny CLIP."""
     from clip2video.modules.network.backbone import ClipConfig
@@ -164,7 +192,9 @@ def build_model(args: argparse.Namespace):
     from clip2video.modules.weights.factory import create_model, load_model
 
     variant, fields = model_fields(args)
-    layout = args.mask_layout or "per_video"
+    layout = args.mask_layout or default_mask_layout(args.recipe)
+    if args.recipe == "clip4clip" and layout != "original":
+        logger.warning("--recipe clip4clip with --mask_layout %s: not the original's training computation", layout)
     if args.init_model:
         model = load_model(args.init_model, make_config(variant, **fields), mask_layout=layout,
                            prefer_stored=not model_flags_given(args))
@@ -213,8 +243,10 @@ def train_config(args: argparse.Namespace):
         freeze_layer_num=args.freeze_layer_num, seed=args.seed, num_workers=args.num_thread_reader,
         eval_every=args.eval_every, save_every_steps=args.save_every_steps, log_every=args.log_every,
         select_metric=args.select_metric, export=not args.no_export, progress=not args.no_progress,
+        gather_grad=args.gather_grad,
         optim=OptimConfig(lr=args.lr, coef_lr=args.coef_lr, weight_decay=args.weight_decay,
-                          warmup_proportion=args.warmup_proportion, max_grad_norm=args.max_grad_norm),
+                          warmup_proportion=args.warmup_proportion, max_grad_norm=args.max_grad_norm,
+                          recipe=args.recipe, schedule=args.schedule or "warmup_cosine"),
     )
 
 

@@ -3,9 +3,11 @@
 The app holds one opened index (model and vectors loaded once) and answers
 
 - ``GET /api/search?q=TEXT&k=K``: text → videos, the same ids, order and scores as ``search.py query --json``;
-  each result has the ``start``/``end`` of its segment; in an index of segments results are grouped by video
-  (its next best segments as ``moments``) unless ``group=0``; ``video_id=`` ranks one video's segments;
-  ``path=``, ``min_duration=``, ``max_duration=``, ``modified_after=`` filter before k (``moments.py``);
+  ``q`` may be query arithmetic (``"2:a dog" - snow + like:ID``); each result has the ``start``/``end`` of its
+  segment; in an index of segments results are grouped by video (its next best segments as ``moments``)
+  unless ``group=0``; ``video_id=`` ranks one video's segments; ``path=``, ``min_duration=``,
+  ``max_duration=``, ``modified_after=`` filter before k (``moments.py``);
+- ``POST /api/search``: the same with uploaded images (multipart; bounds and checks in ``rich_api.py``);
 - ``GET /api/similar?video_id=ID&k=K[&start=S]``: video (or the moment of it starting at S) → videos;
 - ``GET /api/clip?video_id=ID&start=S&end=E[&copy=1]``: that range as an MP4 download (``export.py``; at most
   ``max_clip_seconds`` long, one cut at a time);
@@ -60,6 +62,8 @@ from clip2video.search.batcher import BatcherClosed, BusyError, QueryBatcher, se
 from clip2video.search.build import IMAGE_EXTS  # what makes a folder a frame folder: its frames are these files
 from clip2video.search.limits import ServerLimits
 from clip2video.search.moments import DEFAULT_MOMENTS, MAX_MOMENTS, Filters, SearchRequest, parse_date
+from clip2video.search.query_parse import is_plain_text
+from clip2video.search.rich_api import RichSearch, parse_q, rich_routes
 
 logger = logging.getLogger("clip2video.search.app")
 
@@ -287,7 +291,7 @@ def _ms_since(t0: float) -> float:
 
 # ----------------------------------------------------------------------------------------------- routes
 def api_routes(index, batcher: QueryBatcher, records: Records, frame_lists: FrameLists,
-               limits: ServerLimits) -> APIRouter:
+               limits: ServerLimits, rich: RichSearch) -> APIRouter:
     """``/api/health``, ``/api/search``, ``/api/similar``, ``/api/frames``."""
     r = APIRouter()
 
@@ -301,8 +305,14 @@ def api_routes(index, batcher: QueryBatcher, records: Records, frame_lists: Fram
         q = parse_text("q", request.query_params.get("q"), limits.max_query_chars)
         k = parse_k(request.query_params.get("k"), limits)
         req = parse_request(request, k, records)
+        key = k if req == SearchRequest(k) else req  # a plain k keeps the text path as it was
+        parts = parse_q(q)  # query arithmetic (rich_api.py); a plain caption takes the batched text path
+        if not is_plain_text(parts):
+            hits = await rich.answer(parts, key, None)  # no uploads: image and clip parts are refused
+            return {"query": q, "parts": [p.to_dict() for p in parts], "k": k, "took_ms": _ms_since(t0),
+                    "results": [hit_json(h, records, limits.max_clip_seconds) for h in hits]}
         try:
-            hits = await batcher.submit(q, k if req == SearchRequest(k) else req)
+            hits = await batcher.submit(parts[0].value, key)
         except (BusyError, BatcherClosed) as e:
             raise ApiError(503, str(e)) from None
         return {"query": q, "k": k, "took_ms": _ms_since(t0),
@@ -502,18 +512,21 @@ def create_app(index, *, limits: ServerLimits | None = None, allowed_hosts: list
                            max_waiting=limits.max_waiting, max_batch=limits.max_batch)
     records = Records(index, limits.record_cache)
     frame_lists = FrameLists(limits.frame_list_cache)
+    rich = RichSearch(index, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         batcher.shutdown()
+        rich.shutdown()
 
     app = FastAPI(title="clip2video search", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(HostGuard, allowed_hosts=allowed_hosts)
     app.state.index = index
     app.state.batcher = batcher
     add_error_handlers(app)
-    app.include_router(api_routes(index, batcher, records, frame_lists, limits))
+    app.include_router(api_routes(index, batcher, records, frame_lists, limits, rich))
+    app.include_router(rich_routes(rich, records, limits, parse_k=parse_k, hit_json=hit_json, ms_since=_ms_since))
     app.include_router(file_routes(Path(index.folder), records, frame_lists))
     app.include_router(page_routes(static_dir))
     return app

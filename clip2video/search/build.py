@@ -419,7 +419,10 @@ def build_from_folder(
         if not entries and not failed and n_sources == 0:
             logger.warning("no videos under %s (frame folders or video files)", features_path)
         meta = dict(record.to_dict(), mask_layout="per_video")
-        gen = write_generation(index_dir, entries, model_meta=meta, encoding=dict(settings, key=key),
+        # the rate video files were read at, recorded so that a clip query is read the same way (and, for
+        # segments, part of the encoding: the resolved rate)
+        encoding = dict(settings, key=key, video_fps=settings.get("video_fps", video_fps))
+        gen = write_generation(index_dir, entries, model_meta=meta, encoding=encoding,
                                index_type=index_type, search_params=search_params, source=str(features_path),
                                segments=settings.get("segments"))
         kept = {e[0].video_id for e in entries}

@@ -229,6 +229,11 @@ class SearchIndex:
                 self._model = model
         return self._model
 
+    def model_and_tokenizer(self):
+        """The recorded model (loaded on the first call) and its tokenizer, for queries other than plain text
+        (``query_vectors.QueryEncoder``)."""
+        return self._ensure_model(), self._tokenizer
+
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """(n, D) float32 caption vectors (unscaled); only real tokens go through the text tower."""
         if isinstance(texts, str):
@@ -299,12 +304,7 @@ class SearchIndex:
             rows = np.array([r])
             exclude = np.arange(first, stop)[(self.starts[first:stop] < self.ends[r])
                                              & (self.ends[first:stop] > self.starts[r])]
-        vec = self.vectors(rows)
-        if len(rows) > 1:
-            parts = [vec[:, :g], vec[:, g:]] if 0 < g < self.dim else [vec]
-            vec = np.concatenate([p.mean(0) / max(float(np.linalg.norm(p.mean(0))), 1e-12) for p in parts])
-        else:
-            vec = vec[0]
+        vec = self._mean_vector(rows)
         if 0 < g < self.dim:
             w = float(self.model_record.center_weight)
             vec = np.concatenate([w * vec[:g], (1 - w) * vec[g:]])
@@ -313,6 +313,20 @@ class SearchIndex:
             hits = self.search(vec[None], request.k + 1)[0]
             return [h for h in hits if h.video_id != video_id][: request.k]
         return self.search(vec[None], request.excluding(tuple(int(x) for x in exclude)))[0]
+
+    def stored_vector(self, video_id: str) -> np.ndarray:
+        """The stored ``[v_g, v_a]`` of an indexed video, (D,) float32; KeyError for an unknown id. A video of
+        several segments: the mean of its segments' parts, each made unit length again."""
+        v = self._row_of[video_id]
+        return self._mean_vector(np.arange(int(self.video_first[v]), int(self.video_stop[v])))
+
+    def _mean_vector(self, rows: np.ndarray) -> np.ndarray:
+        vec = self.vectors(rows)
+        if len(rows) == 1:
+            return vec[0]
+        g = int(self.model_record.global_dim or 0)
+        parts = [vec[:, :g], vec[:, g:]] if 0 < g < self.dim else [vec]
+        return np.concatenate([p.mean(0) / max(float(np.linalg.norm(p.mean(0))), 1e-12) for p in parts])
 
     def record(self, video_id: str) -> VideoRecord | None:
         if video_id not in self._row_of:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+#: Most pixels an image query may have (the command line and the server): a decoded image costs 3 bytes per
+#: pixel, so a small file that claims a huge size (a decompression bomb) is refused before it is decoded.
+MAX_IMAGE_PIXELS = 40_000_000
+
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -23,6 +27,11 @@ class ServerLimits:
         record_cache / frame_list_cache: video records and frame-folder listings kept in memory.
         max_clip_seconds: longest clip ``/api/clip`` cuts (400 beyond).
         max_concurrent_clips: clips cut at once (503 beyond; cutting re-encodes video).
+        max_upload_bytes: largest image one ``POST /api/search`` may upload (400 beyond).
+        max_upload_files: images one ``POST /api/search`` may upload (400 beyond).
+        max_image_pixels: width × height an uploaded image may have (400 beyond, checked before decoding).
+        max_rich_waiting: image and arithmetic queries that may wait for an encoder (each may hold its uploads
+            in memory, so fewer than text queries); beyond them 503.
     """
 
     max_query_chars: int = 1000
@@ -36,10 +45,14 @@ class ServerLimits:
     frame_list_cache: int = 1024
     max_clip_seconds: int = 300
     max_concurrent_clips: int = 1
+    max_upload_bytes: int = 10_000_000
+    max_upload_files: int = 4
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_rich_waiting: int = 8
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            low = 0 if f.name == "max_waiting" else 1
+            low = 0 if f.name in ("max_waiting", "max_rich_waiting") else 1
             value = getattr(self, f.name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{f.name} must be at least {low}, got {value}")

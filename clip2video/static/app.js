@@ -3,10 +3,10 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { flipTimer: null, frames: [], frame: 0, current: null };
+const state = { flipTimer: null, frames: [], frame: 0, current: null, image: null, seq: 0 };
 
-async function api(path) {
-  const r = await fetch(path, { headers: { Accept: "application/json" } });
+async function api(path, options) {
+  const r = await fetch(path, Object.assign({ headers: { Accept: "application/json" } }, options || {}));
   let body = null;
   try { body = await r.json(); } catch (e) { body = null; }
   if (!r.ok) throw new Error((body && body.error) || `HTTP ${r.status}`);
@@ -114,6 +114,7 @@ async function run() {
   const k = p.get("k") || $("k").value;
   $("k").value = k;
   showScope(p);
+  const seq = ++state.seq;  // a slower answer to an earlier search is not shown over this one
   try {
     let body;
     if (p.get("like")) {
@@ -129,15 +130,77 @@ async function run() {
       body = await api(`/api/search?q=${encodeURIComponent(p.get("q"))}&k=${k}${only}`);
       setStatus(`${body.results.length} results · ${body.took_ms.toFixed(1)} ms`);
     } else {
-      $("results").replaceChildren();
-      setStatus("");
+      if (!state.image) { $("results").replaceChildren(); setStatus(""); }
       return;
     }
-    render(body.results);
+    if (seq === state.seq) render(body.results);
   } catch (e) {
+    if (seq !== state.seq) return;
     $("results").replaceChildren();
     setStatus(e.message, true);
   }
+}
+
+// ---------------------------------------------------------------- image queries (POST /api/search)
+function uploadName(file) {
+  // the name the query calls the upload by: letters, digits, dot, dash, underscore and spaces only
+  const clean = (file.name || "").replace(/[^\p{L}\p{N}._ -]/gu, "_").trim();
+  return clean || "image";
+}
+
+function quotePart(text) {
+  return '"' + text.replace(/\\/g, "\\\\").replace(/"/g, '\\"') + '"';
+}
+
+function setImage(file) {
+  if (!file) return;
+  if (!/^image\//.test(file.type || "")) {
+    setStatus(`${file.name || "that file"} is not an image`, true);
+    return;
+  }
+  state.image = { file, name: uploadName(file) };
+  $("image-name").textContent = state.image.name;
+  $("image-name").title = file.name;
+  $("image-chip").hidden = false;
+  const reader = new FileReader();  // a data: URL: the page's policy allows no blob: images
+  reader.onload = () => { if (state.image && state.image.file === file) $("image-preview").src = reader.result; };
+  reader.readAsDataURL(file);
+  searchImage();
+}
+
+function clearImage() {
+  state.image = null;
+  $("image-chip").hidden = true;
+  $("image-preview").removeAttribute("src");
+  $("image-file").value = "";
+}
+
+async function searchImage() {
+  const img = state.image;
+  if (!img) return;
+  const text = $("q").value.trim();
+  const form = new FormData();
+  form.append("image", img.file, img.name);
+  form.append("k", $("k").value);
+  if (text) form.append("q", `${text} + ${quotePart("image:" + img.name)}`);  // text (or arithmetic) + image
+  if (location.hash) history.replaceState(null, "", location.pathname + location.search);
+  const seq = ++state.seq;
+  setStatus("searching with the image …");
+  try {
+    const body = await api("/api/search", { method: "POST", body: form });
+    if (seq !== state.seq) return;
+    const what = text ? `${text} + image ${img.name}` : `image ${img.name}`;
+    setStatus(`${body.results.length} results for ${what} · ${body.took_ms.toFixed(1)} ms`);
+    render(body.results);
+  } catch (e) {
+    if (seq !== state.seq) return;
+    $("results").replaceChildren();
+    setStatus(e.message, true);
+  }
+}
+
+function hasFiles(ev) {
+  return ev.dataTransfer && Array.from(ev.dataTransfer.types || []).includes("Files");
 }
 
 function go(params) {
@@ -230,10 +293,35 @@ function closeViewer() {
 document.addEventListener("DOMContentLoaded", () => {
   $("search").addEventListener("submit", (ev) => {
     ev.preventDefault();
+    if (state.image) { searchImage(); return; }
     const q = $("q").value.trim();
     if (q) go({ q });
   });
-  $("k").addEventListener("change", () => { if (location.hash) go(Object.fromEntries(new URLSearchParams(location.hash.slice(1)))); });
+  $("k").addEventListener("change", () => {
+    if (location.hash) go(Object.fromEntries(new URLSearchParams(location.hash.slice(1))));
+    else if (state.image) searchImage();
+  });
+  $("image-file").addEventListener("change", (ev) => setImage(ev.target.files[0]));
+  $("image-clear").addEventListener("click", () => { clearImage(); $("results").replaceChildren(); setStatus(""); });
+  let dragDepth = 0;  // dragenter/dragleave fire for every element crossed
+  document.addEventListener("dragenter", (ev) => {
+    if (!hasFiles(ev)) return;
+    ev.preventDefault();
+    dragDepth += 1;
+    $("dropzone").hidden = false;
+  });
+  document.addEventListener("dragover", (ev) => { if (hasFiles(ev)) ev.preventDefault(); });
+  document.addEventListener("dragleave", () => {
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (dragDepth === 0) $("dropzone").hidden = true;
+  });
+  document.addEventListener("drop", (ev) => {
+    ev.preventDefault();  // the browser would otherwise open the file and leave the page
+    dragDepth = 0;
+    $("dropzone").hidden = true;
+    const file = ev.dataTransfer && ev.dataTransfer.files && ev.dataTransfer.files[0];
+    if (file) setImage(file);
+  });
   $("viewer-close").addEventListener("click", closeViewer);
   $("viewer").addEventListener("click", (ev) => { if (ev.target === $("viewer")) closeViewer(); });
   $("viewer-like").addEventListener("click", () => {

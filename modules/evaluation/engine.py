@@ -11,6 +11,10 @@ once per caption. Because a CLIP2Video score is one dot product of two vectors (
    same vectors;
 4. score in row chunks, accumulating T2V ranks and the V2T group maxima (``RankAccumulator``), so memory stays
    bounded at MSR-VTT-full scale; the full matrix is written only when asked for (memory-mapped ``.npy``).
+
+With a query bank (QB-Norm, ``modules/evaluation/qbnorm.py``) the bank captions are encoded with the same model
+and scored against the same video vectors in chunks, only the bank's per-video statistics are kept, and the
+test rows are normalised chunk by chunk in the same scoring pass.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from clip2video.modules.runtime.distributed import DistInfo
 from clip2video.modules.runtime.precision import autocast
 from clip2video.modules.runtime.sharding import gather_rows, shard
 
-from .metrics import RankAccumulator, dual_softmax, retrieval_metrics
+from .metrics import RankAccumulator, dual_softmax, ranks_of, retrieval_metrics, t2v_metrics
+from .qbnorm import BankStatistics, QBNormStats
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,17 @@ class EvalResult:
     sim: np.ndarray | None = None
     dsl_metrics: dict[str, dict[str, float]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    qb: QBResult | None = None
+
+
+@dataclass
+class QBResult:
+    """QB-Norm's outcome: T2V metrics of the normalised scores, how many queries were normalised, the bank's
+    statistics (reusable for single queries)."""
+
+    metrics: dict[str, dict[str, float]]
+    normalised: int
+    stats: QBNormStats
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, min_batch: int = 32) -> list[list[int]]:
@@ -292,6 +308,49 @@ def _gather_video(video: VideoEmbedding, videos: Sequence[int], n: int, info: Di
     return VideoEmbedding(place(video.global_), place(video.aligned) if video.aligned is not None else None)
 
 
+@torch.no_grad()
+def qbnorm_statistics(
+    model: CLIP2Video,
+    bank: Sequence[str],
+    video: VideoEmbedding,
+    tokenizer: ClipTokenizer,
+    *,
+    beta: float,
+    k: int = 1,
+    batch_size: int = 256,
+    chunk: int = 8192,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    progress: bool = False,
+    info: DistInfo | None = None,
+) -> QBNormStats:
+    """QB-Norm statistics of a caption bank against the evaluation's videos.
+
+    The bank is encoded exactly as the test captions are (:func:`encode_captions`, same tokenizer and
+    precision) and scored on the same scale (``logit_scale · text_vector @ video_vectorᵀ``, float32), ``chunk``
+    captions at a time, so the bank's vectors and scores are never held whole. Under several processes each
+    rank takes a share of the bank and the partial statistics are merged on every rank.
+    """
+    vv_t = model.video_vector(video).float().t().contiguous()
+    scale = float(model.logit_scale.detach().exp())
+    acc = BankStatistics(vv_t.shape[1], beta, k)
+    share = shard(bank, info)
+    for s in tqdm(range(0, len(share), chunk), desc="query bank", disable=not progress):
+        t = encode_captions(model, share[s : s + chunk], tokenizer, batch_size=batch_size, device=device,
+                            precision=precision)
+        acc.add((scale * (model.text_vector(t).float() @ vv_t)).numpy())
+    if acc.n_bank:
+        local = acc.result()
+    else:  # more ranks than bank captions: an empty share
+        local = QBNormStats(np.full(vv_t.shape[1], -np.inf), np.zeros(vv_t.shape[1], dtype=bool), acc.beta, acc.k, 0)
+    if info is None or not info.is_distributed:
+        return local
+    packed = np.stack([local.log_norm, local.retrieved.astype(np.float64), np.full(local.n_videos, local.n_bank)])
+    parts = gather_rows(packed[None], info)  # (world, 3, M)
+    stats = [QBNormStats(p[0], p[1] > 0, local.beta, local.k, int(p[2][0]) if local.n_videos else 0) for p in parts]
+    return stats[0].merge(stats[1:])
+
+
 def score(
     model: CLIP2Video,
     text: TextEmbedding,
@@ -302,35 +361,54 @@ def score(
     chunk: int = 4096,
     save_sim: str | os.PathLike | None = None,
     keep_sim: bool = False,
-) -> tuple[dict, np.ndarray | None]:
-    """Chunked caption × video scoring → metrics (and the matrix when kept or saved).
+    qb: QBNormStats | None = None,
+    save_sim_qb: str | os.PathLike | None = None,
+) -> tuple[dict, np.ndarray | None, QBResult | None]:
+    """Chunked caption × video scoring → metrics, the matrix when kept (else None), and QB-Norm's result when
+    ``qb`` statistics are given (else None).
 
     ``save_sim`` writes the float32 matrix (rows = captions in annotation order, columns = videos) through a
-    memory map under a temporary name, renamed when complete.
+    memory map under a temporary name, renamed when complete; ``save_sim_qb`` does the same for the QB-Norm
+    matrix (normalised rows hold exp(β·s)/Σ, the others their plain scores). QB-Norm's ranks are taken on the
+    float64 normalised values, before any rounding to float32.
     """
+    if save_sim_qb is not None and qb is None:
+        raise ValueError("save_sim_qb needs QB-Norm statistics (a query bank)")
     tv = model.text_vector(text).float()  # (Nt, D')
     vv = model.video_vector(video).float()  # (Nv, D')
     scale = float(model.logit_scale.detach().exp())
     n_text, n_video = tv.shape[0], vv.shape[0]
     acc = RankAccumulator(caption_video, n_video)
+    qb_ranks = np.zeros(n_text, dtype=np.int64) if qb is not None else None
+    normalised = 0
     kept = np.empty((n_text, n_video), dtype=np.float32) if keep_sim else None
     vv_t = vv.t().contiguous()
     with contextlib.ExitStack() as stack:
-        out = None
-        if save_sim is not None:
-            tmp = stack.enter_context(atomic_path(save_sim))
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_text, n_video))
+        outs = {}
+        for key, path in (("plain", save_sim), ("qb", save_sim_qb)):
+            if path is not None:
+                tmp = stack.enter_context(atomic_path(path))
+                outs[key] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_text, n_video))
         for start in range(0, n_text, chunk):
             rows = (scale * (tv[start : start + chunk] @ vv_t)).numpy()
             acc.add(start, rows)
-            if out is not None:
-                out[start : start + len(rows)] = rows
+            if "plain" in outs:
+                outs["plain"][start : start + len(rows)] = rows
             if kept is not None:
                 kept[start : start + len(rows)] = rows
-        if out is not None:
+            if qb is not None:
+                qrows, norm = qb.apply(rows)
+                qb_ranks[start : start + len(rows)] = ranks_of(qrows, acc.caption_video[start : start + len(rows)])
+                normalised += int(norm.sum())
+                if "qb" in outs:
+                    outs["qb"][start : start + len(rows)] = qrows
+        for out in outs.values():
             out.flush()
-            del out
-    return acc.metrics(multi_caption), kept
+        outs.clear()
+    qb_result = None
+    if qb is not None:
+        qb_result = QBResult({"t2v": t2v_metrics(qb_ranks, multi_caption)}, normalised, qb)
+    return acc.metrics(multi_caption), kept, qb_result
 
 
 def evaluate(
@@ -347,6 +425,10 @@ def evaluate(
     dsl: bool = False,
     progress: bool = False,
     info: DistInfo | None = None,
+    qb_bank: Sequence[str] | None = None,
+    qb_beta: float | None = None,
+    qb_k: int = 1,
+    save_sim_qb: str | os.PathLike | None = None,
 ) -> EvalResult:
     """Full protocol on one ``RetrievalSet``.
 
@@ -362,6 +444,8 @@ def evaluate(
         info: the torchrun job (``modules.distributed``): each rank encodes its share of the captions and of
             the videos (``modules.sharding``), the vectors are gathered on every rank, and rank 0 alone scores
             and writes; the other ranks return empty metrics.
+        qb_bank: captions of a query bank: also report QB-Norm's T2V metrics (``modules/evaluation/qbnorm.py``)
+            with ``qb_beta`` (default: CLIP2Video's 1/1.99) and ``qb_k``; ``save_sim_qb`` writes its matrix.
     """
     model.eval()
     n_videos = len(rset.video_ids)
@@ -397,13 +481,22 @@ def evaluate(
             video = VideoEmbedding(torch.zeros(0, dim), torch.zeros(0, dim) if model.config.use_tab else None)
     video = _gather_video(video, videos, n_videos, info)
     t3 = time.perf_counter()
+    timings = {"text_s": t1 - t0, "frames_s": t2 - t1, "heads_s": t3 - t2}
+    qb_stats = None
+    if qb_bank is not None:
+        from .qbnorm import CLIP2VIDEO_BETA
+
+        qb_stats = qbnorm_statistics(model, qb_bank, video, tokenizer, beta=qb_beta or CLIP2VIDEO_BETA, k=qb_k,
+                                     batch_size=max(batch_size_val, 1) * 8, device=device, precision=precision,
+                                     progress=progress, info=info)
+        timings["qb_bank_s"] = time.perf_counter() - t3
     if info is not None and not info.is_main:
-        timings = {"text_s": t1 - t0, "frames_s": t2 - t1, "heads_s": t3 - t2}
         return EvalResult({}, text, video, None, None, timings)
-    metrics, sim = score(
-        model, text, video, rset.caption_video, rset.multi_caption, save_sim=save_sim, keep_sim=keep_sim or dsl
-    )
     t4 = time.perf_counter()
+    metrics, sim, qb = score(
+        model, text, video, rset.caption_video, rset.multi_caption, save_sim=save_sim, keep_sim=keep_sim or dsl,
+        qb=qb_stats, save_sim_qb=save_sim_qb,
+    )
+    timings["score_s"] = time.perf_counter() - t4
     dsl_metrics = retrieval_metrics(dual_softmax(sim), rset.caption_video, rset.multi_caption) if dsl else None
-    timings = {"text_s": t1 - t0, "frames_s": t2 - t1, "heads_s": t3 - t2, "score_s": t4 - t3}
-    return EvalResult(metrics, text, video, sim if keep_sim else None, dsl_metrics, timings)
+    return EvalResult(metrics, text, video, sim if keep_sim else None, dsl_metrics, timings, qb)

@@ -34,6 +34,12 @@ def _torch_metrics(ranks: np.ndarray) -> dict[str, float]:
     return out
 
 
+def t2v_metrics(ranks: np.ndarray, multi_caption: bool) -> dict[str, float]:
+    """Text-to-video metrics of 1-based ranks with the original's arithmetic for the protocol (see above)."""
+    ranks = np.asarray(ranks, dtype=np.int64)
+    return _torch_metrics(ranks) if multi_caption else _numpy_metrics(ranks)
+
+
 def ranks_of(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
     """(N, M) scores and (N,) target column per row → (N,) 1-based ranks."""
     gt = scores[np.arange(len(scores)), target][:, None]
@@ -65,12 +71,9 @@ class RankAccumulator:
             np.maximum(self.v2t[:, group], best, out=self.v2t[:, group])
 
     def metrics(self, multi_caption: bool) -> dict[str, dict[str, float]]:
-        if not multi_caption:
-            if len(self.t2v_ranks) != self.n_videos:
-                raise ValueError("single-caption metrics need exactly one caption per video")
-            t2v = _numpy_metrics(self.t2v_ranks)
-        else:
-            t2v = _torch_metrics(self.t2v_ranks)
+        if not multi_caption and len(self.t2v_ranks) != self.n_videos:
+            raise ValueError("single-caption metrics need exactly one caption per video")
+        t2v = t2v_metrics(self.t2v_ranks, multi_caption)
         v2t = _numpy_metrics(ranks_of(self.v2t, np.arange(self.n_videos)))
         return {"t2v": t2v, "v2t": v2t}
 
@@ -107,6 +110,16 @@ def format_table(metrics: dict[str, dict[str, float]], title: str = "") -> str:
     for d in ("t2v", "v2t"):
         m = metrics[d]
         lines.append(f"{d.upper():6s}{m['R1']:8.1f}{m['R5']:8.1f}{m['R10']:8.1f}{m['MdR']:8.1f}{m['MnR']:8.1f}")
+    return "\n".join(lines)
+
+
+def format_comparison(rows: list[tuple[str, dict[str, float]]], title: str = "") -> str:
+    """Labelled rows of one direction side by side (e.g. T2V plain and T2V with QB-Norm)."""
+    width = max(6, *(len(name) + 2 for name, _ in rows))
+    lines = [title] if title else []
+    lines.append(f"{'':{width}s}{'R@1':>8s}{'R@5':>8s}{'R@10':>8s}{'MdR':>8s}{'MnR':>8s}")
+    for name, m in rows:
+        lines.append(f"{name:{width}s}{m['R1']:8.1f}{m['R5']:8.1f}{m['R10']:8.1f}{m['MdR']:8.1f}{m['MnR']:8.1f}")
     return "\n".join(lines)
 
 

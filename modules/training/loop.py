@@ -10,7 +10,8 @@ What a step does (one optimiser step = ``gradient_accumulation_steps`` micro-bat
    the global micro-batch, with a gather whose backward makes N processes × b samples give exactly the
    gradient of one process × N·b samples;
 3. backward (DDP all-reduces gradients on the last micro-batch only: ``no_sync`` before);
-4. clip the gradient norm (1.0), AdamW step, scheduler step, clamp the logit scale to ≤ ln 100.
+4. clip the gradient norm (1.0), optimiser step (AdamW + scheduler under the ``clip2video`` recipe, BertAdam
+   with its own schedule under ``clip4clip``: modules/training/optim.py), clamp the logit scale to ≤ ln 100.
 
 Gradient accumulation and a contrastive loss. Accumulating k micro-batches of size m is NOT the same as one
 batch of k·m: each micro-batch's similarity matrix only holds its own m captions and videos, so every sample
@@ -46,8 +47,8 @@ from clip2video.modules.runtime.logging_utils import MetricLog
 from clip2video.modules.runtime.precision import autocast, check_precision
 from clip2video.modules.weights.checkpoint import atomic_save
 
-from .loss import global_batch_loss
-from .optim import OptimConfig, build_optimizer, build_scheduler, clamp_logit_scale, freeze_clip_layers
+from .loss import GATHER_GRADS, global_batch_loss
+from .optim import OptimConfig, build_recipe, clamp_logit_scale, freeze_clip_layers, next_lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ class TrainConfig:
         select_metric: validation metric that picks ``best.pt`` (``t2v_R1``, ``v2t_R1``, ``rsum``).
         export: write ``pytorch_model.bin.{epoch}`` (the release format) after every epoch.
         progress: tqdm bar on rank 0.
-        optim: optimiser / schedule settings.
+        gather_grad: ``exact`` (the loss's gather gives the single-process gradient of the global batch) or
+            ``local`` (CLIP4Clip's gather: each rank keeps its own slice; modules/training/loss.py).
+        optim: optimiser / schedule settings, the recipe included.
     """
 
     output_dir: Path
@@ -97,6 +100,7 @@ class TrainConfig:
     select_metric: str = "t2v_R1"
     export: bool = True
     progress: bool = True
+    gather_grad: str = "exact"
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
@@ -106,6 +110,8 @@ class TrainConfig:
             raise ValueError("--batch_size, --epochs and --gradient_accumulation_steps must be >= 1")
         if self.select_metric not in ("t2v_R1", "v2t_R1", "rsum"):
             raise ValueError(f"select_metric must be t2v_R1, v2t_R1 or rsum, got {self.select_metric!r}")
+        if self.gather_grad not in GATHER_GRADS:
+            raise ValueError(f"gather_grad must be one of {', '.join(GATHER_GRADS)}, got {self.gather_grad!r}")
 
 
 @dataclass
@@ -221,12 +227,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoint_dict(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-                    state: TrainState, run_config: dict[str, Any], metric: dict[str, Any] | None) -> dict[str, Any]:
-    """One dict holding everything a resume needs (model in the release key layout)."""
+                    state: TrainState, run_config: dict[str, Any], metric: dict[str, Any] | None,
+                    recipe: str = "clip2video") -> dict[str, Any]:
+    """One dict holding everything a resume needs (model in the release key layout). Under the ``clip4clip``
+    recipe the schedule is part of the optimiser state (``scheduler`` is None)."""
     return {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "recipe": recipe,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_state(),
         "state": asdict(state),
@@ -325,7 +334,7 @@ class _Run:
         if self.info.is_main:
             save_checkpoint(self.cfg.output_dir / name, checkpoint_dict(self.raw, self.optimizer, self.scheduler,
                                                                         self.scaler, self.state, self.run_config,
-                                                                        metric))
+                                                                        metric, self.cfg.optim.recipe))
 
     def write(self, rec: dict[str, Any], prefix: str = "train") -> None:
         if self.info.is_main:
@@ -334,8 +343,9 @@ class _Run:
 
 
 def optimizer_step(run: _Run, epoch: int) -> dict[str, float]:
-    """One optimiser step on the accumulated gradients: unscale (fp16), clip, refuse a non-finite norm, step,
-    advance the schedule, clamp the logit scale, count the step.
+    """One optimiser step on the accumulated gradients: unscale (fp16), clip the global norm, refuse a
+    non-finite norm, step (BertAdam then also clips each parameter's own norm), advance the schedule, clamp the
+    logit scale (both recipes: CLIP4Clip clamps too), count the step.
 
     Returns ``grad_norm`` and the learning rates this step used (``lr`` heads, ``lr_clip``) for the log.
 
@@ -355,14 +365,15 @@ def optimizer_step(run: _Run, epoch: int) -> dict[str, float]:
             f"gradient norm is {grad_norm} at step {run.state.step + 1} (epoch {epoch}); stopping. The last "
             f"good checkpoint is {cfg.output_dir / 'latest.pt'} (not overwritten)"
         )
-    factor = scheduler.get_last_lr()[0] / scheduler.base_lrs[0]  # schedule value used by this step
+    factor = next_lr_factor(optimizer, scheduler)  # schedule value used by this step
     lr_heads, lr_clip = cfg.optim.lr * factor, cfg.optim.lr * cfg.optim.coef_lr * factor
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     clamp_logit_scale(raw)
     run.state.step += 1
@@ -446,13 +457,12 @@ def train(
         logger.info("froze %d CLIP tensors (--freeze_layer_num %d)", len(frozen), cfg.freeze_layer_num)
     if cfg.grad_checkpointing:
         raw.set_grad_checkpointing(True)
-    optimizer = build_optimizer(raw, cfg.optim)
     sampler = GlobalBatchSampler(len(train_dataset), cfg.batch_size, rank=info.rank, world_size=info.world_size,
                                  accum=cfg.gradient_accumulation_steps, seed=cfg.seed, shuffle=shuffle)
     total = sampler.steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    scheduler = build_scheduler(optimizer, total, cfg.optim.warmup_proportion)
+    optimizer, scheduler = build_recipe(raw, cfg.optim, total)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     state = TrainState()
 
@@ -461,9 +471,14 @@ def train(
     ckpt_path = broadcast_object(None if ckpt_path is None else str(ckpt_path), info)
     if ckpt_path is not None:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        stored = ck.get("recipe", "clip2video")
+        if stored != cfg.optim.recipe:
+            raise ValueError(f"--resume {ckpt_path}: the run was trained with --recipe {stored}, this one asks for "
+                             f"--recipe {cfg.optim.recipe} (their optimiser states do not convert)")
         raw.load_state_dict(ck["model"], strict=True)
         optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ck["scheduler"])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         state = TrainState(**ck["state"])
@@ -481,6 +496,10 @@ def train(
     logger.info("training: %d pairs, global batch %d (%d per process × %d processes × %d accumulation), "
                 "%d steps/epoch, %d steps total, precision %s", len(train_dataset), cfg.batch_size, sampler.micro,
                 info.world_size, cfg.gradient_accumulation_steps, sampler.steps_per_epoch, total, cfg.precision)
+    logger.info("recipe %s: %s, %d parameter groups, schedule %s, gather gradient %s, mask layout %s",
+                cfg.optim.recipe, type(optimizer).__name__, len(optimizer.param_groups),
+                cfg.optim.schedule if cfg.optim.recipe == "clip4clip" else "warm-up + cosine after it",
+                cfg.gather_grad, getattr(getattr(raw, "config", None), "mask_layout", "?"))
 
     run = _Run(raw, optimizer, scheduler, scaler, state, cfg, info, log, run_config)
 
@@ -513,7 +532,7 @@ def train(
             with sync:
                 with autocast(device, cfg.precision, training=True):
                     o = ddp(batch["input_ids"], batch["attention_mask"], batch["frames"], batch["frame_mask"])
-                loss, terms = global_batch_loss(raw, o.text, o.video, o.logit_scale)
+                loss, terms = global_batch_loss(raw, o.text, o.video, o.logit_scale, cfg.gather_grad)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise NonFiniteLossError(

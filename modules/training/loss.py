@@ -13,6 +13,10 @@ exactly the single-process gradient. (The same idea as DRL's all-reduce in backw
 ``torch.distributed.nn.all_gather``; open_clip gets it by running the loss with ``gather_with_grad`` and
 local-loss options. Ideas only, no code copied.)
 
+``gather_grad="local"`` keeps that common gather on purpose (``GatherLocalGrad``: backward = this rank's slice
+of the incoming gradient, no sum), to reproduce CLIP4Clip's training step; ``"exact"`` (the default) is the
+one above.
+
 Sample order: the gathered batch is rank 0's samples, then rank 1's, ... so the matrix equals the one of a
 single process whose batch is the concatenation; with a contiguous sharding of each global batch
 (``modules.training.GlobalBatchSampler``) that is the same batch in the same order.
@@ -46,28 +50,48 @@ class GatherWithGrad(torch.autograd.Function):
         return grad[start : start + ctx.batch]
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+class GatherLocalGrad(GatherWithGrad):
+    """all_gather along dim 0 whose backward returns this rank's slice of the incoming gradient as it is
+    (CLIP4Clip's ``AllGather``): each rank's features get the gradient of their rows of its own copy of the
+    loss, and DDP's average then leaves 1/N of the single-process gradient for the encoders."""
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        start = ctx.rank * ctx.batch
+        return grad[start : start + ctx.batch].contiguous()
+
+
+#: How the loss's gather passes gradients back: ``exact`` (the single-process gradient of the global batch)
+#: or ``local`` (CLIP4Clip's own-slice backward).
+GATHER_GRADS = ("exact", "local")
+
+
+def gather_with_grad(x: torch.Tensor, mode: str = "exact") -> torch.Tensor:
     """Concatenate ``x`` (b, ...) of all ranks in rank order; the identity without a process group.
 
     Every rank must pass the same ``b`` (``GlobalBatchSampler`` drops the last incomplete global batch).
+    ``mode`` is one of :data:`GATHER_GRADS`.
     """
+    if mode not in GATHER_GRADS:
+        raise ValueError(f"gather_grad must be one of {', '.join(GATHER_GRADS)}, got {mode!r}")
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    return GatherWithGrad.apply(x)
+    return (GatherWithGrad if mode == "exact" else GatherLocalGrad).apply(x)
 
 
-def gather_text(text: TextEmbedding) -> TextEmbedding:
-    return TextEmbedding(gather_with_grad(text.global_),
-                         None if text.aligned is None else gather_with_grad(text.aligned))
+def gather_text(text: TextEmbedding, mode: str = "exact") -> TextEmbedding:
+    return TextEmbedding(gather_with_grad(text.global_, mode),
+                         None if text.aligned is None else gather_with_grad(text.aligned, mode))
 
 
-def gather_video(video: VideoEmbedding) -> VideoEmbedding:
-    return VideoEmbedding(gather_with_grad(video.global_),
-                          None if video.aligned is None else gather_with_grad(video.aligned))
+def gather_video(video: VideoEmbedding, mode: str = "exact") -> VideoEmbedding:
+    return VideoEmbedding(gather_with_grad(video.global_, mode),
+                          None if video.aligned is None else gather_with_grad(video.aligned, mode))
 
 
 def global_batch_loss(
-    model: torch.nn.Module, text: TextEmbedding, video: VideoEmbedding, logit_scale: torch.Tensor
+    model: torch.nn.Module, text: TextEmbedding, video: VideoEmbedding, logit_scale: torch.Tensor,
+    gather_grad: str = "exact",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CLIP2Video's loss (``model.loss``: w·symCE(S_g) + (1−w)·symCE(S_a)) on the embeddings of all ranks.
 
@@ -75,6 +99,7 @@ def global_batch_loss(
         model: the unwrapped CLIP2Video (its ``loss`` and ``config.center_weight``).
         text, video: this rank's embeddings of its b samples.
         logit_scale: exp(logit_scale) from the forward pass (the same on every rank: parameters are in sync).
+        gather_grad: ``exact`` or ``local`` (:data:`GATHER_GRADS`, module docstring).
 
     Returns:
         the loss, identical on every rank, and its detached terms.
@@ -82,8 +107,8 @@ def global_batch_loss(
     # The loss runs in float32 even under autocast: the softmax over the global batch is where fp16/bf16
     # rounding would hurt, and the matrices are small.
     with torch.autocast(device_type=logit_scale.device.type, enabled=False):
-        t = gather_text(text)
-        v = gather_video(video)
+        t = gather_text(text, gather_grad)
+        v = gather_video(video, gather_grad)
         t = TextEmbedding(t.global_.float(), None if t.aligned is None else t.aligned.float())
         v = VideoEmbedding(v.global_.float(), None if v.aligned is None else v.aligned.float())
         return model.loss(t, v, logit_scale.float())

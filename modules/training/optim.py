@@ -15,6 +15,15 @@ Choices (and why):
 * ``freeze_layer_num k`` (CLIP4Clip semantics): k ≥ 0 freezes CLIP's embeddings (token/positional tables,
   patch convolution, class embedding, ``ln_pre``) and blocks 0..k−1 of both towers; the final LayerNorms,
   projections and the logit scale always train; −1 freezes nothing.
+
+Two recipes (``OptimConfig.recipe``, ``train.py --recipe``):
+
+* ``clip2video`` (the default): the choices above — AdamW with bias correction, decay on matrices only, the
+  cosine over the steps after the warm-up, warm-up starting at 1/W so the first update moves the weights.
+* ``clip4clip``: the training step CLIP2Video's own training descends from (CLIP4Clip's ``BertAdam`` and its
+  ``prep_optimizer`` grouping), written here from the published formulas (:class:`BertAdam`,
+  :func:`clip4clip_param_groups`, :data:`SCHEDULES`), to reproduce the paper's recipe step for step. What
+  differs is listed in ``docs/reproducing.md``.
 """
 
 from __future__ import annotations
@@ -27,6 +36,9 @@ import torch
 from torch import nn
 
 LOGIT_SCALE_MAX = math.log(100.0)
+
+#: Training recipes: ``clip2video`` (this project's AdamW step) and ``clip4clip`` (BertAdam, as CLIP4Clip).
+RECIPES = ("clip2video", "clip4clip")
 
 # Parameter names (last components) that hold tables, tokens, centres or the temperature: never decayed.
 NO_DECAY_NAMES = (
@@ -57,6 +69,9 @@ class OptimConfig:
         betas, eps: AdamW moments.
         warmup_proportion: fraction of all optimiser steps spent in linear warm-up.
         max_grad_norm: gradient clipping threshold (≤ 0 disables).
+        recipe: ``clip2video`` (AdamW, :func:`param_groups`, :func:`warmup_cosine`) or ``clip4clip``
+            (:class:`BertAdam`, :func:`clip4clip_param_groups`, one of :data:`SCHEDULES`).
+        schedule: the clip4clip recipe's schedule (a key of :data:`SCHEDULES`).
     """
 
     lr: float = 1e-4
@@ -66,6 +81,17 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_proportion: float = 0.1
     max_grad_norm: float = 1.0
+    recipe: str = "clip2video"
+    schedule: str = "warmup_cosine"
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.recipe == "clip2video" and self.schedule != "warmup_cosine":
+            raise ValueError(f"schedule {self.schedule!r} exists only in the clip4clip recipe (its schedules are "
+                             "functions of the whole run's progress)")
 
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
@@ -145,6 +171,198 @@ def build_scheduler(
     """Per-optimiser-step warm-up + cosine schedule applied to every group's own base lr."""
     warmup = int(round(warmup_proportion * total_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
+
+
+# ---------------------------------------------------------------------------------------------- clip4clip recipe
+def schedule_warmup_cosine(x: float, warmup: float) -> float:
+    """CLIP4Clip's ``warmup_cosine``: ``x/w`` while ``x < w``, then ``0.5·(1 + cos(π·x))``.
+
+    ``x`` is the progress ``step / t_total`` with the step counted from 0 (the first update has factor 0), and
+    the cosine runs over the whole progress, not over the part after the warm-up: right after a 10 % warm-up
+    it is already 0.976, not 1.
+    """
+    return x / warmup if x < warmup else 0.5 * (1.0 + math.cos(math.pi * x))
+
+
+def schedule_warmup_linear(x: float, warmup: float) -> float:
+    """CLIP4Clip's ``warmup_linear``: ``x/w`` while ``x < w``, then ``max((x − 1)/(w − 1), 0)`` (1 at ``x = w``,
+    0 at the end of the run and after it)."""
+    return x / warmup if x < warmup else max((x - 1.0) / (warmup - 1.0), 0.0)
+
+
+def schedule_warmup_constant(x: float, warmup: float) -> float:
+    """CLIP4Clip's ``warmup_constant``: ``x/w`` while ``x < w``, then 1."""
+    return x / warmup if x < warmup else 1.0
+
+
+#: The clip4clip recipe's schedules by CLIP4Clip's names: (progress x ∈ [0, 1], warm-up fraction w) → factor.
+SCHEDULES = {
+    "warmup_cosine": schedule_warmup_cosine,
+    "warmup_linear": schedule_warmup_linear,
+    "warmup_constant": schedule_warmup_constant,
+}
+
+#: CLIP4Clip's no-decay list, matched as substrings of parameter names. These are BERT's names: CLIP's
+#: LayerNorms are called ``ln_*``, so they, the logit scale, the position tables and the TAB centres are
+#: decayed under this recipe (reproduced on purpose).
+CLIP4CLIP_NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
+
+
+def clip4clip_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """CLIP4Clip's ``prep_optimizer`` grouping, by names: ``clip.`` anywhere in the name → ``lr·coef_lr``; any
+    of :data:`CLIP4CLIP_NO_DECAY` in the name → no weight decay. Groups in CLIP4Clip's order (decay CLIP,
+    decay heads, no-decay CLIP, no-decay heads); frozen parameters are left out (BertAdam skips parameters
+    without a gradient, which is the same). Each group carries ``name`` and ``param_names`` as
+    :func:`param_groups` does.
+    """
+    buckets: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = any(nd in name for nd in CLIP4CLIP_NO_DECAY)
+        buckets.setdefault((no_decay, "clip." in name), []).append((name, p))
+    out = []
+    for no_decay, clip in ((False, True), (False, False), (True, True), (True, False)):
+        items = buckets.get((no_decay, clip))
+        if not items:
+            continue
+        out.append({
+            "name": f"{'clip' if clip else 'heads'}_{'no_decay' if no_decay else 'decay'}",
+            "params": [p for _, p in items],
+            "param_names": [n for n, _ in items],
+            "lr": cfg.lr * cfg.coef_lr if clip else cfg.lr,
+            "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+        })
+    return out
+
+
+class BertAdam(torch.optim.Optimizer):
+    """The optimiser of CLIP4Clip's training step (BERT's Adam variant), written from its published formulas.
+
+    For each parameter p with gradient g (after the training loop's global-norm clip), at its update number
+    s = 0, 1, 2, ...::
+
+        g  ← g · min(1, max_grad_norm / (‖g‖ + 1e-6))        per-parameter clip (torch's clip_grad_norm_ rule)
+        m  ← b1·m + (1 − b1)·g
+        v  ← b2·v + (1 − b2)·g²
+        u  ← m / (√v + e)                                    no bias correction
+        u  ← u + weight_decay·p                              decay added after the normalisation (decoupled)
+        p  ← p − lr_t·u,   lr_t = lr_group · schedule(s / t_total, warmup)
+
+    The schedule lives in the optimiser (``t_total``, ``warmup``, ``schedule`` per group), as in CLIP4Clip, so
+    there is no separate LR scheduler; ``t_total <= 0`` means a constant lr. The state (``step``, ``next_m``,
+    ``next_v`` per parameter) is in :meth:`state_dict`, so a resumed run continues the schedule exactly.
+    """
+
+    def __init__(self, params, lr: float, *, warmup: float = -1.0, t_total: int = -1,
+                 schedule: str = "warmup_cosine", b1: float = 0.9, b2: float = 0.98, e: float = 1e-6,
+                 weight_decay: float = 0.0, max_grad_norm: float = 1.0):
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if not (0.0 <= warmup < 1.0 or warmup == -1):
+            raise ValueError(f"warmup must be in [0, 1) (or -1: none), got {warmup}")
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0) or e < 0:
+            raise ValueError(f"need 0 <= b1, b2 < 1 and e >= 0, got {b1}, {b2}, {e}")
+        defaults = dict(lr=lr, schedule=schedule, warmup=warmup, t_total=t_total, b1=b1, b2=b2, e=e,
+                        weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def factor(group: dict, step: int) -> float:
+        """Schedule value of update number ``step`` (0-based) in ``group``."""
+        if group["t_total"] <= 0:
+            return 1.0
+        return SCHEDULES[group["schedule"]](step / group["t_total"], group["warmup"])
+
+    def steps_done(self) -> int:
+        """Updates applied so far (every trainable parameter steps together; 0 before the first)."""
+        return max((int(s["step"]) for s in self.state.values() if "step" in s), default=0)
+
+    def next_factor(self) -> float:
+        """Schedule value the next :meth:`step` uses (for logs)."""
+        return self.factor(self.param_groups[0], self.steps_done())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient (formulas in the class docstring). The per-parameter
+        clip runs tensor by tensor; the moment and parameter updates run as ``torch._foreach_*`` passes over a
+        group's tensors (the same element-wise arithmetic, a few passes instead of one small kernel per tensor
+        and operation)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2, e, wd, clip = group["b1"], group["b2"], group["e"], group["weight_decay"], group["max_grad_norm"]
+            params, grads, ms, vs, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("BertAdam does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["next_m"] = torch.zeros_like(p)
+                    state["next_v"] = torch.zeros_like(p)
+                if clip > 0:
+                    norm = torch.linalg.vector_norm(grad)
+                    grad = grad * torch.clamp(clip / (norm + 1e-6), max=1.0)
+                params.append(p)
+                grads.append(grad)
+                ms.append(state["next_m"])
+                vs.append(state["next_v"])
+                steps.append(state["step"])
+            if not params:
+                continue
+            torch._foreach_mul_(ms, b1)
+            torch._foreach_add_(ms, grads, alpha=1.0 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, grads, grads, value=1.0 - b2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, e)
+            updates = torch._foreach_div(ms, denom)  # m / (√v + e)
+            del denom
+            if wd > 0.0:
+                torch._foreach_add_(updates, params, alpha=wd)
+            lrs = [-group["lr"] * self.factor(group, s) for s in steps]
+            if len(set(lrs)) == 1:  # every tensor of the group at the same update number (the normal case)
+                torch._foreach_add_(params, updates, alpha=lrs[0])
+            else:
+                for p, u, lr in zip(params, updates, lrs, strict=True):
+                    p.add_(u, alpha=lr)
+            for p in params:
+                self.state[p]["step"] += 1
+        return loss
+
+
+def build_recipe(model: nn.Module, cfg: OptimConfig, total_steps: int
+                 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR | None]:
+    """(optimiser, LR scheduler or None) of ``cfg.recipe`` over a run of ``total_steps`` optimiser steps.
+
+    ``clip2video``: fused AdamW + a per-step ``LambdaLR``. ``clip4clip``: :class:`BertAdam`, whose schedule is
+    inside the optimiser (no scheduler). Build after moving the model to its device.
+    """
+    if cfg.recipe == "clip2video":
+        optimizer = build_optimizer(model, cfg)
+        return optimizer, build_scheduler(optimizer, total_steps, cfg.warmup_proportion)
+    groups = clip4clip_param_groups(model, cfg)
+    if not groups:
+        raise ValueError("no trainable parameters (is --freeze_layer_num freezing everything?)")
+    optimizer = BertAdam(groups, lr=cfg.lr, warmup=cfg.warmup_proportion, t_total=total_steps,
+                         schedule=cfg.schedule, b1=cfg.betas[0], b2=cfg.betas[1], e=cfg.eps,
+                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+    return optimizer, None
+
+
+def next_lr_factor(optimizer: torch.optim.Optimizer, scheduler) -> float:
+    """The schedule value (lr multiplier) the next optimiser step uses, under either recipe."""
+    if scheduler is None:
+        return optimizer.next_factor() if isinstance(optimizer, BertAdam) else 1.0
+    return scheduler.get_last_lr()[0] / scheduler.base_lrs[0]
 
 
 def freeze_clip_layers(model: nn.Module, freeze_layer_num: int) -> list[str]:
