@@ -274,6 +274,7 @@ def hit_json(hit, records: Records, max_clip: float = math.inf) -> dict:
         "score": float(hit.score),
         "start": start,
         "end": end,
+        "segment": bool(getattr(hit, "segment", False)),  # a moment of a longer video (else the whole video)
         "moments": [{"start": m.start, "end": m.end, "score": float(m.score)} for m in getattr(hit, "moments", ())],
         "thumbnails": [f"/thumb/{uid}/{i}" for i in shown],
         "video": f"/video/{uid}" if kind == "file" else None,

@@ -47,6 +47,7 @@ class Hit:
     end: float | None = None
     moments: tuple[Moment, ...] = ()  # grouped results: the video's next best segments, best first
     thumbnails: tuple[int, ...] | None = None  # which of the video's thumbnails show this segment (None: all)
+    segment: bool = False  # a segment of a video (an index of segments), not a whole video
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ class SearchIndex:
         v = int(self.row_video[row])
         end = float(self.ends[row])
         return Hit(self.video_ids[v], float(score) * self.logit_scale, self.paths[v], float(self.starts[row]),
-                   None if np.isnan(end) else end, moments, self._row_thumbs[row])
+                   None if np.isnan(end) else end, moments, self._row_thumbs[row], bool(self.segments))
 
     # ------------------------------------------------------------------ model
     def check_model(self, spec: ModelSpec) -> None:

@@ -71,7 +71,7 @@ function render(results) {
     range.dataset.end = String(r.end);
     tools.append(range);
     tools.append(button("like", "more like this", "moments similar to this one",
-      () => go(r.start !== null && r.start !== undefined ? { like: r.video_id, start: r.start } : { like: r.video_id })));
+      () => go(r.segment ? { like: r.video_id, start: r.start } : { like: r.video_id })));
     tools.append(button("only", "in this video", "search this video only", () => {
       const q = $("q").value.trim();
       if (q) go({ q, video_id: r.video_id });
@@ -327,7 +327,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("viewer-like").addEventListener("click", () => {
     const r = state.current;
     closeViewer();
-    if (r) go(r.start !== null && r.start !== undefined ? { like: r.video_id, start: r.start } : { like: r.video_id });
+    if (r) go(r.segment ? { like: r.video_id, start: r.start } : { like: r.video_id });
   });
   $("player").addEventListener("timeupdate", drawTimeline);
   $("timeline").addEventListener("click", (ev) => {
