@@ -499,6 +499,9 @@ def test_query_flags_moments_and_filters(long_video, tiny_ckpt, tmp_path, capsys
     like = query_json(capsys, ix, "--like", "trips/long", "--start", "4", "--per_segment", "-k", "20")[0]
     assert all(not (r["video_id"] == "trips/long" and r["start"] < 6 and r["end"] > 4) for r in like["results"])
     assert len(like["results"]) == 11 - 3  # the moment and the two overlapping it are left out
+    # query arithmetic naming an indexed video leaves out all its segments, before k
+    mixed = query_json(capsys, ix, q, "+", "like:short", "--per_segment", "-k", "20")[0]["results"]
+    assert len(mixed) == 9 and {r["video_id"] for r in mixed} == {"trips/long"}
     for flags, words in ((["--video", "nope", q], "--video nope: no such video"),
                          (["--modified_after", "yesterday", q], "--modified_after 'yesterday': not a date"),
                          (["--min_duration", "5", "--max_duration", "2", q], "is above --max_duration"),
