@@ -55,7 +55,7 @@ THUMBS_PER_SEGMENT = 3
 CHUNK_FRAMES = 32
 """Preprocessed frames per message from a reader to the encoder (and per image-tower call)."""
 HEAD_BATCH = 64
-"""Segments whose temporal heads run in one call."""
+"""Segments whose temporal heads run in one call (they wait for it with their 12 frame features)."""
 
 
 class SegmentError(ValueError):
@@ -385,8 +385,9 @@ class SegmentEncoder:
         self.device = torch.device(device)
         self.precision = precision
         self.max_frames = int(max_frames)
-        self.head_batch = int(head_batch)
         self.per_frame = model.config.video_encoder != "vip"  # CLIP-ViP has no per-frame features
+        # segments wait for their heads in batches (features only: small); CLIP-ViP's wait with their frames
+        self.head_batch = int(head_batch) if self.per_frame else min(int(head_batch), 4)
         self.videos: dict[Any, dict[str, Any]] = {}
         self.timings = {"tower_s": 0.0, "heads_s": 0.0, "frames": 0, "segments": 0}
         self.peak_features = 0  # most frame features held at once (all videos), and per video
@@ -397,7 +398,7 @@ class SegmentEncoder:
         thumbnail paths, in time order."""
         kind = msg["kind"]
         if kind == "start":
-            self.videos[key] = {"pending": deque(), "feats": {}, "done": [], "thumbs": {}}
+            self.videos[key] = {"pending": deque(), "feats": {}, "ready": [], "done": [], "thumbs": {}}
             return None
         st = self.videos[key]
         if kind == "segments":
@@ -409,7 +410,7 @@ class SegmentEncoder:
             self.peak_features = max(self.peak_features, sum(len(v["feats"]) for v in self.videos.values()))
             self._advance(st)
         elif kind == "end":
-            self._advance(st)
+            self._advance(st, final=True)
             del self.videos[key]
             if st["pending"]:
                 raise RuntimeError(f"{len(st['pending'])} segment(s) never got their frames")
@@ -436,28 +437,33 @@ class SegmentEncoder:
         self.timings["tower_s"] += time.perf_counter() - t0
         self.timings["frames"] += len(ks)
 
-    def _advance(self, st: dict[str, Any]) -> None:
-        pending, feats = st["pending"], st["feats"]
-        ready = []
+    def _advance(self, st: dict[str, Any], final: bool = False) -> None:
+        """Move the segments whose frames are all in to the heads' queue (with their features), run the heads
+        once a batch is full (or at the video's end), and drop features no waiting segment needs."""
+        import torch
+
+        pending, feats, ready = st["pending"], st["feats"], st["ready"]
         while pending and all(p in feats for p in pending[0].positions):
-            ready.append(pending.popleft())
-        for i in range(0, len(ready), self.head_batch):
-            batch = ready[i : i + self.head_batch]
-            st["done"] += zip(batch, self._heads(batch, feats), strict=True)
+            seg = pending.popleft()
+            ready.append((seg, torch.stack([feats[p] for p in seg.positions])))
+        while len(ready) >= self.head_batch or (final and ready):
+            batch, ready[:] = ready[: self.head_batch], ready[self.head_batch :]
+            st["done"] += zip([seg for seg, _ in batch], self._heads(batch), strict=True)
         low = pending[0].first if pending else math.inf
         for k in [k for k in feats if k < low]:
             del feats[k]
 
-    def _heads(self, segs: list[Segment], feats: dict[int, torch.Tensor]) -> np.ndarray:
-        """Video vectors of ``segs``: their sampled frames' features, padded as a frame folder is."""
+    def _heads(self, batch: list[tuple[Segment, torch.Tensor]]) -> np.ndarray:
+        """Video vectors of a batch of segments from their sampled frames' features (or frames, CLIP-ViP),
+        padded as a frame folder is."""
         import torch
 
         from clip2video.modules.runtime.precision import autocast
 
         t0 = time.perf_counter()
-        b, t = len(segs), self.max_frames
+        b, t = len(batch), self.max_frames
         mask = torch.zeros(b, t, dtype=torch.int64)
-        for i, s in enumerate(segs):
+        for i, (s, _) in enumerate(batch):
             mask[i, : len(s.positions)] = 1
         mask = mask.to(self.device)
         m = self.model
@@ -465,14 +471,14 @@ class SegmentEncoder:
             if self.per_frame:
                 pad = m.zero_frame_feature(self.device, torch.float32).float()
                 x = pad.expand(b, t, -1).clone()  # (B, T, D): padded slots hold the zero frame's feature
-                for i, s in enumerate(segs):
-                    x[i, : len(s.positions)] = torch.stack([feats[p] for p in s.positions])
+                for i, (_, f) in enumerate(batch):
+                    x[i, : len(f)] = f
                 emb = m.encode_video_features(x, mask)
             else:
-                first = next(iter(feats.values()))
-                x = torch.zeros(b, t, *first.shape, dtype=first.dtype)
-                for i, s in enumerate(segs):
-                    x[i, : len(s.positions)] = torch.stack([feats[p] for p in s.positions])
+                first = batch[0][1]
+                x = torch.zeros(b, t, *first.shape[1:], dtype=first.dtype)
+                for i, (_, f) in enumerate(batch):
+                    x[i, : len(f)] = f
                 emb = m.encode_video(x.to(self.device), mask)
             v = m.video_vector(emb).float().cpu().numpy()
         self.timings["heads_s"] += time.perf_counter() - t0
