@@ -48,9 +48,9 @@ DEFAULT_SCENE_THRESHOLD = 15.0
 """Content score (0–255 scale) from which consecutive frames may be a cut; measured in
 ``benchmarks/bench_moments.py``."""
 SCENE_RATIO = 2.5
-"""A cut's score must also be this many times the mean score of the shot's last :data:`SCENE_WINDOW` frame
-changes (PySceneDetect's adaptive detector compares with neighbours the same way): steady motion is no cut."""
-SCENE_WINDOW = 4
+"""A cut's score must also be this many times the mean score of its :data:`SCENE_WINDOW` neighbours on each side
+(PySceneDetect's adaptive detector compares with neighbours the same way): steady motion is no cut."""
+SCENE_WINDOW = 2
 THUMBS_PER_SEGMENT = 3
 CHUNK_FRAMES = 32
 """Preprocessed frames per message from a reader to the encoder (and per image-tower call)."""
@@ -179,8 +179,9 @@ class ShotCutter:
 
     A cut lies before frame k when the content score of frames k−1 → k (mean absolute change of hue,
     saturation and value, 0–255, on a copy about 64 pixels wide) reaches ``threshold`` and :data:`SCENE_RATIO`
-    times the mean of the shot's previous few scores, and the current shot is at least ``min_seconds`` long; a
-    shot reaching ``seconds`` is closed there. A last shot shorter than
+    times the mean score of its neighbours (:data:`SCENE_WINDOW` frames before and after, so the decision on
+    frame k waits for frame k + SCENE_WINDOW), and the current shot is at least ``min_seconds`` long; a shot
+    reaching ``seconds`` is closed there. A last shot shorter than
     ``min_seconds`` is merged into the one before it where the two together are not longer than ``seconds``
     (always when it is too short to sample), so a closed shot is handed out only once the next one is known:
     at most two shots of frames are held.
@@ -196,7 +197,8 @@ class ShotCutter:
         self.start = 0  # first frame of the open shot
         self.held: tuple[int, int] | None = None  # closed, not yet handed out
         self.prev: np.ndarray | None = None
-        self.scores: list[float] = []  # score of frame k vs k−1 (for measurements)
+        self.scores: list[float] = []  # score of frame k vs k−1 (0 for the first)
+        self.decided = 0  # frames before this one have had their cut decided
 
     def _length(self, first: int, stop: int) -> Fraction:
         return Fraction(stop - first) / self.fps
@@ -215,17 +217,25 @@ class ShotCutter:
         return float(np.abs(hsv - prev).mean())
 
     def push(self, k: int, rgb: np.ndarray) -> list[tuple[int, int]]:
-        """Feed output frame ``k`` (in order); returns the shots ``(first, stop)`` now final."""
-        out: list[tuple[int, int]] = []
+        """Feed output frame ``k`` (in order, from 0); returns the shots ``(first, stop)`` now final."""
         sc = self.score(rgb)
-        recent = self.scores[max(self.start + 1, k - SCENE_WINDOW) : k]  # changes within the open shot
         self.scores.append(sc if sc is not None else 0.0)
-        steady = SCENE_RATIO * (sum(recent) / len(recent)) if recent else 0.0
-        cut = sc is not None and sc >= max(self.threshold, steady) and self._length(self.start, k) >= self.min_len
-        full = self._length(self.start, k) >= self.max_len
-        if k > self.start and (cut or full):
-            out += self._close(k)
+        out: list[tuple[int, int]] = []
+        while self.decided + SCENE_WINDOW <= k:
+            out += self._decide(self.decided)
+            self.decided += 1
         return out
+
+    def _decide(self, j: int) -> list[tuple[int, int]]:
+        """Whether a shot ends before frame ``j`` (a cut, or the open shot reached its longest)."""
+        if j <= self.start:
+            return []
+        near = self.scores[max(1, j - SCENE_WINDOW) : j] + self.scores[j + 1 : j + 1 + SCENE_WINDOW]
+        steady = SCENE_RATIO * (sum(near) / len(near)) if near else 0.0
+        cut = self.scores[j] >= max(self.threshold, steady) and self._length(self.start, j) >= self.min_len
+        if cut or self._length(self.start, j) >= self.max_len:
+            return self._close(j)
+        return []
 
     def _close(self, stop: int) -> list[tuple[int, int]]:
         out = [self.held] if self.held is not None else []
@@ -234,6 +244,13 @@ class ShotCutter:
 
     def finish(self, n_frames: int) -> list[tuple[int, int]]:
         """The shots still held once the video's ``n_frames`` frames have been pushed."""
+        out: list[tuple[int, int]] = []
+        while self.decided < n_frames:
+            out += self._decide(self.decided)
+            self.decided += 1
+        return out + self._last(n_frames)
+
+    def _last(self, n_frames: int) -> list[tuple[int, int]]:
         last = (self.start, n_frames)
         if self.held is None:
             return [last] if n_frames > self.start else []
