@@ -18,7 +18,7 @@ than videos) and doubling the request until k videos are found; an approximate i
 re-scored exactly, as in ``index.py``. Where an approximate index's probed lists hold fewer passing rows than
 asked for, the passing rows are scored exactly instead, so the answer never comes up short. Milvus and
 Weaviate filter the same way (a bitset of allowed ids inside the vector search, brute force when the allowed
-set is small); the constant comes from ``benchmarks/bench_moments.py``'s measurements of this machine.
+set is small). The exact scan goes in chunks, so its memory does not grow with the index.
 """
 
 from __future__ import annotations
