@@ -65,6 +65,8 @@ BASE = [
     "faiss-cpu>=1.8",
 ]
 SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "starlette>=0.39"]
+# faster text queries (search.py serve --text_encoder auto/onnx/openvino); without them queries run in torch
+FAST = ["onnxruntime>=1.17", "openvino>=2024.0", "onnx>=1.15"]
 
 setup(
     name="clip2video",
@@ -78,5 +80,5 @@ setup(
     entry_points={"console_scripts": [f"{cmd} = {target}" for cmd, target in CONSOLE_SCRIPTS.items()]},
     python_requires=">=3.10",
     install_requires=BASE,
-    extras_require={"serve": SERVE, "tensorboard": ["tensorboard"], "test": ["pytest>=7"]},
+    extras_require={"serve": SERVE, "fast": FAST, "tensorboard": ["tensorboard"], "test": ["pytest>=7"]},
 )

@@ -16,6 +16,15 @@ the text tower per caption, ``benchmarks/bench_text.py``).
     python benchmarks/bench_qbnorm.py [--bank 180000] [--videos 1000] [--dim 1024] [--threads N]
 
 The last line printed is the cost per query relative to plain scoring.
+
+``--search``: the same in a search index (``clip2video.search``): an index generation of ``--videos`` rows is
+written with a bank's statistics (``store.write_generation`` + ``qb.generation_writer``: the build step, timed),
+opened as ``SearchIndex``, and single queries are answered by ``SearchIndex.search(q, k)`` with QB-Norm and
+without (``qb=False``: the exact FAISS flat top-k, the baseline), interleaved; p50 / p99 per query. Text
+encoding is not included (the same with and without). ``--index_type IVF…`` measures an approximate index
+(QB-Norm on the re-scored candidates).
+
+    python benchmarks/bench_qbnorm.py --search --videos 50000 --bank 20000 [--index_type Flat] [--queries 300]
 """
 
 from __future__ import annotations
@@ -47,6 +56,50 @@ def best_of(baseline, ours, repeats: int) -> tuple[float, float]:
     return min(times["baseline"]), min(times["ours"])
 
 
+def search_mode(a, videos: torch.Tensor, bank: torch.Tensor, queries: torch.Tensor, load: float) -> None:
+    """Per-query cost of QB-Norm inside ``SearchIndex.search`` (see the module doc)."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from clip2video.search.index import SearchIndex
+    from clip2video.search.qb import QueryBank, generation_writer
+    from clip2video.search.store import Item, write_generation, write_shard
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "index"
+        items = [Item(f"v{i:07d}", f"/videos/v{i:07d}.mp4", "file", 1, 1) for i in range(a.videos)]
+        write_shard(folder, "bench", videos.numpy(), items, "bench")
+        qbank = QueryBank(bank.numpy(), {"path": "bench", "sha256": "", "captions": a.bank}, "bench",
+                          {"max_words": 32, "precision": "fp32"}, CLIP2VIDEO_BETA, 1)
+        t0 = time.perf_counter()
+        write_generation(folder, [(it, "bench", r) for r, it in enumerate(items)], index_type=a.index_type,
+                         model_meta={"dim": a.dim, "fingerprint": "bench", "logit_scale": 100.0}, encoding={},
+                         extra=generation_writer(qbank, 100.0))
+        t_build = time.perf_counter() - t0
+        index = SearchIndex.open(folder)
+        print(f"index: {a.videos} rows ({index.manifest['index_type']}), generation with bank statistics written in "
+              f"{t_build:.1f} s ({a.bank} bank captions × {a.videos} rows; {int(index.qb.retrieved.sum())} rows in R)")
+        q = queries.numpy()
+        index.search(q[:2], a.k)
+        index.search(q[:2], a.k, qb=False)  # warm-up: the flat view, FAISS threads
+        times: dict[bool, list[float]] = {False: [], True: []}
+        applied = 0
+        for i in range(len(q)):
+            for use in ((False, True) if i % 2 == 0 else (True, False)):
+                t0 = time.perf_counter()
+                hits = index.search(q[i : i + 1], a.k, qb=use)[0]
+                times[use].append(time.perf_counter() - t0)
+                applied += int(use and hits[0].qb)
+        p = {u: (1e3 * np.percentile(times[u], 50), 1e3 * np.percentile(times[u], 99)) for u in times}
+        print(f"single query, k {a.k}: plain p50 {p[False][0]:.2f} ms (p99 {p[False][1]:.2f}), with QB-Norm p50 "
+              f"{p[True][0]:.2f} ms (p99 {p[True][1]:.2f}); {applied} of {len(q)} queries normalised; load average "
+              f"{load:.2f} ({'idle' if load < 0.5 else 'NOT idle'})")
+        print(f"QB-Norm per query in search: {p[True][0] / p[False][0]:.2f}x plain (p50 {p[True][0]:.2f} ms vs "
+              f"{p[False][0]:.2f} ms, {a.videos} rows, {index.manifest['index_type']})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bank", type=int, default=180_000)
@@ -56,9 +109,16 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1_000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--search", action="store_true", help="per-query cost inside SearchIndex.search (module doc)")
+    ap.add_argument("--index_type", default="Flat", help="with --search: Flat (exact) or a FAISS factory string")
+    ap.add_argument("-k", "--k", type=int, default=10, help="with --search: results per query")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+        if a.search:  # as search.py serve does: FAISS on the same number of threads
+            import faiss
+
+            faiss.omp_set_num_threads(a.threads)
     torch.set_grad_enabled(False)
     load = os.getloadavg()[0]
     print(f"bank {a.bank} captions, {a.videos} videos, dim {a.dim}, threads {torch.get_num_threads()}, "
@@ -71,6 +131,9 @@ def main() -> None:
     bank = bank / bank.norm(dim=1, keepdim=True)
     queries = videos[torch.randint(0, a.videos, (a.queries,), generator=g)] + unit(a.queries, a.dim, g)
     queries = queries / queries.norm(dim=1, keepdim=True)
+    if a.search:
+        search_mode(a, videos, bank, queries, load)
+        return
     vt = videos.t().contiguous()
     scale = 100.0
 

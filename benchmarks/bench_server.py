@@ -10,11 +10,16 @@ sphere per 512-d half, as a real embedding collection has, 1024-d like a TAB mod
 Phases, one after the other, each bounded in time:
 
 1. baseline: the same queries through ``SearchIndex.query`` in this process, one at a time, in a worker thread
-   as the server runs them (the work itself);
-2. ``/api/search``, one client (the work + HTTP + JSON);
-3. ``/api/search``, ``--clients`` clients for ``--seconds`` (the figure);
-4. ``/api/similar`` (no text encoding) and ``/api/health`` (the HTTP floor), same clients, shorter;
-5. phase 3 again on a server started with ``--max_batch 1`` (every query encoded and searched alone).
+   as the server runs them (the work itself), with the server's text runtime (``--text_encoder``);
+2. the in-process batched limit: batches of ``--max_batch`` (16) queries encoded and searched as one
+   (``batcher.search_batch``) by ``--encoders`` threads at once, as fast as they go: the most the server
+   could answer on this machine;
+3. ``/api/search``, one client (the work + HTTP + JSON);
+4. three successive phases of ``--seconds`` each with ``--clients`` clients: ``/api/search`` (the figure),
+   ``/api/similar`` (no text encoding), ``/api/health`` (the HTTP floor); the server's RSS after each;
+5. ``/api/search`` again on a server started with ``--max_batch 1`` (every query encoded and searched alone).
+
+The server runs with ``--query_cache 0``: the queries are distinct, and the figure is the work, not the cache.
 
 Every client is a thread with its own keep-alive connection; the clients run on the same 2 cores as the
 server, so they take part of its CPU. Queries are distinct texts from a template grammar (the server caches
@@ -127,9 +132,10 @@ def make_model_and_embeddings_subprocess(work: Path, n: int, clusters: int, env:
 
 
 def rss_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM in kB, and the number of threads (each thread that allocates may hold a malloc arena)."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
+        if line.startswith(("VmRSS:", "VmHWM:", "Threads:")):
             out[line.split(":")[0]] = int(line.split()[1])
     return out
 
@@ -192,14 +198,17 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=100_000, help="indexed videos")
     ap.add_argument("--clusters", type=int, default=2000)
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=20.0, help="length of the main phase")
+    ap.add_argument("--seconds", type=float, default=30.0, help="length of each of the three load phases")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--encoders", type=int, default=2, help="serve --max_concurrent_encodes")
+    ap.add_argument("--max_batch", type=int, default=16, help="serve --max_batch")
+    ap.add_argument("--text_encoder", default="auto", help="serve --text_encoder")
+    ap.add_argument("--no_unbatched", action="store_true", help="skip phase 5")
     ap.add_argument("--json", default=None, help="write the figures here too")
     ap.add_argument("--work", default=None, help="keep the model, vectors and index here (reused when present)")
     args = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    texts = queries(400)
+    texts = queries(3000)
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         work = Path(args.work or tmp)
         index = work / "index"
@@ -216,7 +225,9 @@ def main() -> int:
         from clip2video.search.index import SearchIndex
 
         threads = set_compute_threads(None, args.encoders)  # what serve sets for itself
-        ix = SearchIndex.open(index)
+        load0 = os.getloadavg()
+        print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} (2 idle cores: < 0.5)", flush=True)
+        ix = SearchIndex.open(index, text_encoder=args.text_encoder)
         kind = ix.manifest.get("index_type")
         def run_direct():
             ix.query(["warm up"], args.k)
@@ -237,38 +248,65 @@ def main() -> int:
         # in a worker thread with serve's thread setting, as the server runs its encodes
         with ThreadPoolExecutor(1) as pool:
             direct, enc = pool.submit(run_direct).result()
+        runtime = ix.text_encoder.name
+
+        def run_batches(start: int) -> int:  # encode + search of batches, until the deadline
+            from clip2video.search.batcher import search_batch
+
+            done, i = 0, start
+            while time.monotonic() < batch_stop:
+                batch = [texts[(i + j) % len(texts)] for j in range(args.max_batch)]
+                search_batch(ix, batch, [args.k] * len(batch))
+                done += len(batch)
+                i += args.max_batch * args.encoders
+            return done
+
+        ix.query(texts[: args.max_batch], args.k)  # warm-up at batch size
+        t_b = time.perf_counter()
+        batch_stop = time.monotonic() + min(8.0, args.seconds)
+        with ThreadPoolExecutor(args.encoders) as pool:
+            batched_n = sum(pool.map(run_batches, [e * args.max_batch for e in range(args.encoders)]))
+        limit_qps = batched_n / (time.perf_counter() - t_b)
         ix.close()
+        print(f"in-process batched limit ({args.encoders} thread(s), batches of {args.max_batch}, {runtime}): "
+              f"{limit_qps:.1f} queries/s", flush=True)
         d50, d99 = pct(direct)
         e50, _ = pct(enc)
         print(f"baseline (SearchIndex.query in-process, 1 at a time, {kind}, {threads} thread(s)): "
               f"p50 {d50:.1f} ms, p99 {d99:.1f} ms, {1000 / np.mean(direct):.1f} queries/s "
               f"(text encoding alone p50 {e50:.1f} ms)", flush=True)
 
-        proc, port = start_server(index, env, ["--max_concurrent_encodes", str(args.encoders)])
+        serve_args = ["--max_concurrent_encodes", str(args.encoders), "--max_batch", str(args.max_batch),
+                      "--text_encoder", args.text_encoder, "--query_cache", "0"]
+        proc, port = start_server(index, env, serve_args)
         try:
             search_paths = [f"/api/search?{urlencode({'q': t, 'k': args.k})}" for t in texts]
             similar_paths = [f"/api/similar?{urlencode({'video_id': f'video{(i * 7919) % args.n:06d}', 'k': args.k})}"
                              for i in range(400)]
             mem0 = rss_kb(proc.pid)
-            one = load(port, search_paths, 1, min(8.0, args.seconds))
+            one = load(port, search_paths[::-1], 1, min(8.0, args.seconds))
+            mem_warm = rss_kb(proc.pid)
             many = load(port, search_paths, args.clients, args.seconds)
             mem1 = rss_kb(proc.pid)
-            sim = load(port, similar_paths, args.clients, max(3.0, args.seconds / 4))
-            health = load(port, ["/api/health"], args.clients, max(3.0, args.seconds / 4))
+            sim = load(port, similar_paths, args.clients, args.seconds)
+            mem_sim = rss_kb(proc.pid)
+            health = load(port, ["/api/health"], args.clients, args.seconds)
             mem2 = rss_kb(proc.pid)
         finally:
             proc.terminate()
             rc = proc.wait(30)
-        # the same load on a server that encodes every query alone (no batching), same run
-        proc, port = start_server(index, env, ["--max_concurrent_encodes", str(args.encoders), "--max_batch", "1"])
-        try:
-            unbatched = load(port, search_paths, args.clients, args.seconds)
-        finally:
-            proc.terminate()
-            rc = max(rc, proc.wait(30))
+        unbatched = None
+        if not args.no_unbatched:  # the same load on a server that encodes every query alone, same run
+            proc, port = start_server(index, env, serve_args[:2] + ["--max_batch", "1"] + serve_args[4:])
+            try:
+                unbatched = load(port, search_paths, args.clients, args.seconds)
+            finally:
+                proc.terminate()
+                rc = max(rc, proc.wait(30))
     rows = [("/api/search, 1 client", one), (f"/api/search, {args.clients} clients", many),
-            (f"/api/search, {args.clients} clients, --max_batch 1 (no batching)", unbatched),
             (f"/api/similar, {args.clients} clients", sim), (f"/api/health, {args.clients} clients", health)]
+    if unbatched is not None:
+        rows.insert(2, (f"/api/search, {args.clients} clients, --max_batch 1 (no batching)", unbatched))
     print("\n| phase | requests | req/s | p50 ms | p99 ms | errors |\n| --- | --- | --- | --- | --- | --- |")
     print(f"| baseline: SearchIndex.query in-process, 1 at a time | {len(direct)} | {1000 / np.mean(direct):.1f} | "
           f"{d50:.1f} | {d99:.1f} | 0 |")
@@ -276,20 +314,30 @@ def main() -> int:
         print(f"| {name} | {r['requests']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
               f"{r['errors']}{' ' + str(r['error_statuses']) if r['error_statuses'] else ''} |")
     mb = 1024
-    print(f"\nserver RSS: {mem0['VmRSS'] / mb:.0f} MiB before the load, {mem1['VmRSS'] / mb:.0f} MiB after "
-          f"/api/search, {mem2['VmRSS'] / mb:.0f} MiB at the end (peak {mem2['VmHWM'] / mb:.0f} MiB); "
-          f"server exit code after SIGTERM: {rc}")
+    growth = (mem2["VmRSS"] - mem_warm["VmRSS"]) / mem_warm["VmRSS"]
+    print(f"\nserver RSS: {mem0['VmRSS'] / mb:.0f} MiB before the load, {mem_warm['VmRSS'] / mb:.0f} MiB after one "
+          f"client, then {mem1['VmRSS'] / mb:.0f} / {mem_sim['VmRSS'] / mb:.0f} / {mem2['VmRSS'] / mb:.0f} MiB after "
+          f"the {args.seconds:.0f}-s /api/search, /api/similar, /api/health phases: {100 * growth:+.1f} % over the "
+          f"three (peak {mem2['VmHWM'] / mb:.0f} MiB); threads {mem_warm['Threads']} / {mem1['Threads']} / "
+          f"{mem_sim['Threads']} / {mem2['Threads']}; server exit code after SIGTERM: {rc}")
+    load1 = os.getloadavg()
+    print(f"load average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     errors = sum(r["errors"] for _, r in rows)
-    figures = {"n": args.n, "index_type": kind, "baseline": {"requests": len(direct), "p50_ms": d50, "p99_ms": d99,
-                                                               "encode_p50_ms": e50},
-               "phases": {name: r for name, r in rows}, "rss_kb": {"before": mem0, "after_search": mem1, "end": mem2},
+    figures = {"n": args.n, "index_type": kind, "text_encoder": runtime,
+               "baseline": {"requests": len(direct), "p50_ms": d50, "p99_ms": d99, "encode_p50_ms": e50},
+               "batched_limit_qps": limit_qps, "phases": {name: r for name, r in rows},
+               "rss_kb": {"before": mem0, "after_one_client": mem_warm, "after_search": mem1, "after_similar": mem_sim,
+                          "end": mem2}, "rss_growth": growth, "load_before": load0, "load_after": load1,
                "exit_code": rc}
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
-    print(f"{args.clients} clients: {many['rps']:.1f} req/s on /api/search = {many['rps'] / one['rps']:.2f}x one "
-          f"client ({one['rps']:.1f}), {many['rps'] / unbatched['rps']:.2f}x without batching "
-          f"({unbatched['rps']:.1f}); p50 {many['p50_ms']:.0f} ms, p99 {many['p99_ms']:.0f} ms; errors {errors}; "
-          f"1-client p50 {one['p50_ms']:.1f} ms vs in-process {d50:.1f} ms (HTTP + JSON +{one['p50_ms'] - d50:.1f} ms)")
+    unb = (f", {many['rps'] / unbatched['rps']:.2f}x without batching ({unbatched['rps']:.1f})"
+           if unbatched is not None else "")
+    print(f"{args.clients} clients: {many['rps']:.1f} req/s on /api/search = {100 * many['rps'] / limit_qps:.0f} % of "
+          f"the in-process batched limit ({limit_qps:.1f}/s), {many['rps'] / one['rps']:.2f}x one client "
+          f"({one['rps']:.1f}){unb}; p50 {many['p50_ms']:.0f} ms, p99 {many['p99_ms']:.0f} ms; errors {errors}; "
+          f"RSS {100 * growth:+.1f} % over the three phases; 1-client p50 {one['p50_ms']:.1f} ms vs in-process "
+          f"{d50:.1f} ms (HTTP + JSON +{one['p50_ms'] - d50:.1f} ms); text runtime {runtime}")
     return 1 if errors or rc != 0 else 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import socket
 import subprocess
@@ -27,12 +28,33 @@ class Hit:
 
 @dataclass(frozen=True)
 class VideoRecord:
+    """A record as ``SearchIndex.record`` gives it; the file policy's part (root, files, thumbnail stats) is
+    taken from disk when the record is made, as a build takes it (``clip2video.search.files``)."""
+
     video_id: str
     path: Path
     kind: str
     thumbnails: list = field(default_factory=list)
     duration: float | None = None
     frames: int | None = None
+    root: Path | None = None
+    files: list | None = None
+    thumb_stats: list | None = None
+
+    def __post_init__(self):
+        from clip2video.search.files import scan_frame_folder, scan_video_file, stat_record
+
+        path = Path(os.path.realpath(self.path))
+        object.__setattr__(self, "path", path)
+        if self.files is None:
+            scan = scan_frame_folder if self.kind == "frames" else scan_video_file
+            rec, why = scan(str(path), follow_symlinks=False)
+            assert rec is not None, why
+            object.__setattr__(self, "files", rec["files"])
+        if self.root is None:
+            object.__setattr__(self, "root", path.parent)
+        if self.thumb_stats is None:
+            object.__setattr__(self, "thumb_stats", [stat_record(t) for t in self.thumbnails])
 
 
 class BagOfWordsIndex:
@@ -115,7 +137,9 @@ class ServerThread:
         self.sock.listen(256)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        from clip2video.search.app import server_config
+
+        self.server = uvicorn.Server(server_config(app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.stopped_cleanly = None
 

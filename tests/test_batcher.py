@@ -186,3 +186,21 @@ def test_search_batch_searches_each_k_apart():
     out = search_batch(ix, ["a", "bb", "ccc", "dddd"], [2, 1, 2, 1])
     assert out == [["len1-k2"], ["len2-k1"], ["len3-k2"], ["len4-k1"]]
     assert ix.searches == [([2.0, 4.0], 1), ([1.0, 3.0], 2)]  # one search per distinct k, rows in order
+
+
+def test_search_batch_passes_qb_per_query():
+    class Index:
+        def __init__(self):
+            self.searches = []
+
+        def encode_text(self, texts):
+            return np.array([[float(len(t))] for t in texts], dtype=np.float32)
+
+        def search(self, vectors, k, qb=None):
+            self.searches.append((vectors[:, 0].tolist(), k, qb))
+            return [[f"len{int(v)}-k{k}-qb{qb}"] for v in vectors[:, 0]]
+
+    ix = Index()
+    out = search_batch(ix, ["a", "bb", "ccc", "dddd"], [(2, True), (2, False), (2, True), 1])
+    assert out == [["len1-k2-qbTrue"], ["len2-k2-qbFalse"], ["len3-k2-qbTrue"], ["len4-k1-qbNone"]]
+    assert ix.searches == [([4.0], 1, None), ([2.0], 2, False), ([1.0, 3.0], 2, True)]

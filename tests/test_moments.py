@@ -327,8 +327,8 @@ def _random_index(folder: Path, index_type: str = "Flat", search_params: str | N
         for j in range(n_seg):
             x = centres[(v + j) % 12] + 0.6 * rng.standard_normal(32).astype(np.float32)
             vecs.append(x / np.linalg.norm(x))
-            items.append(Item(f"v{v:02d}", path, "file", 100, mtime, dur, 10 * n_seg, [], 2.0 * j,
-                              min(2.0 * j + 4.0, dur)))
+            items.append(Item(f"v{v:02d}", path, "file", 100, mtime, dur, 10 * n_seg, [], start=2.0 * j,
+                              end=min(2.0 * j + 4.0, dur)))
     vecs = np.stack(vecs).astype(np.float32)
     folder.mkdir(parents=True)
     write_shard(folder, "s0", vecs, items, "k")

@@ -84,6 +84,16 @@ def assert_matches_sim(results, sim, captions, video_ids, k=10):
         np.testing.assert_allclose(got, sim[row, order], atol=1e-4, rtol=0)
 
 
+def write_sealed_manifest(path: Path, manifest: dict) -> None:
+    """Rewrite a manifest together with its recorded checksum (a consistent edit, unlike damage)."""
+    import hashlib
+
+    data = json.dumps(manifest).encode()
+    path.write_bytes(data)
+    (path.parent / "manifest.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  manifest.json\n")
+    (path.parent / "verified").unlink(missing_ok=True)
+
+
 def one_line_error(capsys, argv, code=None) -> str:
     capsys.readouterr()
     rc = search.main(argv)
@@ -112,6 +122,16 @@ def test_query_equals_save_sim_from_frame_folders(setup, capsys):
     assert_matches_sim(res, setup["sim"], setup["captions"], setup["video_ids"])
     frames = setup["root"] / "synth" / "frames"
     assert res[0]["results"][0]["path"] == str(frames / res[0]["results"][0]["video_id"])
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "openvino", "auto"])
+def test_query_equals_save_sim_whatever_text_runtime(setup, capsys, runtime):
+    """The fast fp32 runtimes (``--text_encoder``; ``serve``'s default is auto) keep ``--save_sim``'s scores."""
+    if runtime != "auto":
+        pytest.importorskip("onnxruntime" if runtime == "onnx" else "openvino")
+    res = query_json(capsys, setup["ix"], "--text_encoder", runtime, "--queries_file",
+                     str(setup["root"] / "queries.txt"))
+    assert_matches_sim(res, setup["sim"], setup["captions"], setup["video_ids"])
 
 
 def test_query_equals_save_sim_from_embeddings(setup, tmp_path, capsys):
@@ -177,7 +197,7 @@ def test_model_flags_must_match_the_fingerprint(setup, capsys):
     manifest_path = moved / (moved / CURRENT).read_text().strip() / MANIFEST
     manifest = json.loads(manifest_path.read_text())
     manifest["model"]["checkpoint"] = str(other.resolve())
-    manifest_path.write_text(json.dumps(manifest))
+    write_sealed_manifest(manifest_path, manifest)  # as if the build had recorded the other file
     err = one_line_error(capsys, ["query", "--index", str(moved), "a red circle"], code=1)
     assert "fingerprint differs" in err
 
@@ -197,14 +217,15 @@ def test_missing_truncated_and_old_index_folders(setup, tmp_path, capsys):
     d, gen = copy("trunc_faiss")
     data = (gen / "faiss.index").read_bytes()
     (gen / "faiss.index").write_bytes(data[: len(data) // 2])
-    assert "FAISS index" in one_line_error(capsys, ["query", "--index", str(d), "x"])
+    err = one_line_error(capsys, ["query", "--index", str(d), "x"])
+    assert f"{gen / 'faiss.index'}: {len(data) // 2} bytes" in err and "truncated" in err
     d, gen = copy("trunc_db")
     (gen / "meta.sqlite").write_bytes((gen / "meta.sqlite").read_bytes()[:600])
-    assert "meta.sqlite" in one_line_error(capsys, ["query", "--index", str(d), "x"])
+    assert f"{gen / 'meta.sqlite'}: 600 bytes" in one_line_error(capsys, ["query", "--index", str(d), "x"])
     d, gen = copy("trunc_shard")
     shard = next((d / "shards").glob("*.npy"))
     shard.write_bytes(shard.read_bytes()[:200])
-    assert "vector shard" in one_line_error(capsys, ["query", "--index", str(d), "x"])
+    assert f"{shard}: 200 bytes" in one_line_error(capsys, ["query", "--index", str(d), "x"])
     d, gen = copy("trunc_manifest")
     (gen / MANIFEST).write_text((gen / MANIFEST).read_text()[:40])
     assert "truncated or damaged" in one_line_error(capsys, ["query", "--index", str(d), "x"])
@@ -212,6 +233,7 @@ def test_missing_truncated_and_old_index_folders(setup, tmp_path, capsys):
     m = json.loads((gen / MANIFEST).read_text())
     m["format_version"] = 0
     (gen / MANIFEST).write_text(json.dumps(m))
+    (gen / "manifest.sha256").unlink()  # version-1 indexes had none
     assert "format version 0" in one_line_error(capsys, ["query", "--index", str(d), "x"])
     old = tmp_path / "old_layout"
     old.mkdir()

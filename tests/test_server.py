@@ -73,7 +73,8 @@ def server(stub):
 def test_health(server, stub):
     status, body = get_json(server.port, "/api/health")
     assert status == 200
-    assert body == {"status": "ok", "videos": len(CAPTIONS), "model": stub.fingerprint}
+    assert body == {"status": "ok", "videos": len(CAPTIONS), "model": stub.fingerprint, "qb_norm": False,
+                    "generation": None}
 
 
 def test_search_returns_what_the_index_ranks(server, stub):
@@ -137,9 +138,9 @@ def test_frames_only_video(server, stub):
     ("/api/search", 400, "missing query parameter q"),
     ("/api/search?q=", 400, "q is empty"),
     ("/api/search?q=%20%20", 400, "q is empty"),
-    ("/api/search?q=dog&k=0", 400, "k must be from 1 to 50"),
-    ("/api/search?q=dog&k=-3", 400, "k must be from 1 to 50"),
-    ("/api/search?q=dog&k=1000000", 400, "k must be from 1 to 50"),
+    ("/api/search?q=dog&k=0", 400, "k must be an integer from 1 to 50"),
+    ("/api/search?q=dog&k=-3", 400, "k must be an integer from 1 to 50"),
+    ("/api/search?q=dog&k=1000000", 400, "k must be an integer from 1 to 50"),
     ("/api/search?q=dog&k=" + "9" * 5000, 400, "k must be an integer"),
     ("/api/search?q=dog&k=ten", 400, "k must be an integer"),
     ("/api/search?q=dog&k=1.5", 400, "k must be an integer"),
@@ -147,7 +148,7 @@ def test_frames_only_video(server, stub):
     ("/api/search?q=dog%00", 400, "NUL"),
     ("/api/similar", 400, "missing query parameter video_id"),
     ("/api/similar?video_id=nope", 404, "unknown video_id 'nope'"),
-    ("/api/similar?video_id=dog&k=0", 400, "k must be from 1 to 50"),
+    ("/api/similar?video_id=dog&k=0", 400, "k must be an integer from 1 to 50"),
     ("/api/frames?video_id=nope", 404, "unknown video_id"),
     ("/api/nothing", 404, "not found"),
     ("/video/nope", 404, "not found"),
@@ -382,7 +383,8 @@ def test_real_health(real):
 
     index = SearchIndex.open(real["index"])
     status, body = get_json(real["port"], "/api/health")
-    assert status == 200 and body == {"status": "ok", "videos": 12, "model": index.fingerprint}
+    assert status == 200 and body == {"status": "ok", "videos": 12, "model": index.fingerprint, "qb_norm": False,
+                                      "generation": index.generation.name}
     assert any(f"serving 12 videos at {real['url']}/" in line for line in real["lines"])
 
 

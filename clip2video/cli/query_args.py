@@ -106,16 +106,21 @@ def plan_queries(args: argparse.Namespace) -> list[PlannedQuery]:
     return plan
 
 
-def answer(index, plan: list[PlannedQuery], k: Any, start: float | None = None) -> list[list[Any]]:
-    """The hits of every planned query, in plan order: captions in one batch, the rest one by one. ``k`` is a
-    number or a ``moments.SearchRequest`` (grouping, filters); ``start`` makes ``--like`` start from the
-    moment of its video that starts there."""
+def answer(index, plan: list[PlannedQuery], k: Any, *, qb: bool | None = None,
+           start: float | None = None) -> list[list[Any]]:
+    """The hits of every planned query, in plan order: captions in one batch, the rest one by one.
+
+    ``k`` is a number or a ``moments.SearchRequest`` (grouping, one video, filters). ``qb`` (when not None)
+    switches QB-Norm on or off for the captions; the other queries never get it. ``start`` makes ``--like``
+    start from the moment of its video that starts there.
+    """
     from clip2video.search.query_vectors import QueryEncoder
 
     out: list[list[Any] | None] = [None] * len(plan)
     texts = [(i, q.text) for i, q in enumerate(plan) if q.text is not None]
     if texts:
-        for (i, _), hits in zip(texts, index.query([t for _, t in texts], k), strict=True):
+        found = index.query([t for _, t in texts], k) if qb is None else index.query([t for _, t in texts], k, qb=qb)
+        for (i, _), hits in zip(texts, found, strict=True):
             out[i] = hits
     encoder = QueryEncoder(index)
     for i, q in enumerate(plan):

@@ -8,6 +8,10 @@
     python search.py query --index my_index --like VIDEO_ID
     python search.py query --index my_index --image photo.jpg            # or --clip clip.mp4
     python search.py query --index my_index "2:a dog" + photo.jpg - snow   # weighted query arithmetic
+    python search.py build ... --query_bank train_captions.txt            # + QB-Norm for every caption query
+    python search.py verify --index my_index                              # every file against its checksum
+    python search.py build ... --segment_seconds 10                       # long videos as moments (segments)
+    python search.py export --index my_index --video_id ID --start 65 --end 75 moment.mp4
     torchrun --nproc_per_node 4 search.py build ...                       # encoding split over 4 processes
 
 Scores are the numbers ``infer_retrieval.py --save_sim`` writes for the same model (×logit scale). The index
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +41,7 @@ from clip2video.cli.common import (
     run_main,
 )
 from clip2video.cli.query_args import add_query_args, answer, plan_queries
-from clip2video.cli.serve import add_serve_parser, check_index_model
+from clip2video.cli.serve import add_serve_parser, add_text_encoder_arg, check_index_model
 from clip2video.search.moments import DEFAULT_MOMENTS
 from clip2video.search.segments import (
     DEFAULT_MIN_SECONDS,
@@ -52,7 +57,7 @@ logger = logging.getLogger("clip2video.cli.search")
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="search.py", description=__doc__.split("\n")[1],
                       formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{build,query,export,serve}", parser_class=OneLineParser)
+    sub = p.add_subparsers(dest="command", metavar="{build,query,export,verify,serve}", parser_class=OneLineParser)
 
     b = sub.add_parser("build", help="index a folder of videos (or exported embeddings)")
     b.add_argument("--config", default=None, help="YAML file of flag defaults")
@@ -61,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(src, ["features_path"], helps={
         "features_path": "folder of videos: video files (read directly) and/or frame folders <id>/00000001.jpg"})
     src.add_argument("--from_embeddings", default=None, help="folder with video.npy + video_ids.json (+ meta.json)")
+    src.add_argument("--follow_symlinks", action="store_true",
+                     help="index through symbolic links (to video files, frame folders, frames); each is resolved "
+                          "now and its target recorded. Without it links are skipped, one line each")
     add_data_args(src, ["max_words", "max_frames", "feature_framerate", "video_fps", "image_mode"], helps={
         "max_words": "query length in tokens (start + words + end)",
         "video_fps": "video files are read as if extracted at this rate (sample_frame.py --fps); for frame "
@@ -85,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--index_type", default="auto",
                     help="auto (by size), Flat, or a FAISS factory string such as IVF1024,SQ8")
     ix.add_argument("--search_params", default=None, help="FAISS search parameters, e.g. nprobe=32")
+    ix.add_argument("--max_index_memory", default=None, metavar="SIZE",
+                    help="memory budget of the index (e.g. 1GB, 500MB): with --index_type auto, the index type and "
+                         "parameters with the best expected recall that fit; the choice is printed")
+    qb = b.add_argument_group("QB-Norm (query-bank normalisation of text queries)")
+    qb.add_argument("--query_bank", default=None, metavar="FILE",
+                    help="UTF-8 text, one caption per line (training captions): stored with the index and applied "
+                         "to every text query (query/serve --no_qb to switch off); a rebuild without it keeps the "
+                         "stored bank")
+    qb.add_argument("--qb_beta", type=float, default=None,
+                    help="inverse temperature β on the index's scores (default: the stored one, else 1/1.99, "
+                         "published for CLIP2Video's ×100 scores)")
+    qb.add_argument("--qb_k", type=int, default=None,
+                    help="a row is a hub when in some bank caption's top-k (default: the stored one, else 1)")
+    qb.add_argument("--no_query_bank", action="store_true", help="drop the query bank the index stores")
     o = b.add_argument_group("run")
     o.add_argument("--device", default=None)
     add_precision_arg(o)
@@ -103,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_query_args(q)
     q.add_argument("-k", "--k", type=int, default=10)
     q.add_argument("--json", action="store_true",
-                   help="print JSON: [{query, results: [{video_id, score, path, start, end, moments}]}]")
+                   help="print JSON: [{query, qb_norm: {enabled, applied}, results: [{video_id, score, path, "
+                        "start, end, moments}]}]")
     m = q.add_argument_group("moments and filters")
     m.add_argument("--per_segment", action="store_true",
                    help="list segments as they rank (default: each video once, at its best segment, its next "
@@ -117,10 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max_duration", type=float, default=None, metavar="SECONDS")
     m.add_argument("--modified_after", default=None, metavar="DATE",
                    help="only videos whose file changed after DATE (YYYY-MM-DD[THH:MM[:SS]], local time)")
+    q.add_argument("--no_qb", action="store_true",
+                   help="plain scores even when the index stores a query bank (no QB-Norm)")
     q.add_argument("--device", default=None)
     add_precision_arg(q)
+    add_text_encoder_arg(q, default="torch")
     add_checkpoint_args(q)
     q.add_argument("--max_words", type=int, default=None, help=argparse.SUPPRESS)
+
+    v = sub.add_parser("verify", help="check every file of an index against the checksums its build recorded")
+    v.add_argument("--index", required=True)
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
 
     e = sub.add_parser("export", help="cut a moment of an indexed video into an MP4 file")
     e.add_argument("--config", default=None, help="YAML file of flag defaults")
@@ -147,7 +177,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if not argv or argv[0] not in p._subparsers._group_actions[0].choices:
         if argv and argv[0] in ("-h", "--help"):
             p.parse_args(argv)
-        raise UsageError("give a command: build, query, export, serve")
+        raise UsageError("give a command: build, query, export, verify, serve")
     sub = p._subparsers._group_actions[0].choices[argv[0]]
     args = parse_with_config(sub, argv[1:])
     args.command = argv[0]
@@ -160,12 +190,36 @@ def run(argv: list[str] | None) -> int:
         return cmd_build(args)
     if args.command == "query":
         return cmd_query(args)
+    if args.command == "verify":
+        return cmd_verify(args)
     if args.command == "export":
         return cmd_export(args)
     return args.func(args)  # serve (and any other registered command)
 
 
 # ----------------------------------------------------------------------------------------------- build
+def bank_request(args: argparse.Namespace):
+    """The build's ``qb.BankRequest`` from its flags; a bad bank file or value is one line (exit 2 / 1)."""
+    from clip2video.search.qb import BankRequest, read_bank_file
+
+    if args.no_query_bank and (args.query_bank or args.qb_beta is not None or args.qb_k is not None):
+        raise UsageError("--no_query_bank excludes --query_bank, --qb_beta and --qb_k")
+    if args.qb_beta is not None and not (args.qb_beta > 0 and math.isfinite(args.qb_beta)):
+        raise UsageError(f"--qb_beta must be a positive number, got {args.qb_beta}")
+    if args.qb_k is not None and args.qb_k < 1:
+        raise UsageError(f"--qb_k must be >= 1, got {args.qb_k}")
+    if args.no_query_bank:
+        return BankRequest(drop=True)
+    if not args.query_bank:
+        return BankRequest(beta=args.qb_beta, k=args.qb_k)
+    if not Path(args.query_bank).is_file():
+        raise UsageError(f"--query_bank {args.query_bank}: no such file")
+    try:
+        return read_bank_file(args.query_bank, beta=args.qb_beta, k=args.qb_k)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--query_bank {e}") from None
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     import torch
 
@@ -180,16 +234,31 @@ def cmd_build(args: argparse.Namespace) -> int:
     segments = segment_settings(args)
     if segments is not None and args.from_embeddings:
         raise UsageError("--segment_seconds / --segments need --features_path (videos), not --from_embeddings")
+    if segments is not None and args.query_bank:
+        raise UsageError("--query_bank needs an index of whole videos: QB-Norm's statistics are per video (build "
+                         "without --segment_seconds / --segments to use it)")
     check_paths(args, dirs=("features_path", "from_embeddings"))
     if args.batch_size_val:
         args.batch_size = args.batch_size_val
+    max_bytes = None
+    if args.max_index_memory is not None:
+        from clip2video.search.index_choice import parse_size
+
+        try:
+            max_bytes = parse_size(args.max_index_memory)
+        except ValueError as e:
+            raise UsageError(f"--max_index_memory {args.max_index_memory}: {e}") from None
+    bank = bank_request(args)
     t0 = time.perf_counter()
     if args.from_embeddings:
         setup_logging(None)
         res = build_from_embeddings(args.from_embeddings, args.index, index_type=args.index_type,
-                                    search_params=args.search_params)
+                                    search_params=args.search_params, query_bank=bank, device=args.device,
+                                    follow_symlinks=args.follow_symlinks,
+                                    max_index_bytes=max_bytes)
         logger.info("index %s: %d videos from %s (%.1f s)", args.index, res.count, args.from_embeddings,
                     time.perf_counter() - t0)
+        print_index_choice(args.index, max_bytes)
         return 0
     info = init_distributed(args.device)
     try:
@@ -209,11 +278,13 @@ def cmd_build(args: argparse.Namespace) -> int:
                                 precision=args.precision, video_fps=args.video_fps, batch_size=args.batch_size,
                                 num_workers=args.num_thread_reader, index_type=args.index_type,
                                 search_params=args.search_params, device=info.device, info=info,
-                                progress=not args.no_progress, segments=segments)
+                                progress=not args.no_progress, query_bank=bank, follow_symlinks=args.follow_symlinks,
+                                max_index_bytes=max_bytes, segments=segments)
     finally:
         cleanup_distributed()
     if res is None:
         return 0
+    print_index_choice(args.index, max_bytes)
     logger.info("index %s: %d videos (%d encoded, %d unchanged, %d removed) in %.1f s", args.index, res.count,
                 res.encoded, res.reused, res.removed, time.perf_counter() - t0)
     if segments is not None:
@@ -222,7 +293,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if res.failed:
         for vid, why in res.failed:
             print(f"search.py: skipped {vid}: {why}", file=sys.stderr)
-        print(f"search.py: {len(res.failed)} video(s) could not be read and were skipped", file=sys.stderr)
+        print(f"search.py: {len(res.failed)} video(s) could not be read or were refused and were skipped",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -247,6 +319,52 @@ def segment_settings(args: argparse.Namespace):
         raise UsageError(str(e)) from None
 
 
+def print_index_choice(index: str, max_bytes: int | None) -> None:
+    """One line on stdout: the index type the build chose, its memory and its expected recall."""
+    from clip2video.search.index_choice import estimate_bytes, format_size
+    from clip2video.search.store import read_manifest
+
+    _, m = read_manifest(index)
+    choice = m.get("index_choice")
+    params = f" ({m['search_params']})" if m.get("search_params") else ""
+    if choice:
+        budget = f" within --max_index_memory {format_size(max_bytes)}" if max_bytes else " (by size)"
+        print(f"index: {m['index_type']}{params} for {m['count']} vectors{budget}: ~{format_size(choice['bytes'])}, "
+              f"expected recall@10 ~{choice['recall']:.3f} (measured on benchmarks/bench_search.py's vectors)")
+        return
+    try:
+        size = estimate_bytes(m["index_type"], m["count"], m["dim"])
+    except ValueError:
+        size = None
+    line = f"index: {m['index_type']}{params} (--index_type) for {m['count']} vectors"
+    if size is not None:
+        line += f": ~{format_size(size)}"
+        if max_bytes and size > max_bytes:
+            line += f", above --max_index_memory {format_size(max_bytes)} (--index_type overrides the budget)"
+    print(line)
+
+
+# ----------------------------------------------------------------------------------------------- verify
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Every file of the live generation against its recorded size and SHA-256, every thumbnail, SQLite's
+    quick_check; exit 1 with one line naming the first file that differs."""
+    from clip2video.search.integrity import verify_index
+
+    t0 = time.perf_counter()
+    report = verify_index(args.index)
+    took = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(dict(report.__dict__, seconds=round(took, 3))))
+        return 0
+    changed = report.sources_changed
+    print(f"{args.index}: generation {report.generation} intact: {report.files} files ({report.bytes / 2**20:.1f} "
+          f"MiB) and {report.thumbnails} thumbnails match their checksums, SQLite quick_check ok ({took:.1f} s)")
+    if changed:
+        print(f"{args.index}: {changed} indexed video(s) changed or gone since the build; they are not served "
+              "until the next build")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- query
 def cmd_query(args: argparse.Namespace) -> int:
     from clip2video.search.index import SearchIndex
@@ -255,28 +373,45 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise UsageError(f"-k must be >= 1, got {args.k}")
     plan = plan_queries(args)  # texts, arithmetic, --image, --clip, --like, --queries_file: usage errors first
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, force=True)  # stdout carries the results
-    request = search_request(args)
-    index = SearchIndex.open(args.index, device=args.device, precision=args.precision)
+    index = SearchIndex.open(args.index, device=args.device, precision=args.precision,
+                             text_encoder=args.text_encoder)
+    try:
+        return _answer(index, args, plan)
+    finally:
+        index.close()
+
+
+def _answer(index, args: argparse.Namespace, plan) -> int:
     check_index_model(index, args)
+    request = search_request(args)
     if args.video is not None and args.video not in index.video_ids:
         raise UsageError(f"--video {args.video}: no such video in {args.index}")
     grouped = request.grouped(index) and args.video is None
-    results = answer(index, plan, request, start=args.start)
+    qb_on = index.qb is not None and not args.no_qb
+    results = answer(index, plan, request, qb=qb_on, start=args.start)
+    # QB-Norm is for captions only: --like, images, clips and arithmetic are never normalised
+    qbs = [qb_json(qb_on and q.text is not None, hits) for q, hits in zip(plan, results, strict=True)]
     labels = [dict(q.label, start=args.start) if q.like is not None and args.start is not None else q.label
               for q in plan]
     if args.json:
-        payload = [{"query": label, "results": [hit_dict(h, grouped) for h in hits]}
-                   for label, hits in zip(labels, results, strict=True)]
+        payload = [{"query": label, "qb_norm": qb, "results": [hit_dict(h, grouped) for h in hits]}
+                   for label, qb, hits in zip(labels, qbs, results, strict=True)]
         print(json.dumps(payload, ensure_ascii=False))
     else:
-        for q, hits in zip(plan, results, strict=True):
-            print(q.heading() + (f" at {_clock(args.start)}" if q.like is not None and args.start is not None
-                                 else ""))
+        for q, qb, hits in zip(plan, qbs, results, strict=True):
+            at = f" at {_clock(args.start)}" if q.like is not None and args.start is not None else ""
+            print(q.heading() + at + ("  [QB-Norm]" if qb["applied"] else ""))
             for r, h in enumerate(hits, 1):
                 print(f"  {r:3d}  {h.score:9.4f}  {h.video_id}  {_time_range(h.start, h.end)}  {h.path}")
                 for m in h.moments if grouped else ():
                     print(f"       {m.score:9.4f}  {'':{len(h.video_id)}s}  {_time_range(m.start, m.end)}")
     return 0
+
+
+def qb_json(enabled: bool, hits) -> dict:
+    """``{"enabled", "applied"}``: QB-Norm was on for the query, and its scores are normalised ones (its top
+    video is one that some bank caption ranks first; otherwise QB-Norm leaves the scores as they are)."""
+    return {"enabled": bool(enabled), "applied": bool(enabled and hits and hits[0].qb)}
 
 
 def _clock(x: float | None) -> str:
@@ -333,14 +468,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise UsageError(f"{out}: folder {out.parent} does not exist")
     index = SearchIndex.open(args.index)
-    rec = index.record(args.video_id)
-    if rec is None:
-        raise UsageError(f"--video_id {args.video_id}: no such video in {args.index}")
-    if out.exists() and out.resolve() == Path(rec.path).resolve():
-        raise UsageError(f"{out}: that is the indexed video itself")
     try:
-        clip = export_clip(rec.path, out, args.start, args.end, kind=rec.kind, fps=index.frame_rate(args.video_id),
-                           copy=args.copy, what=f"--video_id {args.video_id}")
+        rec = index.record(args.video_id)
+        if rec is None:
+            raise UsageError(f"--video_id {args.video_id}: no such video in {args.index}")
+        if out.exists() and out.resolve() == Path(rec.path).resolve():
+            raise UsageError(f"{out}: that is the indexed video itself")
+        fps = index.frame_rate(args.video_id)
+    finally:
+        index.close()
+    try:
+        clip = export_clip(rec.path, out, args.start, args.end, kind=rec.kind, fps=fps, copy=args.copy,
+                           what=f"--video_id {args.video_id}")
     except ExportError as e:
         raise UsageError(str(e)) from None
     print(f"wrote {clip.describe((args.start, args.end))}")

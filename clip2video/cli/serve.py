@@ -17,6 +17,7 @@ import time
 
 from clip2video.cli.common import UsageError, add_checkpoint_args, add_precision_arg, model_spec
 from clip2video.search.limits import ServerLimits
+from clip2video.search.text_encoder import FAST_EXTRA
 
 logger = logging.getLogger("clip2video.search.app")
 
@@ -58,6 +59,18 @@ def set_compute_threads(per_encode: int | None, encoders: int) -> int:
     return n
 
 
+def add_text_encoder_arg(p, default: str) -> None:
+    """``--text_encoder``: the runtime of the text tower (``search/text_encoder.py``)."""
+    from clip2video.search.text_encoder import TEXT_ENCODERS
+
+    p.add_argument("--text_encoder", default=default, choices=list(TEXT_ENCODERS),
+                   help="runtime of the text tower: torch (scores equal infer_retrieval.py --save_sim), onnx (ONNX "
+                        "Runtime, same vectors to ~1e-7, faster), openvino-bf16 (fastest; vectors within cosine "
+                        "0.9995 of fp32, scores not equal to --save_sim), torch-int8 / onnx-int8 (measured, not "
+                        "within that bound), auto (onnx when onnxruntime is installed, else torch). onnx and openvino "
+                        f"need the fast extra: {FAST_EXTRA} (default: {default})")
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``serve`` on ``search.py``'s subcommands, with the same model flags as ``query``."""
     d = ServerLimits()
@@ -83,8 +96,14 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="longest clip /api/clip cuts, in seconds")
     g.add_argument("--threads", type=int, default=None,
                    help="compute threads per query (default: cores / --max_concurrent_encodes)")
+    g.add_argument("--query_cache", default="16MB", metavar="SIZE",
+                   help="memory for the vectors of recent queries (LRU; e.g. 16MB, 0 for none)")
+    p.add_argument("--no_qb", action="store_true",
+                   help="answer with plain scores even when the index stores a query bank (a request's qb=1 "
+                        "still asks for QB-Norm)")
     p.add_argument("--device", default=None)
     add_precision_arg(p)
+    add_text_encoder_arg(p, default="auto")
     add_checkpoint_args(p)
     p.set_defaults(func=serve_main)
     return p
@@ -154,23 +173,34 @@ def serve_main(args: argparse.Namespace) -> int:
     limits = limits_of(args)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: must be from 0 to 65535")
+    from clip2video.search.index_choice import parse_size
+
+    try:
+        cache_bytes = parse_size(args.query_cache, allow_zero=True)
+    except ValueError as e:
+        raise UsageError(f"--query_cache {args.query_cache}: {e}") from None
     threads = set_compute_threads(args.threads, limits.max_concurrent_encodes)
-    index = SearchIndex.open(args.index, device=args.device, precision=args.precision)
+    # every file checked against its build's checksums before the first request (integrity.py): a server runs
+    # long, so the seconds of hashing are paid once, and a damaged index refuses to start
+    index = SearchIndex.open(args.index, device=args.device, precision=args.precision, verify=True,
+                             text_encoder=args.text_encoder, query_cache_bytes=cache_bytes)
     check_index_model(index, args)
     t0 = time.perf_counter()
     index.encode_text(["a warm-up query"])  # loads the text tower now, not on the first user's query
-    logger.info("model loaded in %.1f s; %d encoder(s) of %d thread(s)", time.perf_counter() - t0,
-                limits.max_concurrent_encodes, threads)
+    index.query_cache.clear()
+    logger.info("model loaded in %.1f s; text encoder %s; %d encoder(s) of %d thread(s)", time.perf_counter() - t0,
+                index.text_encoder.name, limits.max_concurrent_encodes, threads)
     loopback = is_loopback(args.host)
     if not loopback:
         logger.warning("listening on %s: anyone who can reach this address can search the index and fetch "
                        "its videos", args.host)
-    app = app_module.create_app(index, limits=limits, allowed_hosts=list(LOOPBACK_HOSTS) if loopback else None)
+    app = app_module.create_app(index, limits=limits, allowed_hosts=list(LOOPBACK_HOSTS) if loopback else None,
+                                qb_default=not args.no_qb)
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    server = uvicorn.Server(app_module.server_config(app, log_level="warning", access_log=False, lifespan="on"))
     stopped_by: list[int] = []
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the handler that was
     # there before; these make that second delivery a no-op, so a stop is a clean exit 0.
@@ -180,6 +210,7 @@ def serve_main(args: argparse.Namespace) -> int:
     logger.info("serving %d videos from %s at %s", len(index), args.index, url)
     server.run(sockets=[sock])
     sock.close()
+    index.close()
     why = signal.Signals(stopped_by[0]).name if stopped_by else "shutdown"
     print(f"stopped ({why})", file=sys.stderr, flush=True)
     return 0

@@ -29,14 +29,18 @@ class BatcherClosed(RuntimeError):
 
 
 def search_batch(index, texts: list[str], ks: list[Any]) -> list[list[Any]]:
-    """Encode ``texts`` in one pass and search them per distinct k (an int, or a hashable request such as
-    ``moments.SearchRequest``), so each answer is exactly what a query with that k alone returns (``index``:
-    the ``SearchIndex`` interface)."""
+    """Encode ``texts`` in one pass and search them per distinct k, so each answer is exactly what a query
+    with that k alone returns (``index``: the ``SearchIndex`` interface). A query's k may come as ``(k, qb)``,
+    ``qb`` saying whether QB-Norm applies to it (``SearchIndex.search(..., qb=)``); k is a number or a hashable
+    request (``moments.SearchRequest``: grouping, filters)."""
     vectors = index.encode_text(texts)
     out: list[list[Any]] = [[] for _ in texts]
-    for k in sorted(set(ks), key=lambda k: (getattr(k, "k", k), repr(k))):
-        rows = [i for i, kk in enumerate(ks) if kk == k]
-        for i, hits in zip(rows, index.search(vectors[rows], k), strict=True):
+    keys = [kk if isinstance(kk, tuple) else (kk, None) for kk in ks]
+    for key in sorted(set(keys), key=lambda kq: (getattr(kq[0], "k", kq[0]), repr(kq[0]), str(kq[1]))):
+        rows = [i for i, kk in enumerate(keys) if kk == key]
+        k, qb = key
+        found = index.search(vectors[rows], k) if qb is None else index.search(vectors[rows], k, qb=qb)
+        for i, hits in zip(rows, found, strict=True):
             out[i] = hits
     return out
 
@@ -45,7 +49,9 @@ class QueryBatcher:
     """Runs ``run(texts, ks) -> answers`` over batches of waiting queries, at most ``max_concurrent`` at once.
 
     Args:
-        run: answers a batch: one result per text, in order (``search_batch`` bound to an index).
+        run: answers a batch: one result per text, in order (``search_batch`` bound to an index). Queries
+            submitted with a ``target`` (the index generation a server request leased) are batched only with
+            queries of the same target, and ``run(texts, ks, target)`` is called for them.
         max_concurrent: batches running at once, each in its own thread.
         max_waiting: queries that may wait beyond those running; more get ``BusyError``.
         max_batch: queries taken into one batch.
@@ -62,7 +68,7 @@ class QueryBatcher:
         self.max_waiting = max_waiting
         self.max_batch = max_batch
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="encode")
-        self._pending: list[tuple[str, int, asyncio.Future]] = []
+        self._pending: list[tuple[str, int, asyncio.Future, Any]] = []
         self._in_flight = 0  # queries encoding or waiting
         self._runners: set[asyncio.Task] = set()
         self._closed = False
@@ -73,7 +79,7 @@ class QueryBatcher:
         """Queries submitted and not yet answered."""
         return self._in_flight
 
-    async def submit(self, text: str, k: int) -> Any:
+    async def submit(self, text: str, k: int | tuple[int, bool], target: Any = None) -> Any:
         """The answer to one query; BusyError when the bound is reached, BatcherClosed after ``shutdown``.
 
         An exception raised by ``run`` for the batch this query ran in is raised here (to every caller of
@@ -86,7 +92,7 @@ class QueryBatcher:
         self._in_flight += 1
         try:
             fut = asyncio.get_running_loop().create_future()
-            self._pending.append((text, k, fut))
+            self._pending.append((text, k, fut, target))
             if len(self._runners) < self.max_concurrent:
                 task = asyncio.ensure_future(self._drain())
                 self._runners.add(task)
@@ -99,23 +105,26 @@ class QueryBatcher:
         """Take whatever queries wait (up to ``max_batch``) and run them as one batch, until none wait."""
         loop = asyncio.get_running_loop()
         while self._pending and not self._closed:
-            batch = self._pending[: self.max_batch]
-            del self._pending[: self.max_batch]
+            target = self._pending[0][3]
+            batch, rest = [], []
+            for b in self._pending:
+                (batch if b[3] is target and len(batch) < self.max_batch else rest).append(b)
+            self._pending[:] = rest
             batch = [b for b in batch if not b[2].done()]  # a cancelled request (client gone)
             if not batch:
                 continue
             self.batches += 1
+            args = [[b[0] for b in batch], [b[1] for b in batch]] + ([] if target is None else [target])
             try:
-                results = await loop.run_in_executor(self._pool, self.run, [b[0] for b in batch],
-                                                     [b[1] for b in batch])
+                results = await loop.run_in_executor(self._pool, self.run, *args)
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch of {len(batch)} queries answered with {len(results)} results")
             except Exception as e:  # noqa: BLE001 - handed to each caller of this batch
-                for _, _, fut in batch:
+                for _, _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
-            for (_, _, fut), answer in zip(batch, results, strict=True):
+            for (_, _, fut, _), answer in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(answer)
 
@@ -123,7 +132,7 @@ class QueryBatcher:
         """Refuse new queries, fail the waiting ones with BatcherClosed, drop batches not yet started."""
         self._closed = True
         pending, self._pending = self._pending, []
-        for _, _, fut in pending:
+        for _, _, fut, _ in pending:
             if not fut.done():
                 fut.set_exception(BatcherClosed("the server is shutting down"))
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -215,34 +215,73 @@ def _search_params(index: SearchIndex, selector):
 
 
 # ----------------------------------------------------------------------------------------------- search
-def search_moments(index: SearchIndex, queries: np.ndarray, request: SearchRequest) -> list[list[Hit]]:
-    """Per query vector: grouped hits (each video once, with ``moments``) or segments as they rank."""
+class _Ranking:
+    """How one query's rows are scored: exact inner products ×logit scale, or, when the index stores a query
+    bank and the query is a caption, QB-Norm's scores of the whole row (``qb.py``; exact indexes)."""
+
+    def __init__(self, index: SearchIndex, q: np.ndarray, dense: np.ndarray | None = None, qb: bool = False):
+        self.index, self.q, self.dense, self.qb = index, q, dense, qb
+
+    def top(self, need: int, allowed: np.ndarray | None, n_allowed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``need`` allowed rows, best first (ties by row), with their scores."""
+        if self.dense is None:
+            rows, sc = top_rows(self.index, self.q, need, allowed, n_allowed)
+            return rows, sc.astype(np.float64) * self.index.logit_scale
+        return self.best_of(None if allowed is None else np.nonzero(allowed)[0], need)
+
+    def best_of(self, rows: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``n`` of ``rows`` (all when None), best first, with their scores."""
+        if self.dense is None:
+            r, sc = exact_top(self.index, self.q, rows, n)
+            return r, sc.astype(np.float64) * self.index.logit_scale
+        rows = np.arange(len(self.dense), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        sc = self.dense[rows]
+        if len(rows) > n:
+            keep = np.argpartition(-sc, n - 1)[:n]
+            rows, sc = rows[keep], sc[keep]
+        order = np.lexsort((rows, -sc))
+        return rows[order], sc[order]
+
+
+def search_moments(index: SearchIndex, queries: np.ndarray, request: SearchRequest,
+                   qb: bool | None = None) -> list[list[Hit]]:
+    """Per query vector: grouped hits (each video once, with ``moments``) or segments as they rank.
+
+    ``qb`` as in ``SearchIndex.search``: with a query bank on an exact index the rows are ranked by QB-Norm's
+    scores (the whole row normalised, then filtered and grouped); an approximate index's filtered, grouped or
+    segment queries are not normalised (``Hit.qb`` False).
+    """
     allowed = allowed_rows(index, request)
     n_allowed = index.n_rows if allowed is None else int(allowed.sum())
     if allowed is not None and n_allowed and allowed.all():
         allowed = None
+    dense = applied = None
+    if qb is not False and getattr(index, "qb", None) is not None and index.exact and n_allowed and len(queries):
+        dense, applied = index.qb_rows(queries)
     out = []
-    for q in queries:
+    for i, q in enumerate(queries):
+        rank = _Ranking(index, q, None if dense is None else dense[i], bool(applied[i]) if dense is not None
+                        else False)
         if request.k <= 0 or n_allowed == 0:
             out.append([])
         elif request.video_id is not None:
-            rows, sc = exact_top(index, q, None if allowed is None else np.nonzero(allowed)[0], request.k)
-            out.append([index.hit(int(r), float(s)) for r, s in zip(rows, sc, strict=True)])
+            rows, sc = rank.best_of(None if allowed is None else np.nonzero(allowed)[0], request.k)
+            out.append([index.hit(int(r), float(s), qb=rank.qb) for r, s in zip(rows, sc, strict=True)])
         elif not request.grouped(index):
-            rows, sc = top_rows(index, q, request.k, allowed, n_allowed)
-            out.append([index.hit(int(r), float(s)) for r, s in zip(rows, sc, strict=True)])
+            rows, sc = rank.top(request.k, allowed, n_allowed)
+            out.append([index.hit(int(r), float(s), qb=rank.qb) for r, s in zip(rows, sc, strict=True)])
         else:
-            out.append(_grouped(index, q, request, allowed, n_allowed))
+            out.append(_grouped(index, rank, request, allowed, n_allowed))
     return out
 
 
-def _grouped(index: SearchIndex, q: np.ndarray, request: SearchRequest, allowed: np.ndarray | None,
+def _grouped(index: SearchIndex, rank: _Ranking, request: SearchRequest, allowed: np.ndarray | None,
              n_allowed: int) -> list[Hit]:
     """Top-k videos by their best allowed segment; rows are fetched in growing numbers until k videos show up."""
     k = min(request.k, len(index.video_ids))
     need = min(n_allowed, 4 * k)
     while True:
-        rows, sc = top_rows(index, q, need, allowed, n_allowed)
+        rows, sc = rank.top(need, allowed, n_allowed)
         best: dict[int, tuple[int, float]] = {}
         for r, s in zip(rows.tolist(), sc.tolist(), strict=True):
             v = int(index.row_video[r])
@@ -253,11 +292,11 @@ def _grouped(index: SearchIndex, q: np.ndarray, request: SearchRequest, allowed:
         need = min(n_allowed, need * 4)
     hits = []
     for v, (r, s) in list(best.items())[:k]:
-        hits.append(index.hit(r, s, _moments(index, q, v, r, allowed, request.moments)))
+        hits.append(index.hit(r, s, _moments(index, rank, v, r, allowed, request.moments), qb=rank.qb))
     return hits
 
 
-def _moments(index: SearchIndex, q: np.ndarray, v: int, best: int, allowed: np.ndarray | None, n: int):
+def _moments(index: SearchIndex, rank: _Ranking, v: int, best: int, allowed: np.ndarray | None, n: int):
     """The next ``n`` best allowed segments of video ``v`` (its best one, row ``best``, left out), exactly."""
     if n <= 0:
         return ()
@@ -267,8 +306,8 @@ def _moments(index: SearchIndex, q: np.ndarray, v: int, best: int, allowed: np.n
         rows = rows[allowed[rows]]
     if not len(rows):
         return ()
-    r, s = exact_top(index, q, rows, n)
-    return tuple(Moment(float(index.starts[i]), float(index.ends[i]), float(x) * index.logit_scale)
+    r, s = rank.best_of(rows, n)
+    return tuple(Moment(float(index.starts[i]), float(index.ends[i]), float(x))
                  for i, x in zip(r.tolist(), s.tolist(), strict=True))
 
 

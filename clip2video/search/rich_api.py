@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from clip2video.dataloaders.frames import FrameError
 from clip2video.search.batcher import BatcherClosed, BusyError, QueryBatcher
-from clip2video.search.limits import ServerLimits
+from clip2video.search.limits import ServerLimits, strict_int
 from clip2video.search.query_parse import Part, QueryParseError, parse_query
 from clip2video.search.query_vectors import QueryEncoder, QueryInputError, check_image
 
@@ -172,10 +172,11 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     """The request body, refused (400) as soon as it is known to exceed ``max_bytes``."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        size = strict_int(declared.strip(), 18)  # the one integer parser (limits.py)
+        if size is None:
             raise bad_request("malformed Content-Length")
-        if int(declared) > max_bytes:
-            raise bad_request(f"request body of {int(declared)} bytes; the limit is {max_bytes}")
+        if size > max_bytes:
+            raise bad_request(f"request body of {size} bytes; the limit is {max_bytes}")
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
@@ -201,6 +202,7 @@ class RichSearch:
         self.limits = limits
         self._index = index
         self._encoder: QueryEncoder | None = None
+        self._last: tuple[Any, QueryEncoder] | None = None  # (index generation, its encoder)
         self.reading = 0  # POST bodies being read (they hold memory before they are queued)
         self.batcher = QueryBatcher(self._run, max_concurrent=limits.max_concurrent_encodes,
                                     max_waiting=limits.max_rich_waiting, max_batch=1)
@@ -211,15 +213,27 @@ class RichSearch:
             self._encoder = QueryEncoder(self._index, max_image_pixels=self.limits.max_image_pixels)
         return self._encoder
 
-    def _run(self, items: list[tuple[list[Part], dict[str, bytes]]], ks: list[int]) -> list[Any]:
-        return [self.encoder.search(parts, k, uploads) for (parts, uploads), k in zip(items, ks, strict=True)]
+    def encoder_for(self, index) -> QueryEncoder:
+        """The encoder of one index generation (a server follows new generations: ``live.py``)."""
+        if index is self._index:
+            return self.encoder
+        last = self._last
+        if last is None or last[0] is not index:
+            last = self._last = (index, QueryEncoder(index, max_image_pixels=self.limits.max_image_pixels))
+        return last[1]
+
+    def _run(self, items: list[tuple[list[Part], dict[str, bytes]]], ks: list[int], target: Any = None) -> list[Any]:
+        encoder = self.encoder if target is None else self.encoder_for(target.index)
+        return [encoder.search(parts, k, uploads) for (parts, uploads), k in zip(items, ks, strict=True)]
 
     def capacity_left(self) -> int:
         return self.limits.max_concurrent_encodes + self.limits.max_rich_waiting - self.batcher.in_flight \
             - self.reading
 
-    async def answer(self, parts: list[Part], k: int, uploads: dict[str, bytes] | None) -> list[Any]:
-        """Hits of parsed parts; ``uploads`` None for a ``GET`` (no image parts then)."""
+    async def answer(self, parts: list[Part], k: int, uploads: dict[str, bytes] | None,
+                     target: Any = None) -> list[Any]:
+        """Hits of parsed parts; ``uploads`` None for a ``GET`` (no image parts then). ``target``: the index
+        generation a server request leased (``live.Served``), searched instead of the one given at start."""
         if uploads is None:
             named = [p for p in parts if p.kind in ("image", "clip")]
             if named:
@@ -227,7 +241,7 @@ class RichSearch:
                                   "images with POST /api/search (multipart/form-data)")
             uploads = {}
         try:
-            return await self.batcher.submit((parts, uploads), k)
+            return await self.batcher.submit((parts, uploads), k, target)
         except (BusyError, BatcherClosed) as e:
             raise HTTPException(503, str(e)) from None
         except (QueryInputError, QueryParseError, FrameError) as e:
@@ -237,9 +251,15 @@ class RichSearch:
         self.batcher.shutdown()
 
 
-def rich_routes(rich: RichSearch, records, limits: ServerLimits, *, parse_k: Callable, hit_json: Callable,
+#: a rich query's answer about QB-Norm: never applied (the bank holds captions; arithmetic, images and clips are
+#: not one), so that every ``/api/search`` answer has the same keys
+NO_QB = {"enabled": False, "applied": False}
+
+
+def rich_routes(rich: RichSearch, live, limits: ServerLimits, *, parse_k: Callable, hit_json: Callable,
                 ms_since: Callable[[float], float]) -> APIRouter:
-    """``POST /api/search`` (``app.py`` passes its ``k`` parser and result formatter)."""
+    """``POST /api/search`` (``app.py`` passes the index it serves (``live.LiveIndex``: a request searches the
+    generation it leased, with that generation's record cache), its ``k`` parser and result formatter)."""
     r = APIRouter()
     max_body = limits.max_upload_files * limits.max_upload_bytes + 4 * limits.max_query_chars + FIELD_SLACK_BYTES
 
@@ -285,11 +305,12 @@ def rich_routes(rich: RichSearch, records, limits: ServerLimits, *, parse_k: Cal
             parts = [Part(1.0, "image", n) for n in form.files]
         else:
             raise bad_request("give q or upload an image")
-        hits = await rich.answer(parts, k, form.files)
-        return {"query": q, "parts": [p.to_dict() for p in parts], "k": k, "took_ms": ms_since(t0),
-                "results": [hit_json(h, records) for h in hits]}
+        with live.use() as g:
+            hits = await rich.answer(parts, k, form.files, g)
+            return {"query": q, "parts": [p.to_dict() for p in parts], "k": k, "took_ms": ms_since(t0),
+                    "qb_norm": NO_QB, "results": [hit_json(h, g.extra) for h in hits]}
 
     return r
 
 
-__all__ = ["Form", "RichSearch", "form_boundary", "parse_form", "parse_q", "read_body", "rich_routes"]
+__all__ = ["NO_QB", "Form", "RichSearch", "form_boundary", "parse_form", "parse_q", "read_body", "rich_routes"]

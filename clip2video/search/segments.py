@@ -294,13 +294,14 @@ def _frames_of(kind: str, path: str, fps: float, wanted: list[int] | None, image
 
 
 def stream_segments(kind: str, path: str, *, settings: SegmentSettings, fps: float, max_frames: int,
-                    framerate: int, image_size: int, mode: str, thumb: Callable[[int, np.ndarray], str | None],
+                    framerate: int, image_size: int, mode: str, thumb: Callable[[int, np.ndarray], Any],
                     threads: int = 1, chunk: int = CHUNK_FRAMES) -> Iterator[dict[str, Any]]:
     """Read one video for its segments; yields messages for :class:`SegmentEncoder`.
 
     ``{"kind": "start", "duration", "frames"}``, then ``{"kind": "segments", "segments": [Segment]}`` before
     the frames those segments sample, ``{"kind": "frames", "ks", "frames" (n, 3, S, S), "thumbs": {k: path},
-    "seconds"}`` in frame order, and ``{"kind": "end"}``. ``thumb(k, rgb)`` writes frame k's thumbnail.
+    "seconds"}`` in frame order, and ``{"kind": "end"}``. ``thumb(k, rgb)`` writes frame k's thumbnail and
+    returns what the index records of it (None: no thumbnail).
 
     Raises:
         FrameError (a ValueError): the video cannot be read or is too short to sample.

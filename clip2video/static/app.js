@@ -26,6 +26,9 @@ function el(tag, cls, text) {
   return e;
 }
 
+// QB-Norm's normalised scores are small positive numbers: keep their significant digits
+const fmtScore = (s) => (Math.abs(s) >= 1 ? s.toFixed(3) : s.toPrecision(3));
+
 // Times as the command line prints them: m:ss.s
 function clock(t) {
   if (t === null || t === undefined || !isFinite(t)) return "?";
@@ -64,7 +67,7 @@ function render(results) {
     const meta = el("div", "meta");
     const vid = el("span", "vid", r.video_id);
     vid.title = r.video_id;
-    meta.append(el("span", "rank", `${i + 1}.`), vid, el("span", "score", r.score.toFixed(3)));
+    meta.append(el("span", "rank", `${i + 1}.`), vid, el("span", "score", fmtScore(r.score)));
     const tools = el("div", "tools");
     const range = el("span", "range", r.start !== null && r.start !== undefined ? rangeLabel(r.start, r.end) : "");
     range.dataset.start = String(r.start);
@@ -89,7 +92,7 @@ function render(results) {
     if (r.moments && r.moments.length) {
       const more = el("div", "moments");
       for (const m of r.moments) {
-        more.append(button("moment", rangeLabel(m.start, m.end), `score ${m.score.toFixed(3)}`,
+        more.append(button("moment", rangeLabel(m.start, m.end), `score ${fmtScore(m.score)}`,
           () => openViewer({ ...r, start: m.start, end: m.end, score: m.score })));
       }
       card.append(more);
@@ -128,7 +131,8 @@ async function run() {
       setStatus("searching …");
       const only = p.get("video_id") ? `&video_id=${encodeURIComponent(p.get("video_id"))}` : "";
       body = await api(`/api/search?q=${encodeURIComponent(p.get("q"))}&k=${k}${only}`);
-      setStatus(`${body.results.length} results · ${body.took_ms.toFixed(1)} ms`);
+      const qb = body.qb_norm && body.qb_norm.applied ? " · QB-Norm scores" : "";
+      setStatus(`${body.results.length} results · ${body.took_ms.toFixed(1)} ms${qb}`);
     } else {
       if (!state.image) { $("results").replaceChildren(); setStatus(""); }
       return;
@@ -245,7 +249,7 @@ function drawTimeline() {
 async function openViewer(r) {
   state.current = r;
   const where = r.start !== null && r.start !== undefined ? `  ${rangeLabel(r.start, r.end)}` : "";
-  $("viewer-title").textContent = `${r.video_id}${where}  (${r.score.toFixed(3)})`;
+  $("viewer-title").textContent = `${r.video_id}${where}  (${fmtScore(r.score)})`;
   const player = $("player");
   stopFlip();
   $("viewer").hidden = false;

@@ -19,10 +19,12 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.resources
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import lru_cache
 from itertools import pairwise
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,9 +39,68 @@ PAD_ID = 0
 VOCAB_SIZE = END_ID + 1  # the rows of CLIP's token embedding
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+# Memo sizes in bytes (estimated): a word memo holds a caption set's vocabulary (MSR-VTT's ~30k words take
+# ~3 MB); a caption memo is a convenience for training epochs. Both are LRU, so a server fed endless distinct
+# queries keeps a bounded footprint instead of growing by every query (measured in tests/test_reliability.py).
+WORD_MEMO_BYTES = 4 << 20
+CAPTION_MEMO_BYTES = 4 << 20
 _N_MERGES = 49152 - 256 - 2  # CLIP uses the first 48,894 merges of the file (after its header line)
 _SPECIAL = ("<start_of_text>", "<end_of_text>")
 _WORD_END = "</w>"
+
+
+class ByteLRU:
+    """A dict-like memo bounded by an estimate of its size in bytes, least recently used entries dropped first.
+
+    Thread-safe (the server encodes queries in several threads). ``cost(key, value)`` estimates one entry's
+    bytes: keys are str, values tuples/lists of small ints here, so the default counts the key's characters,
+    8 bytes per element and CPython's per-object overheads (checked against ``tracemalloc`` in the tests).
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._data: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable for DataLoader workers: the lock is made anew
+        with self._lock:
+            return {"max_bytes": self.max_bytes, "bytes": self.bytes, "_data": OrderedDict(self._data)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def cost(key: str, value: Sequence[int]) -> int:
+        return 300 + len(key) * (1 if key.isascii() else 4) + 8 * len(value)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            got = self._data.get(key)
+            if got is None:
+                return None
+            self._data.move_to_end(key)
+            return got[0]
+
+    def put(self, key: str, value: Any) -> None:
+        size = self.cost(key, value)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            self._data[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self._data.popitem(last=False)
+                self.bytes -= dropped
 
 
 def _vocab_path() -> Traversable:
@@ -83,8 +144,10 @@ class _ByteBPE:
         self._id = {s: i for i, s in enumerate(symbols)}
         self._symbol = symbols
         self._rank = {m: r for r, m in enumerate(merges)}
-        # a raw pre-token -> its ids; seeded with the special tokens, which the regex keeps whole
-        self._memo: dict[str, tuple[int, ...]] = {s: (self._id[s],) for s in _SPECIAL}
+        # a raw pre-token -> its ids (LRU, bounded in bytes); the special tokens, which the regex keeps whole,
+        # are answered before it
+        self._specials: dict[str, tuple[int, ...]] = {s: (self._id[s],) for s in _SPECIAL}
+        self._memo = ByteLRU(WORD_MEMO_BYTES)
         self._split = regex.compile(
             "|".join(_SPECIAL) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
             regex.IGNORECASE,
@@ -119,15 +182,19 @@ class _ByteBPE:
             parts = merged
         return tuple(self._id[p] for p in parts)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """BPE ids of ``text``; with ``limit``, the pre-tokens after the first ``limit`` ids are not merged
+        (the ids returned then start with the same ``limit`` ids as the full encoding, which is all a caption
+        cut to ``max_words`` uses; a 1,000-character query then costs a few words' merging)."""
         ids: list[int] = []
-        memo = self._memo
+        memo, specials = self._memo, self._specials
         for token in self._split(self.clean(text)):
-            got = memo.get(token)
+            if limit is not None and len(ids) >= limit:
+                break
+            got = specials.get(token) or memo.get(token)
             if got is None:
                 got = self._merge(token)
-                if len(memo) < 1_000_000:
-                    memo[token] = got
+                memo.put(token, got)
             ids.extend(got)
         return ids
 
@@ -157,19 +224,23 @@ class ClipTokenizer:
         if max_words < 2:
             raise ValueError(f"max_words must be >= 2 (start + end token), got {max_words}")
         self.max_words = max_words
-        self._cache: dict[str, list[int]] = {}
+        self._cache = ByteLRU(CAPTION_MEMO_BYTES)  # caption -> its first max_words - 2 ids
 
     def bpe_ids(self, caption: str) -> list[int]:
-        """BPE ids of a caption without start/end tokens (memoised: captions repeat across epochs)."""
+        """BPE ids of a caption without start/end tokens (all of them, not memoised)."""
+        return _bpe().encode(caption)
+
+    def _words(self, caption: str) -> tuple[int, ...]:
+        """The caption's first ``max_words - 2`` BPE ids (memoised: captions repeat across epochs)."""
         ids = self._cache.get(caption)
         if ids is None:
-            ids = _bpe().encode(caption)
-            if len(self._cache) < 1_000_000:
-                self._cache[caption] = ids
+            n = self.max_words - 2
+            ids = tuple(_bpe().encode(caption, limit=n)[:n])
+            self._cache.put(caption, ids)
         return ids
 
     def __call__(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
-        words = self.bpe_ids(caption)[: self.max_words - 2]
+        words = self._words(caption)
         seq = [START_ID, *words, END_ID]
         ids = np.full(self.max_words, PAD_ID, dtype=np.int64)
         mask = np.zeros(self.max_words, dtype=np.int64)
