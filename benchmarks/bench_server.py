@@ -132,10 +132,12 @@ def make_model_and_embeddings_subprocess(work: Path, n: int, clusters: int, env:
 
 
 def rss_kb(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM in kB, and the number of threads (each thread that allocates may hold a malloc arena)."""
+    """VmRSS and VmHWM in kB, its parts RssAnon (heap: what the process allocated) and RssFile (file pages mapped
+    in: the memory-mapped vector shards that re-scoring reads, which the kernel may drop at any time), and the
+    number of threads (each thread that allocates may hold a malloc arena)."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:", "Threads:")):
+        if line.startswith(("VmRSS:", "VmHWM:", "Threads:", "RssAnon:", "RssFile:")):
             out[line.split(":")[0]] = int(line.split()[1])
     return out
 
@@ -315,11 +317,16 @@ def main() -> int:
               f"{r['errors']}{' ' + str(r['error_statuses']) if r['error_statuses'] else ''} |")
     mb = 1024
     growth = (mem2["VmRSS"] - mem_warm["VmRSS"]) / mem_warm["VmRSS"]
+    anon_growth = (mem2["RssAnon"] - mem_warm["RssAnon"]) / mem_warm["RssAnon"]
     print(f"\nserver RSS: {mem0['VmRSS'] / mb:.0f} MiB before the load, {mem_warm['VmRSS'] / mb:.0f} MiB after one "
           f"client, then {mem1['VmRSS'] / mb:.0f} / {mem_sim['VmRSS'] / mb:.0f} / {mem2['VmRSS'] / mb:.0f} MiB after "
           f"the {args.seconds:.0f}-s /api/search, /api/similar, /api/health phases: {100 * growth:+.1f} % over the "
           f"three (peak {mem2['VmHWM'] / mb:.0f} MiB); threads {mem_warm['Threads']} / {mem1['Threads']} / "
           f"{mem_sim['Threads']} / {mem2['Threads']}; server exit code after SIGTERM: {rc}")
+    print(f"  of which heap (RssAnon): {mem_warm['RssAnon'] / mb:.0f} → {mem1['RssAnon'] / mb:.0f} / "
+          f"{mem_sim['RssAnon'] / mb:.0f} / {mem2['RssAnon'] / mb:.0f} MiB ({100 * anon_growth:+.1f} %); mapped files "
+          f"(RssFile, the vector shards): {mem_warm['RssFile'] / mb:.0f} → {mem1['RssFile'] / mb:.0f} / "
+          f"{mem_sim['RssFile'] / mb:.0f} / {mem2['RssFile'] / mb:.0f} MiB")
     load1 = os.getloadavg()
     print(f"load average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     errors = sum(r["errors"] for _, r in rows)
@@ -327,7 +334,8 @@ def main() -> int:
                "baseline": {"requests": len(direct), "p50_ms": d50, "p99_ms": d99, "encode_p50_ms": e50},
                "batched_limit_qps": limit_qps, "phases": {name: r for name, r in rows},
                "rss_kb": {"before": mem0, "after_one_client": mem_warm, "after_search": mem1, "after_similar": mem_sim,
-                          "end": mem2}, "rss_growth": growth, "load_before": load0, "load_after": load1,
+                          "end": mem2}, "rss_growth": growth, "rss_anon_growth": anon_growth,
+               "load_before": load0, "load_after": load1,
                "exit_code": rc}
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
@@ -336,7 +344,8 @@ def main() -> int:
     print(f"{args.clients} clients: {many['rps']:.1f} req/s on /api/search = {100 * many['rps'] / limit_qps:.0f} % of "
           f"the in-process batched limit ({limit_qps:.1f}/s), {many['rps'] / one['rps']:.2f}x one client "
           f"({one['rps']:.1f}){unb}; p50 {many['p50_ms']:.0f} ms, p99 {many['p99_ms']:.0f} ms; errors {errors}; "
-          f"RSS {100 * growth:+.1f} % over the three phases; 1-client p50 {one['p50_ms']:.1f} ms vs in-process "
+          f"RSS {100 * growth:+.1f} % over the three phases (heap {100 * anon_growth:+.1f} %); "
+          f"1-client p50 {one['p50_ms']:.1f} ms vs in-process "
           f"{d50:.1f} ms (HTTP + JSON +{one['p50_ms'] - d50:.1f} ms); text runtime {runtime}")
     return 1 if errors or rc != 0 else 0
 
