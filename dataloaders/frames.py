@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import warnings
+from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
@@ -267,6 +269,38 @@ def _decode_rgb_bytes(data: bytes, image_size: int, mode: str) -> np.ndarray:
         return np.asarray(rgb, dtype=np.uint8)
 
 
+def read_frame_rgb(path: str | os.PathLike, image_size: int = 224, mode: str = "exact") -> np.ndarray:
+    """One frame file → (H, W, 3) uint8 RGB, the pixels :func:`preprocess_image` resizes (for thumbnails and
+    shot detection of the same decode).
+
+    Raises:
+        FrameError: the file is missing or not a readable image.
+    """
+    path = os.fspath(path)
+    return _guarded(lambda: _decode_rgb(path, image_size, mode), path)
+
+
+def _guarded(fn, name: str):
+    """``fn()``, its decoding errors as one FrameError line naming ``name``."""
+    try:
+        return fn()
+    except FileNotFoundError:
+        raise FrameError(f"{name}: frame file does not exist") from None
+    except UnidentifiedImageError:
+        raise FrameError(f"{name}: not a readable image") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated/corrupt data surfaces as OSError in PIL
+        raise FrameError(f"{name}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+
+
+def preprocess_rgb(rgb: np.ndarray, image_size: int = 224, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB → (3, S, S) float32 normalised as CLIP expects (the resize of every reader)."""
+    if out is None:
+        out = torch.empty((3, image_size, image_size), dtype=torch.float32)
+    resize_crop_array(rgb, image_size, lut=_normalise_lut(), out=out.numpy())
+    return out
+
+
 def preprocess_image(path: str | os.PathLike, image_size: int = 224, mode: str = "exact",
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """One frame file → (3, S, S) float32, normalised as CLIP expects.
@@ -308,19 +342,11 @@ def _preprocess(decode, name: str, image_size: int, mode: str, out: torch.Tensor
     """Decode (``decode()`` → RGB array), resize, crop and normalise into ``out``; FrameError naming ``name``."""
     if mode not in MODES:
         raise ValueError(f"image mode must be one of {MODES}, got {mode!r}")
-    try:
-        rgb = decode()
-        if out is None:
-            out = torch.empty((3, image_size, image_size), dtype=torch.float32)
-        resize_crop_array(rgb, image_size, lut=_normalise_lut(), out=out.numpy())
-    except FileNotFoundError:
-        raise FrameError(f"{name}: frame file does not exist") from None
-    except UnidentifiedImageError:
-        raise FrameError(f"{name}: not a readable image") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated/corrupt data surfaces as OSError in PIL
-        raise FrameError(f"{name}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
-            from None
-    return out
+
+    def run() -> torch.Tensor:
+        return preprocess_rgb(decode(), image_size, out)
+
+    return _guarded(run, name)
 
 
 def load_video(
@@ -401,10 +427,40 @@ def load_video_file(
     frames[len(pixels):].zero_()  # padding: all-zero slots, mask 0
     mask = torch.zeros(max_frames, dtype=torch.int64)
     mask[: len(pixels)] = 1
-    lut = _normalise_lut()
     for slot, rgb in enumerate(pixels):
-        resize_crop_array(rgb, image_size, lut=lut, out=frames[slot].numpy())
+        preprocess_rgb(rgb, image_size, out=frames[slot])
     return frames, mask, [f"{int(p) + 1:08d}" for p in pos]
+
+
+# ------------------------------------------------------------------------------------------------ segments
+# A segment [s, e) of a video is the short video made of the output frames k (of an extraction at ``fps``:
+# file k+1 of a frame folder, output frame k of a video file) whose time k/fps lies in [s, e); it is sampled
+# among those frames exactly as a whole video is (``sample_positions``). So a segment's vector is the vector a
+# frame folder holding just those frames gets, whichever way the frames were read.
+
+
+def segment_frames(start: float | Fraction, end: float | Fraction, fps: float | Fraction,
+                   n_frames: int) -> tuple[int, int]:
+    """``[first, stop)``: the output frames k with ``start <= k/fps < end`` among ``n_frames`` (exact rationals,
+    so a boundary that falls on a frame's time is never rounded to its neighbour)."""
+    f = _rational(fps)
+    first = max(0, math.ceil(_rational(start) * f))
+    stop = min(int(n_frames), math.ceil(_rational(end) * f))
+    return first, max(first, stop)
+
+
+def segment_positions(first: int, stop: int, framerate: int, max_frames: int) -> np.ndarray:
+    """Output frames sampled for the segment holding frames ``[first, stop)``: the whole-video rule on them.
+
+    Raises:
+        FrameError: fewer frames than ``framerate`` (nothing to sample).
+    """
+    return int(first) + sample_positions(int(stop) - int(first), framerate, max_frames)
+
+
+def _rational(x: float | Fraction) -> Fraction:
+    # the same exact conversion the decoder times frames with (2.3 → 23/10, not 2.29999...)
+    return x if isinstance(x, Fraction) else Fraction(x).limit_denominator(1_000_000)
 
 
 def check_video_file(path: str | os.PathLike, *, fps: float = DEFAULT_VIDEO_FPS, framerate: int = 1,
@@ -446,8 +502,12 @@ __all__ = [
     "load_video_file",
     "preprocess_image",
     "preprocess_image_bytes",
+    "preprocess_rgb",
+    "read_frame_rgb",
     "resize_crop",
     "resize_crop_array",
     "resize_geometry",
     "sample_positions",
+    "segment_frames",
+    "segment_positions",
 ]

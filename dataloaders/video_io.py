@@ -29,6 +29,7 @@ nothing here returns a black or made-up frame.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import os
 from collections import OrderedDict
@@ -425,6 +426,59 @@ def _decode_in_order(container, stream, targets: set[int], got: dict, path: Path
     raise VideoReadError(f"{path}: decodes to fewer frames than it holds (truncated or corrupt)")
 
 
+def source_frames(path: str | os.PathLike, first: int, stop: int, *, index: VideoIndex | None = None,
+                  threads: int = 1) -> Iterator[tuple[int, av.VideoFrame]]:
+    """``(i, frame)`` for the source frames at positions ``[first, stop)`` of ``index.pts``, in order, decoded
+    from the keyframe before ``first`` (one seek) and handed over one at a time (for cutting clips: the
+    frames go straight to an encoder, a long clip is never held).
+
+    Raises:
+        VideoReadError: the file cannot be opened or a frame of the range cannot be decoded.
+    """
+    path = Path(path)
+    index = index or probe(path)
+    if not 0 <= first < stop <= index.n_source:
+        raise VideoReadError(f"{path}: source frames [{first}, {stop}) asked for, the video holds {index.n_source}")
+    container, stream = _open(path, threads)
+    try:
+        if not index.timed:  # no timestamps: decode from the start, frames numbered in order
+            for i, frame in enumerate(container.decode(stream)):
+                if i >= first:
+                    yield i, frame
+                if i + 1 >= stop:
+                    return
+            raise VideoReadError(f"{path}: decodes to fewer frames than it holds (truncated or corrupt)")
+        target, last = index.pts[first], index.pts[stop - 1]
+        for _key_pts, seek_to in _seek_points(index, target):
+            container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
+            frames = container.decode(stream)
+            head = next((f for f in frames if f.pts is not None), None)
+            if head is None or head.pts > target:
+                continue  # the seek landed after the first frame wanted: an earlier keyframe
+            for frame in itertools.chain([head], frames):
+                pts = frame.pts  # read before handing the frame out: the caller may restamp it
+                if pts is None or pts < target:
+                    continue
+                i = bisect.bisect_left(index.pts, pts)
+                if i >= len(index.pts) or index.pts[i] != pts:
+                    continue
+                yield i, frame
+                if pts >= last:
+                    return
+            break
+        raise VideoReadError(f"{path}: the frames from {float((target - index.pts[0]) * index.time_base):.3f}s "
+                             "cannot be decoded (truncated or corrupt)")
+    except (av.error.FFmpegError, OSError) as e:
+        raise _decode_error(path, e, "a clip's frames") from None
+    finally:
+        container.close()
+
+
+def frame_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a decoded frame, upright (as every reader here sees it)."""
+    return _to_rgb(frame)
+
+
 class FrameResampler:
     """Iterate over the BGR frames of a video at ``fps`` frames per second, decoding the file once (extraction).
 
@@ -475,21 +529,35 @@ class FrameResampler:
         self.warnings: list[str] = []
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        for _, frame in self.outputs():
+            yield frame
+
+    def outputs(self, wanted: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(k, frame)`` for the output frames ``k`` in ``wanted`` (all when None), in order, in one decoding pass.
+
+        Only the wanted outputs are converted to RGB, and decoding stops after the last one: a long video whose
+        segments need a few frames per second is read once, front to back, holding one frame at a time.
+        """
         index = probe(self.path, fallback_fps=self.fallback_fps, allow_truncated=self.allow_truncated)
         self.warnings = list(index.warnings)
         self.source_fps = index.rate or self.fallback_fps
         self.fps_known = index.timed or bool(index.rate)
         self.reported_frames = index.header_frames
         n_out = index.n_output(self.fps)
+        want = None if wanted is None else {int(k) for k in wanted if 0 <= int(k) < n_out}
+        if want is not None and not want:
+            return
         container, stream = _open(self.path, self.threads)
         try:
-            yield from self._frames(container, stream, index, n_out)
+            yield from self._frames(container, stream, index, n_out, want)
         finally:
             container.close()
 
-    def _frames(self, container, stream, index: VideoIndex, n_out: int) -> Iterator[np.ndarray]:
+    def _frames(self, container, stream, index: VideoIndex, n_out: int,
+                want: set[int] | None) -> Iterator[tuple[int, np.ndarray]]:
         k = 0  # next output frame; it shows source frame index.source_of(k)
         due = index.source_of(0, self.fps)
+        stop = n_out if want is None else max(want) + 1  # outputs after the last wanted one are not decoded
         try:
             for i, frame in enumerate(container.decode(stream)):
                 if index.timed:
@@ -506,15 +574,18 @@ class FrameResampler:
                                          "(truncated or corrupt)")
                 if pos < due:
                     continue
-                out = _to_rgb(frame)
-                if self.bgr:
-                    out = np.ascontiguousarray(out[..., ::-1])
+                out = None
                 while k < n_out and due == pos:
-                    self.written += 1
+                    if want is None or k in want:
+                        if out is None:
+                            out = _to_rgb(frame)
+                            if self.bgr:
+                                out = np.ascontiguousarray(out[..., ::-1])
+                        self.written += 1
+                        yield k, out
                     k += 1
-                    yield out
                     due = index.source_of(k, self.fps) if k < n_out else index.n_source
-                if k >= n_out:
+                if k >= stop:
                     return
         except (av.error.FFmpegError, OSError) as e:
             err = _decode_error(self.path, e, f"past frame {self.decoded_frames}")

@@ -221,6 +221,104 @@ def test_search_page(page_index, tmp_path):
     assert not outside, outside
 
 
+@pytest.fixture(scope="module")
+def moments_index(tmp_path_factory, tiny_ckpt):
+    """A real index of segments (tiny random model) over a 9.6 s H.264 file joined from synthetic clips."""
+    from clip2video.cli import search
+    from clip2video.dataloaders.synthetic import make_synthetic_dataset
+    from clip2video.dataloaders.video_io import encode_video, read_frames
+    from clip2video.search.index import SearchIndex
+
+    root = tmp_path_factory.mktemp("page-moments")
+    make_synthetic_dataset(root / "clips", n_videos=6, seed=2, size=64, n_frames=16, fps=10, write="mp4",
+                           splits=(0.0, 0.0, 1.0))
+    frames = [f[..., ::-1] for p in sorted((root / "clips" / "videos").glob("*.mp4")) for f in read_frames(p)]
+    (root / "videos").mkdir()
+    encode_video(root / "videos" / "long.mp4", frames, fps=10, gop=10)
+    argv = ["build", "--features_path", str(root / "videos"), "--index", str(root / "ix"), "--checkpoint",
+            str(tiny_ckpt.parent), "--model_num", "1", "--max_words", "16", "--max_frames", "6", "--num_thread_reader",
+            "0", "--device", "cpu", "--no_progress", "--segment_seconds", "2"]
+    assert search.main(argv) == 0
+    return SearchIndex.open(root / "ix")
+
+
+def _clock(t: float) -> str:
+    m, s = divmod(t, 60.0)
+    return f"{int(m)}:{s:04.1f}"
+
+
+def test_moments_on_the_page(moments_index):
+    from clip2video.search.moments import SearchRequest
+
+    index = moments_index
+    query = "a red square moves left"
+    (want,) = index.search(index.encode_text([query]), SearchRequest(20))
+    assert want[0].start is not None and want[0].moments
+    with ServerThread(create_app(index)) as srv, sync_api.sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1200, "height": 720})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(srv.url + "/")
+        page.fill("#q", query)
+        page.press("#q", "Enter")
+        page.wait_for_selector(".result .range")
+        labels = page.eval_on_selector_all(".result .range", "els => els.map(e => e.textContent)")
+        assert labels == [f"{_clock(h.start)}–{_clock(h.end)}" for h in want]  # the start–end label
+        chips = page.eval_on_selector_all(".result:first-child .moment", "els => els.map(e => e.textContent)")
+        assert chips == [f"{_clock(m.start)}–{_clock(m.end)}" for m in want[0].moments]
+        href = page.get_attribute(".result:first-child a.clip", "href")
+        assert href == f"/api/clip?video_id=long&start={want[0].start:g}&end={want[0].end:g}"
+
+        # the player opens at the moment's start and marks its range on the timeline
+        page.click(".result:first-child .strip")
+        started = wait_js(page, "document.getElementById('player').dataset.startedAt", timeout=20000)
+        assert float(started) == pytest.approx(want[0].start, abs=0.05)
+        duration = page.evaluate("document.getElementById('player').duration")
+        assert duration == pytest.approx(9.6, abs=0.1)
+        left = page.evaluate("parseFloat(document.getElementById('tl-range').style.left)")
+        width = page.evaluate("parseFloat(document.getElementById('tl-range').style.width)")
+        assert left == pytest.approx(100 * want[0].start / duration, abs=0.5)
+        assert width == pytest.approx(100 * (want[0].end - want[0].start) / duration, abs=0.5)
+        page.click("#viewer-close")
+
+        # a further moment of the same video opens at its own start
+        page.click(".result:first-child .moment >> nth=0")
+        started = wait_js(page, "document.getElementById('player').dataset.startedAt", timeout=20000)
+        assert float(started) == pytest.approx(want[0].moments[0].start, abs=0.05)
+        page.click("#viewer-close")
+
+        # "more like this" from the moment: the moment and those overlapping it are left out
+        page.click(".result:first-child button.like")
+        wait_js(page, "location.hash.includes('like=long') && location.hash.includes('start=')")
+        wait_js(page, "document.getElementById('status').textContent.includes('videos like long at')"
+                      " && document.getElementById('status').textContent.includes(' ms')")
+        got = page.eval_on_selector_all(".result .range", "els => els.map(e => [Number(e.dataset.start), "
+                                                          "Number(e.dataset.end)])")
+        assert got and all(not (s < want[0].end and e > want[0].start) for s, e in got)
+
+        # the filter for one video
+        page.fill("#q", query)
+        page.press("#q", "Enter")
+        page.wait_for_selector(".result button.only")
+        page.click(".result:first-child button.only")
+        wait_js(page, "location.hash.includes('video_id=long')")
+        wait_js(page, "!document.getElementById('scope').hidden")
+        assert page.inner_text("#scope-label") == "in long"
+        wait_js(page, "document.getElementById('status').textContent.includes('results ·')")
+        # the one-video answer replaces the grouped list once it arrives (a loaded machine can show the status
+        # of the previous render first): wait for the list to change, then check it holds that video's segments
+        n_want = min(20, index.n_rows)
+        wait_js(page, f"document.querySelectorAll('.result .vid').length === {n_want}")
+        ids = page.eval_on_selector_all(".result .vid", "els => els.map(e => e.textContent)")
+        assert ids and set(ids) == {"long"} and len(ids) == n_want
+        page.click("#scope-clear")
+        wait_js(page, "!location.hash.includes('video_id')")
+        browser.close()
+    assert srv.stopped_cleanly
+    assert not errors, errors
+
+
 # ----------------------------------------------------------------------------------------------- image queries
 @pytest.fixture(scope="module")
 def image_index(tmp_path_factory):

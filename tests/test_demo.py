@@ -151,3 +151,34 @@ def test_every_variant_left_a_validation_checkpoint(demo):
         run = demo["out"] / "runs" / v
         assert (run / "best.pt").is_file() and (run / "test_metrics.json").is_file()
         assert not list(run.glob("pytorch_model.bin.*"))  # the demo trains with --no_export
+
+
+def test_moments_step_finds_ranges_in_the_long_video(demo):
+    """The long video is the chosen test clips end to end; each printed "found" range is the segment index's top
+    hit for that caption, each "true range" is where that clip lies, and the IoU is computed from the two."""
+    from clip2video.dataloaders.video_io import probe
+    from clip2video.search.index import SearchIndex
+
+    mod, out, rset, meta = demo["mod"], demo["out"], demo["rset"], demo["meta"]
+    clips = mod.long_video_clips(rset, meta)
+    assert len({meta[v]["captions"][0] for v in clips}) == len(clips) >= 2
+    assert all(meta[b]["twin"] != a for a, b in zip(clips, clips[1:], strict=False))
+    lengths = [float(probe(out / "synthetic" / "videos" / f"{v}.mp4").duration) for v in clips]
+    assert float(probe(out / "long" / "long.mp4").duration) == pytest.approx(sum(lengths), abs=1e-6)
+    starts = dict(zip(clips, np.cumsum([0.0, *lengths[:-1]]).tolist(), strict=True))
+    ix = SearchIndex.open(out / "moments_index")
+    assert ix.manifest["segments"] == {"mode": "fixed", "seconds": 2.3, "stride": 0.5}
+    blocks = demo["stdout"].split("moment query: ")[1:]
+    assert len(blocks) == 2
+    for block in blocks:
+        q = block.split("\n")[0].strip("'\"")
+        m = re.search(r"found\s+" + NUM + r"–\s*" + NUM + r" s in long \(score " + NUM + r"\); true range\s+" + NUM
+                      + r"–\s*" + NUM + r" s \((\w+)\); IoU " + NUM, block)
+        assert m, block
+        found, truth, vid = (float(m.group(1)), float(m.group(2))), (float(m.group(4)), float(m.group(5))), m.group(6)
+        (hit,) = ix.query([q], 1)[0]
+        assert (round(hit.start, 1), round(hit.end, 1)) == found and f"{hit.score:.3f}" == m.group(3)
+        assert meta[vid]["captions"][0] == q
+        span = (starts[vid], starts[vid] + lengths[clips.index(vid)])
+        assert truth == (round(span[0], 1), round(span[1], 1))
+        assert float(m.group(7)) == pytest.approx(mod.iou((hit.start, hit.end), span), abs=0.01)

@@ -125,6 +125,28 @@ def test_query_equals_save_sim_qb_rows(qb_setup, capsys):
     assert len(meta["bank"]["sha256"]) == 64 and meta["beta"] == CLIP2VIDEO_BETA and meta["k"] == 1
 
 
+def test_filtered_queries_rank_by_the_qb_row(qb_setup, capsys):
+    """A filter on an exact index with a bank: the QB-Norm row (normalised as a whole row), restricted to the
+    videos that pass, in the same order and with the same scores."""
+    s = qb_setup
+    caps = s["captions"][:6]
+    full = query_json(capsys, s["ix"], "-k", str(N_VIDEOS), *caps)
+    assert query_json(capsys, s["ix"], "-k", str(N_VIDEOS), "--path", "*", *caps) == full
+    some = query_json(capsys, s["ix"], "-k", str(N_VIDEOS), "--path", "*syn0000*", *caps)
+    for f, r in zip(some, full, strict=True):
+        want = [h for h in r["results"] if h["video_id"].startswith("syn0000")]
+        assert len(want) == 10 and [h["video_id"] for h in f["results"]] == [h["video_id"] for h in want]
+        assert [h["score"] for h in f["results"]] == pytest.approx([h["score"] for h in want], rel=1e-6)
+        assert f["qb_norm"] == r["qb_norm"]
+
+
+def test_query_bank_needs_whole_videos(qb_setup, tmp_path, capsys):
+    s = qb_setup
+    rc, err = one_line_error(capsys, build_argv(s["frames"], tmp_path / "ix", s["ckpt"], "--query_bank",
+                                                str(s["bank"]), "--segment_seconds", "1"))
+    assert rc == 2 and "--query_bank needs an index of whole videos" in err and not (tmp_path / "ix").exists()
+
+
 def test_no_qb_gives_the_plain_scores(qb_setup, capsys):
     s = qb_setup
     res = query_json(capsys, s["ix"], "-k", str(N_VIDEOS), "--no_qb", *s["captions"])

@@ -106,10 +106,13 @@ def plan_queries(args: argparse.Namespace) -> list[PlannedQuery]:
     return plan
 
 
-def answer(index, plan: list[PlannedQuery], k: int, *, qb: bool | None = None) -> list[list[Any]]:
+def answer(index, plan: list[PlannedQuery], k: Any, *, qb: bool | None = None,
+           start: float | None = None) -> list[list[Any]]:
     """The hits of every planned query, in plan order: captions in one batch, the rest one by one.
 
-    ``qb`` (when not None) switches QB-Norm on or off for the captions; the other queries never get it.
+    ``k`` is a number or a ``moments.SearchRequest`` (grouping, one video, filters). ``qb`` (when not None)
+    switches QB-Norm on or off for the captions; the other queries never get it. ``start`` makes ``--like``
+    start from the moment of its video that starts there.
     """
     from clip2video.search.query_vectors import QueryEncoder
 
@@ -123,8 +126,11 @@ def answer(index, plan: list[PlannedQuery], k: int, *, qb: bool | None = None) -
     for i, q in enumerate(plan):
         if q.like is not None:
             try:
-                out[i] = index.similar(q.like, k)
+                out[i] = index.similar(q.like, k) if start is None else index.similar(q.like, k, start=start)
             except KeyError:
+                if start is not None:
+                    raise UsageError(f"--like {q.like} --start {start:g}: no such video moment in "
+                                     f"{index.folder}") from None
                 raise UsageError(f"--like {q.like}: no such video in {index.folder}") from None
         elif q.parts:
             out[i] = encoder.search(q.parts, k)

@@ -10,6 +10,8 @@
     python search.py query --index my_index "2:a dog" + photo.jpg - snow   # weighted query arithmetic
     python search.py build ... --query_bank train_captions.txt            # + QB-Norm for every caption query
     python search.py verify --index my_index                              # every file against its checksum
+    python search.py build ... --segment_seconds 10                       # long videos as moments (segments)
+    python search.py export --index my_index --video_id ID --start 65 --end 75 moment.mp4
     torchrun --nproc_per_node 4 search.py build ...                       # encoding split over 4 processes
 
 Scores are the numbers ``infer_retrieval.py --save_sim`` writes for the same model (×logit scale). The index
@@ -40,6 +42,14 @@ from clip2video.cli.common import (
 )
 from clip2video.cli.query_args import add_query_args, answer, plan_queries
 from clip2video.cli.serve import add_serve_parser, add_text_encoder_arg, check_index_model
+from clip2video.search.moments import DEFAULT_MOMENTS
+from clip2video.search.segments import (
+    DEFAULT_MIN_SECONDS,
+    DEFAULT_SCENE_SECONDS,
+    DEFAULT_SCENE_THRESHOLD,
+    DEFAULT_STRIDE_SHARE,
+)
+from clip2video.search.segments import MODES as SEGMENT_MODES
 
 logger = logging.getLogger("clip2video.cli.search")
 
@@ -47,7 +57,7 @@ logger = logging.getLogger("clip2video.cli.search")
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="search.py", description=__doc__.split("\n")[1],
                       formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{build,query,verify,serve}", parser_class=OneLineParser)
+    sub = p.add_subparsers(dest="command", metavar="{build,query,export,verify,serve}", parser_class=OneLineParser)
 
     b = sub.add_parser("build", help="index a folder of videos (or exported embeddings)")
     b.add_argument("--config", default=None, help="YAML file of flag defaults")
@@ -67,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--batch_size_val", type=int, default=None, help="alias of --batch_size")
     add_data_args(src, ["num_thread_reader"], helps={"num_thread_reader": "data-loading processes"})
     add_checkpoint_args(b)
+    sg = b.add_argument_group("moments (segments of long videos)")
+    sg.add_argument("--segment_seconds", type=float, default=None, metavar="S",
+                    help="index each video as segments [k*T, k*T + S) seconds (default: one vector per video; "
+                         f"with --segments scenes the longest shot, default {DEFAULT_SCENE_SECONDS:g})")
+    sg.add_argument("--segment_stride", type=float, default=None, metavar="T",
+                    help=f"seconds between segment starts, 0 < T <= S (default {DEFAULT_STRIDE_SHARE:g} * S)")
+    sg.add_argument("--segments", default=None, choices=SEGMENT_MODES,
+                    help="fixed: windows of --segment_seconds (the default once it is given); scenes: shots")
+    sg.add_argument("--min_segment_seconds", type=float, default=DEFAULT_MIN_SECONDS,
+                    help=f"scenes: shortest shot kept on its own (default {DEFAULT_MIN_SECONDS:g})")
+    sg.add_argument("--scene_threshold", type=float, default=DEFAULT_SCENE_THRESHOLD,
+                    help=f"scenes: content change (0-255) that is a cut (default {DEFAULT_SCENE_THRESHOLD:g})")
     ix = b.add_argument_group("index")
     ix.add_argument("--index_type", default="auto",
                     help="auto (by size), Flat, or a FAISS factory string such as IVF1024,SQ8")
@@ -98,10 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "weighted sum of texts, image and clip files and like:VIDEO_ID (docs/search-queries.md)")
     q.add_argument("--queries_file", default=None, help="one query per line, each taken literally as a caption")
     q.add_argument("--like", default=None, metavar="VIDEO_ID", help="videos similar to an indexed one")
+    q.add_argument("--start", type=float, default=None, metavar="S",
+                   help="with --like: the moment of that video starting at S seconds")
     add_query_args(q)
     q.add_argument("-k", "--k", type=int, default=10)
     q.add_argument("--json", action="store_true",
-                   help="print JSON: [{query, qb_norm: {enabled, applied}, results: [{video_id, score, path}]}]")
+                   help="print JSON: [{query, qb_norm: {enabled, applied}, results: [{video_id, score, path, "
+                        "start, end, moments}]}]")
+    m = q.add_argument_group("moments and filters")
+    m.add_argument("--per_segment", action="store_true",
+                   help="list segments as they rank (default: each video once, at its best segment, its next "
+                        "best segments as moments)")
+    m.add_argument("--moments", type=int, default=DEFAULT_MOMENTS,
+                   help=f"further segments listed under each video (default {DEFAULT_MOMENTS})")
+    m.add_argument("--video", default=None, metavar="VIDEO_ID", help="rank the segments of this video only")
+    m.add_argument("--path", default=None, metavar="GLOB",
+                   help="only videos whose recorded path matches this shell pattern (* also crosses /)")
+    m.add_argument("--min_duration", type=float, default=None, metavar="SECONDS")
+    m.add_argument("--max_duration", type=float, default=None, metavar="SECONDS")
+    m.add_argument("--modified_after", default=None, metavar="DATE",
+                   help="only videos whose file changed after DATE (YYYY-MM-DD[THH:MM[:SS]], local time)")
     q.add_argument("--no_qb", action="store_true",
                    help="plain scores even when the index stores a query bank (no QB-Norm)")
     q.add_argument("--device", default=None)
@@ -113,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every file of an index against the checksums its build recorded")
     v.add_argument("--index", required=True)
     v.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    e = sub.add_parser("export", help="cut a moment of an indexed video into an MP4 file")
+    e.add_argument("--config", default=None, help="YAML file of flag defaults")
+    e.add_argument("--index", required=True)
+    e.add_argument("--video_id", required=True, help="an indexed video (as query prints it)")
+    e.add_argument("--start", type=float, required=True, help="seconds")
+    e.add_argument("--end", type=float, required=True, help="seconds (the clip ends just before it)")
+    e.add_argument("output", help="the MP4 file to write")
+    e.add_argument("--copy", action="store_true",
+                   help="copy the compressed stream instead of re-encoding: fast, but cut at keyframes (the "
+                        "range it really holds is printed)")
 
     add_serve_parser(sub)  # cli/serve.py owns its flags (the model flags are query's); imports no web framework
     return p
@@ -128,7 +177,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if not argv or argv[0] not in p._subparsers._group_actions[0].choices:
         if argv and argv[0] in ("-h", "--help"):
             p.parse_args(argv)
-        raise UsageError("give a command: build, query, verify, serve")
+        raise UsageError("give a command: build, query, export, verify, serve")
     sub = p._subparsers._group_actions[0].choices[argv[0]]
     args = parse_with_config(sub, argv[1:])
     args.command = argv[0]
@@ -143,6 +192,8 @@ def run(argv: list[str] | None) -> int:
         return cmd_query(args)
     if args.command == "verify":
         return cmd_verify(args)
+    if args.command == "export":
+        return cmd_export(args)
     return args.func(args)  # serve (and any other registered command)
 
 
@@ -180,6 +231,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     if bool(args.features_path) == bool(args.from_embeddings):
         raise UsageError("give one of --features_path (videos) or --from_embeddings (exported vectors)")
+    segments = segment_settings(args)
+    if segments is not None and args.from_embeddings:
+        raise UsageError("--segment_seconds / --segments need --features_path (videos), not --from_embeddings")
+    if segments is not None and args.query_bank:
+        raise UsageError("--query_bank needs an index of whole videos: QB-Norm's statistics are per video (build "
+                         "without --segment_seconds / --segments to use it)")
     check_paths(args, dirs=("features_path", "from_embeddings"))
     if args.batch_size_val:
         args.batch_size = args.batch_size_val
@@ -222,7 +279,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                                 num_workers=args.num_thread_reader, index_type=args.index_type,
                                 search_params=args.search_params, device=info.device, info=info,
                                 progress=not args.no_progress, query_bank=bank, follow_symlinks=args.follow_symlinks,
-                                max_index_bytes=max_bytes)
+                                max_index_bytes=max_bytes, segments=segments)
     finally:
         cleanup_distributed()
     if res is None:
@@ -230,6 +287,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     print_index_choice(args.index, max_bytes)
     logger.info("index %s: %d videos (%d encoded, %d unchanged, %d removed) in %.1f s", args.index, res.count,
                 res.encoded, res.reused, res.removed, time.perf_counter() - t0)
+    if segments is not None:
+        logger.info("%d segments (%s)", res.vectors, ", ".join(f"{k} {v:g}" for k, v in
+                                                               segments.to_dict().items() if k != "mode"))
     if res.failed:
         for vid, why in res.failed:
             print(f"search.py: skipped {vid}: {why}", file=sys.stderr)
@@ -237,6 +297,26 @@ def cmd_build(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def segment_settings(args: argparse.Namespace):
+    """The build's ``SegmentSettings`` from its flags (None: one vector per video); bad values are usage errors."""
+    from clip2video.search.segments import SegmentError, SegmentSettings
+
+    if args.segment_seconds is None and args.segments is None:
+        for flag in ("segment_stride",):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag} needs --segment_seconds")
+        return None
+    mode = args.segments or "fixed"
+    if mode == "fixed" and args.segment_seconds is None:
+        raise UsageError("--segments fixed needs --segment_seconds")
+    try:
+        return SegmentSettings(mode=mode, seconds=DEFAULT_SCENE_SECONDS if args.segment_seconds is None
+                               else args.segment_seconds, stride=args.segment_stride,
+                               min_seconds=args.min_segment_seconds, threshold=args.scene_threshold)
+    except SegmentError as e:
+        raise UsageError(str(e)) from None
 
 
 def print_index_choice(index: str, max_bytes: int | None) -> None:
@@ -303,20 +383,28 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def _answer(index, args: argparse.Namespace, plan) -> int:
     check_index_model(index, args)
+    request = search_request(args)
+    if args.video is not None and args.video not in index.video_ids:
+        raise UsageError(f"--video {args.video}: no such video in {args.index}")
+    grouped = request.grouped(index) and args.video is None
     qb_on = index.qb is not None and not args.no_qb
-    results = answer(index, plan, args.k, qb=qb_on)
+    results = answer(index, plan, request, qb=qb_on, start=args.start)
     # QB-Norm is for captions only: --like, images, clips and arithmetic are never normalised
     qbs = [qb_json(qb_on and q.text is not None, hits) for q, hits in zip(plan, results, strict=True)]
+    labels = [dict(q.label, start=args.start) if q.like is not None and args.start is not None else q.label
+              for q in plan]
     if args.json:
-        payload = [{"query": q.label, "qb_norm": qb, "results": [{"video_id": h.video_id, "score": h.score,
-                                                                  "path": h.path} for h in hits]}
-                   for q, qb, hits in zip(plan, qbs, results, strict=True)]
+        payload = [{"query": label, "qb_norm": qb, "results": [hit_dict(h, grouped) for h in hits]}
+                   for label, qb, hits in zip(labels, qbs, results, strict=True)]
         print(json.dumps(payload, ensure_ascii=False))
     else:
         for q, qb, hits in zip(plan, qbs, results, strict=True):
-            print(q.heading() + ("  [QB-Norm]" if qb["applied"] else ""))
+            at = f" at {_clock(args.start)}" if q.like is not None and args.start is not None else ""
+            print(q.heading() + at + ("  [QB-Norm]" if qb["applied"] else ""))
             for r, h in enumerate(hits, 1):
-                print(f"  {r:3d}  {h.score:9.4f}  {h.video_id}  {h.path}")
+                print(f"  {r:3d}  {h.score:9.4f}  {h.video_id}  {_time_range(h.start, h.end)}  {h.path}")
+                for m in h.moments if grouped else ():
+                    print(f"       {m.score:9.4f}  {'':{len(h.video_id)}s}  {_time_range(m.start, m.end)}")
     return 0
 
 
@@ -324,6 +412,78 @@ def qb_json(enabled: bool, hits) -> dict:
     """``{"enabled", "applied"}``: QB-Norm was on for the query, and its scores are normalised ones (its top
     video is one that some bank caption ranks first; otherwise QB-Norm leaves the scores as they are)."""
     return {"enabled": bool(enabled), "applied": bool(enabled and hits and hits[0].qb)}
+
+
+def _clock(x: float | None) -> str:
+    if x is None:
+        return "?"
+    m, sec = divmod(float(x), 60.0)
+    return f"{int(m)}:{sec:04.1f}"
+
+
+def _time_range(start: float | None, end: float | None) -> str:
+    return f"{_clock(start)}–{_clock(end)}"
+
+
+def hit_dict(h, grouped: bool) -> dict:
+    """A hit as ``query --json`` prints it: ``{video_id, score, path, start, end}`` (+ ``moments`` grouped)."""
+    d = {"video_id": h.video_id, "score": h.score, "path": h.path, "start": h.start, "end": h.end}
+    if grouped:
+        d["moments"] = [{"start": m.start, "end": m.end, "score": m.score} for m in h.moments]
+    return d
+
+
+def search_request(args: argparse.Namespace):
+    """The query flags as a ``moments.SearchRequest``; bad values are usage errors naming their flag."""
+    from clip2video.search.moments import MAX_MOMENTS, Filters, SearchRequest, parse_date
+
+    if not 0 <= args.moments <= MAX_MOMENTS:
+        raise UsageError(f"--moments must be from 0 to {MAX_MOMENTS}, got {args.moments}")
+    if args.start is not None and not args.like:
+        raise UsageError("--start goes with --like VIDEO_ID (the moment to start from)")
+    for flag in ("min_duration", "max_duration"):
+        v = getattr(args, flag)
+        if v is not None and not (v >= 0 and v < float("inf")):
+            raise UsageError(f"--{flag} must be a number of seconds >= 0, got {v:g}")
+    if args.min_duration is not None and args.max_duration is not None and args.min_duration > args.max_duration:
+        raise UsageError(f"--min_duration {args.min_duration:g} is above --max_duration {args.max_duration:g}")
+    try:
+        after = parse_date(args.modified_after, "--modified_after") if args.modified_after is not None else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    filters = Filters(path=args.path, min_duration=args.min_duration, max_duration=args.max_duration,
+                      modified_after=after)
+    return SearchRequest(args.k, group=False if args.per_segment or args.video else None, video_id=args.video,
+                         filters=filters, moments=args.moments)
+
+
+# ----------------------------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from clip2video.search.export import ExportError, export_clip
+    from clip2video.search.index import SearchIndex
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".mp4":
+        raise UsageError(f"{out}: the clip is written as MP4; give a file name ending in .mp4")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out}: folder {out.parent} does not exist")
+    index = SearchIndex.open(args.index)
+    try:
+        rec = index.record(args.video_id)
+        if rec is None:
+            raise UsageError(f"--video_id {args.video_id}: no such video in {args.index}")
+        if out.exists() and out.resolve() == Path(rec.path).resolve():
+            raise UsageError(f"{out}: that is the indexed video itself")
+        fps = index.frame_rate(args.video_id)
+    finally:
+        index.close()
+    try:
+        clip = export_clip(rec.path, out, args.start, args.end, kind=rec.kind, fps=fps, copy=args.copy,
+                           what=f"--video_id {args.video_id}")
+    except ExportError as e:
+        raise UsageError(str(e)) from None
+    print(f"wrote {clip.describe((args.start, args.end))}")
+    return 0
 
 
 def console() -> None:

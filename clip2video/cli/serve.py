@@ -77,7 +77,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve", help="serve an index: JSON API and a search page",
         description="Serve an index built by `search.py build`: a JSON API (/api/search, /api/similar, "
-                    "/api/health) and a search page at /. Binds to 127.0.0.1 unless --host says otherwise. "
+                    "/api/clip, /api/health) and a search page at /. Binds to 127.0.0.1 unless --host says otherwise. "
                     "Needs the serve extra: pip install 'clip2video[serve]'.")
     p.add_argument("--config", default=None, help="YAML file of flag defaults")
     p.add_argument("--index", required=True, help="index folder written by `search.py build`")
@@ -92,6 +92,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="queries waiting for an encoder before the server answers 503")
     g.add_argument("--max_batch", type=int, default=d.max_batch,
                    help="waiting queries encoded together in one batch")
+    g.add_argument("--max_clip_seconds", type=int, default=d.max_clip_seconds,
+                   help="longest clip /api/clip cuts, in seconds")
     g.add_argument("--threads", type=int, default=None,
                    help="compute threads per query (default: cores / --max_concurrent_encodes)")
     g.add_argument("--query_cache", default="16MB", metavar="SIZE",
@@ -143,7 +145,7 @@ def limits_of(args: argparse.Namespace) -> ServerLimits:
     try:
         return ServerLimits(max_query_chars=args.max_query_chars, max_k=args.max_k,
                             max_concurrent_encodes=args.max_concurrent_encodes, max_waiting=args.max_waiting,
-                            max_batch=args.max_batch)
+                            max_batch=args.max_batch, max_clip_seconds=args.max_clip_seconds)
     except ValueError as e:
         raise UsageError(f"--{e}") from None
 

@@ -4,9 +4,15 @@ The app holds one opened index (model and vectors loaded once) and answers
 
 - ``GET /api/search?q=TEXT&k=K[&qb=0|1]``: text → videos, the same ids, order and scores as ``search.py query
   --json``; ``q`` may be query arithmetic (``"2:a dog" - snow + like:ID``); a plain caption gets QB-Norm when
-  the index stores a query bank, unless ``qb=0`` (or ``serve --no_qb``), arithmetic never;
+  the index stores a query bank, unless ``qb=0`` (or ``serve --no_qb``), arithmetic never; each result has the
+  ``start``/``end`` of its segment; in an index of segments results are grouped by video (its next best
+  segments as ``moments``) unless ``group=0``; ``video_id=`` ranks one video's segments; ``path=``,
+  ``min_duration=``, ``max_duration=``, ``modified_after=`` filter before k (``moments.py``);
 - ``POST /api/search``: the same with uploaded images (multipart; bounds and checks in ``rich_api.py``);
-- ``GET /api/similar?video_id=ID&k=K``: video → videos;
+- ``GET /api/similar?video_id=ID&k=K[&start=S]``: video (or the moment of it starting at S) → videos;
+- ``GET /api/clip?video_id=ID&start=S&end=E[&copy=1]``: that range of an indexed video file as an MP4 download
+  (``export.py``; at most ``max_clip_seconds`` long, one cut at a time, only while the file is the one the
+  build recorded);
 - ``GET /api/frames?video_id=ID``: the frame URLs of a video indexed as a frame folder;
 - ``GET /api/health``: ``{"status": "ok", "videos": N, "model": fingerprint, "qb_norm": bool, "generation":
   name}``;
@@ -45,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import mimetypes
 import os
 import time
@@ -64,6 +71,7 @@ from clip2video.search.batcher import BatcherClosed, BusyError, QueryBatcher, se
 from clip2video.search.files import MAX_ID_CHARS, NotServed, open_recorded
 from clip2video.search.limits import ServerLimits, strict_int
 from clip2video.search.live import LiveIndex, Served
+from clip2video.search.moments import DEFAULT_MOMENTS, MAX_MOMENTS, Filters, SearchRequest, parse_date
 from clip2video.search.query_parse import is_plain_text
 from clip2video.search.rich_api import NO_QB, RichSearch, parse_q, rich_routes
 from clip2video.search.store import THUMBS
@@ -167,17 +175,80 @@ def parse_qb(raw: str | None, default: bool) -> bool:
     raise ApiError(400, f"qb must be 0 or 1, got {raw[:20]!r}")
 
 
-def hit_json(hit, records: Records) -> dict:
+def parse_float(name: str, raw: str | None) -> float | None:
+    """A number of seconds >= 0 from a query parameter (None when absent); 400 otherwise."""
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw) if len(raw) <= 32 else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ApiError(400, f"{name} must be a number >= 0, got {raw[:40]!r}")
+    return value
+
+
+def parse_group(raw: str | None) -> bool | None:
+    if raw in (None, ""):
+        return None
+    if raw not in ("0", "1"):
+        raise ApiError(400, f"group must be 0 or 1, got {raw[:20]!r}")
+    return raw == "1"
+
+
+def parse_request(request: Request, k: int, records: Records) -> SearchRequest:
+    """The search options of a request's query string (grouping, one video, filters); 400 on a bad value,
+    404 for an unknown ``video_id``."""
+    p = request.query_params
+    group = parse_group(p.get("group"))
+    video_id = p.get("video_id") or None
+    if video_id is not None:
+        video_id = parse_text("video_id", video_id, MAX_ID_CHARS)
+        if records.get(video_id) is None:
+            raise ApiError(404, f"unknown video_id {video_id[:200]!r}")
+    path = p.get("path") or None
+    if path is not None:
+        path = parse_text("path", path, 1000)
+    raw_moments = p.get("moments") or str(DEFAULT_MOMENTS)
+    moments = strict_int(raw_moments)
+    if moments is None or not 0 <= moments <= MAX_MOMENTS:
+        raise ApiError(400, f"moments must be an integer from 0 to {MAX_MOMENTS}, got {raw_moments[:20]!r}")
+    after = p.get("modified_after") or None
+    try:
+        after = parse_date(after, "modified_after") if after is not None else None
+        filters = Filters(path=path, min_duration=parse_float("min_duration", p.get("min_duration")),
+                          max_duration=parse_float("max_duration", p.get("max_duration")), modified_after=after)
+    except ValueError as e:
+        raise ApiError(400, str(e).splitlines()[0]) from None
+    return SearchRequest(k, group=group, video_id=video_id, filters=filters, moments=moments)
+
+
+def _seconds(x: float) -> str:
+    return f"{x:.3f}".rstrip("0").rstrip(".")
+
+
+def hit_json(hit, records: Records, max_clip: float = math.inf) -> dict:
     rec = records.get(hit.video_id)
     uid = _url_id(hit.video_id)
     kind = rec.kind if rec is not None else None
+    n = len(rec.thumbnails) if rec is not None else 0
+    own = getattr(hit, "thumbnails", None)
+    shown = range(n) if own is None else [i for i in own if 0 <= i < n]
+    start, end = getattr(hit, "start", None), getattr(hit, "end", None)
     return {
         "video_id": hit.video_id,
         "score": float(hit.score),
-        "thumbnails": [f"/thumb/{uid}/{i}" for i in range(len(rec.thumbnails))] if rec is not None else [],
+        "start": start,
+        "end": end,
+        "segment": bool(getattr(hit, "segment", False)),  # a moment of a longer video (else the whole video)
+        "moments": [{"start": m.start, "end": m.end, "score": float(m.score)} for m in getattr(hit, "moments", ())],
+        "thumbnails": [f"/thumb/{uid}/{i}" for i in shown],
         "video": f"/video/{uid}" if kind == "file" else None,
         "kind": kind,
         "frames": f"/api/frames?video_id={uid}" if kind == "frames" else None,
+        "clip": (f"/api/clip?video_id={uid}&start={_seconds(start)}&end={_seconds(end)}"
+                 if kind == "file" and start is not None and end is not None and end - start <= max_clip
+                 else None),
     }
 
 
@@ -223,39 +294,72 @@ def api_routes(live: LiveIndex, batcher: QueryBatcher, limits: ServerLimits, ric
         wanted = parse_qb(request.query_params.get("qb"), qb_default)
         parts = parse_q(q)  # query arithmetic (rich_api.py); a plain caption takes the batched text path
         with live.use() as g:
+            req = parse_request(request, k, g.extra)
+            key = k if req == SearchRequest(k) else req  # a plain k keeps the text path as it was
             if not is_plain_text(parts):
-                hits = await rich.answer(parts, k, None, g)  # no uploads: image and clip parts are refused
+                hits = await rich.answer(parts, key, None, g)  # no uploads: image and clip parts are refused
                 return {"query": q, "parts": [p.to_dict() for p in parts], "k": k, "took_ms": _ms_since(t0),
-                        "qb_norm": NO_QB, "results": [hit_json(h, g.extra) for h in hits]}
+                        "qb_norm": NO_QB, "results": [hit_json(h, g.extra, limits.max_clip_seconds) for h in hits]}
             qb = wanted and has_qb(g)
             try:
-                hits = await batcher.submit(parts[0].value, (k, qb) if has_qb(g) else k, g)
+                hits = await batcher.submit(parts[0].value, (key, qb) if has_qb(g) else key, g)
             except (BusyError, BatcherClosed) as e:
                 raise ApiError(503, str(e)) from None
             return {"query": q, "k": k, "took_ms": _ms_since(t0),
                     "qb_norm": {"enabled": qb, "applied": bool(qb and hits and getattr(hits[0], "qb", False))},
-                    "results": [hit_json(h, g.extra) for h in hits]}
+                    "results": [hit_json(h, g.extra, limits.max_clip_seconds) for h in hits]}
 
     @r.get("/api/similar")
     async def similar(request: Request):
         t0 = time.perf_counter()
-        video_id = parse_text("video_id", request.query_params.get("video_id"), MAX_ID_CHARS)
-        k = parse_k(request.query_params.get("k"), limits)
+        p = request.query_params
+        video_id = parse_text("video_id", p.get("video_id"), MAX_ID_CHARS)
+        k = parse_k(p.get("k"), limits)
+        start = parse_float("start", p.get("start"))
+        req = SearchRequest(k, group=parse_group(p.get("group")))
         with live.use() as g:
             if g.extra.get(video_id) is None:
                 raise ApiError(404, f"unknown video_id {video_id[:200]!r}")
 
             def run():
                 try:
-                    return g.index.similar(video_id, k)
+                    if start is None and req == SearchRequest(k):
+                        return g.index.similar(video_id, k)
+                    return g.index.similar(video_id, req, start=start)
                 except KeyError:
                     return None
 
             hits = await in_pool(run)
             if hits is None:
-                raise ApiError(404, f"unknown video_id {video_id[:200]!r}")
-            return {"video_id": video_id, "k": k, "took_ms": _ms_since(t0),
-                    "results": [hit_json(h, g.extra) for h in hits]}
+                what = f"video_id {video_id[:200]!r}" + (f" start {start:g}" if start is not None else "")
+                raise ApiError(404, f"unknown {what}")
+            return {"video_id": video_id, "start": start, "k": k, "took_ms": _ms_since(t0),
+                    "results": [hit_json(h, g.extra, limits.max_clip_seconds) for h in hits]}
+
+    clip_slots = asyncio.Semaphore(limits.max_concurrent_clips)
+
+    @r.get("/api/clip")
+    async def clip(request: Request):
+        p = request.query_params
+        video_id = parse_text("video_id", p.get("video_id"), MAX_ID_CHARS)
+        start, end = parse_float("start", p.get("start")), parse_float("end", p.get("end"))
+        if start is None or end is None:
+            raise ApiError(400, "give start and end (seconds)")
+        if p.get("copy") not in (None, "", "0", "1"):
+            raise ApiError(400, "copy must be 0 or 1")
+        with live.use() as g:
+            rec = g.extra.get(video_id)
+        if rec is None:
+            raise ApiError(404, f"unknown video_id {video_id[:200]!r}")
+        if rec.kind != "file":
+            raise ApiError(404, f"video {video_id[:200]!r} is a frame folder; clips are cut from video files "
+                                "(search.py export cuts frame folders)")
+        if end - start > limits.max_clip_seconds:
+            raise ApiError(400, f"clip of {end - start:g} s asked for; the limit is {limits.max_clip_seconds} s")
+        if clip_slots.locked():
+            raise ApiError(503, "busy: another clip is being cut; retry shortly")
+        async with clip_slots:
+            return await _cut_clip(rec, video_id, start, end, p.get("copy") == "1")
 
     @r.get("/api/frames")
     async def frames(request: Request):
@@ -269,9 +373,51 @@ def api_routes(live: LiveIndex, batcher: QueryBatcher, limits: ServerLimits, ric
         n = len(rec.files or [])  # the frames recorded at build time, in name order
         step = max(1, -(-n // limits.max_frames_listed))
         uid = _url_id(video_id)
-        return {"video_id": video_id, "count": n, "frames": [f"/frame/{uid}/{i}" for i in range(0, n, step)]}
+        with live.use() as g:  # the rate the frames' times count in (a moment's start → a frame)
+            fps = g.index.frame_rate(video_id) if hasattr(g.index, "frame_rate") else None
+        return {"video_id": video_id, "count": n, "fps": fps,
+                "frames": [f"/frame/{uid}/{i}" for i in range(0, n, step)]}
 
     return r
+
+
+async def _cut_clip(rec, video_id: str, start: float, end: float, copy: bool):
+    """Cut the clip into a private temporary folder, send it, then remove it. The source is read through a
+    descriptor opened by the file policy (``files.open_recorded``): only the recorded, unchanged regular file,
+    whatever its path points to now."""
+    import shutil
+    import tempfile
+
+    from starlette.background import BackgroundTask
+
+    from clip2video.search.export import ExportError, export_clip
+
+    first = (rec.files or [None])[0]
+    try:
+        fd, _ = open_recorded(str(rec.path), rec.root, *(first[1:3] if first else (None, None)))
+    except (NotServed, TypeError, ValueError, IndexError) as e:
+        _not_served("clip source", video_id, e)
+        raise ApiError(404, "not found") from None
+    tmp = Path(tempfile.mkdtemp(prefix="clip2video-clip-"))
+    out = tmp / "clip.mp4"
+    try:
+        clip = await asyncio.to_thread(export_clip, f"/proc/self/fd/{fd}", out, start, end, copy=copy,
+                                       what=f"video {video_id[:200]!r}")
+    except ExportError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ApiError(400, str(e)) from None
+    except (OSError, ValueError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.warning("clip of %r %g–%g s failed: %s", video_id, start, end, e)
+        raise ApiError(422, f"video {video_id[:200]!r} cannot be cut ({str(e).splitlines()[0][:200]})") from None
+    finally:
+        os.close(fd)
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in video_id)[-80:] or "clip"
+    filename = f"{name}_{_seconds(clip.start)}-{_seconds(clip.end)}.mp4"
+    return FileResponse(out, media_type="video/mp4", filename=filename,
+                        headers={"X-Clip-Range": f"{clip.start:.3f}-{clip.end:.3f}",
+                                 "X-Clip-Exact": "1" if clip.exact else "0"},
+                        background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True))
 
 
 def _not_served(what: str, video_id: str, why: Exception | str) -> JSONResponse:

@@ -28,14 +28,15 @@ class BatcherClosed(RuntimeError):
     """The batcher was shut down before the query could run."""
 
 
-def search_batch(index, texts: list[str], ks: list[int | tuple[int, bool]]) -> list[list[Any]]:
+def search_batch(index, texts: list[str], ks: list[Any]) -> list[list[Any]]:
     """Encode ``texts`` in one pass and search them per distinct k, so each answer is exactly what a query
     with that k alone returns (``index``: the ``SearchIndex`` interface). A query's k may come as ``(k, qb)``,
-    ``qb`` saying whether QB-Norm applies to it (``SearchIndex.search(..., qb=)``)."""
+    ``qb`` saying whether QB-Norm applies to it (``SearchIndex.search(..., qb=)``); k is a number or a hashable
+    request (``moments.SearchRequest``: grouping, filters)."""
     vectors = index.encode_text(texts)
     out: list[list[Any]] = [[] for _ in texts]
     keys = [kk if isinstance(kk, tuple) else (kk, None) for kk in ks]
-    for key in sorted(set(keys), key=lambda kq: (kq[0], str(kq[1]))):
+    for key in sorted(set(keys), key=lambda kq: (getattr(kq[0], "k", kq[0]), repr(kq[0]), str(kq[1]))):
         rows = [i for i, kk in enumerate(keys) if kk == key]
         k, qb = key
         found = index.search(vectors[rows], k) if qb is None else index.search(vectors[rows], k, qb=qb)

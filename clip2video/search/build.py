@@ -35,6 +35,7 @@ from clip2video.fileio import atomic_dir
 from clip2video.modules.weights.identity import ModelRecord
 from clip2video.search.files import IMAGE_EXTS, id_problem, scan_frame_folder, scan_video_file
 from clip2video.search.qb import BankRequest, bank_writer, encode_bank
+from clip2video.search.segments import SegmentSettings
 from clip2video.search.store import (
     CURRENT,
     FORMAT_VERSION,
@@ -171,9 +172,11 @@ def read_source(src: Source, *, max_frames: int, framerate: int, image_size: int
     return frames, mask, list(thumbs), {"duration": float(index.duration), "frames": int(index.n_output(fps))}
 
 
-def write_thumbnails(index_dir: Path, key: str, sources: Sequence[Any]) -> tuple[list[str], list[list[Any]]]:
-    """Small JPEGs (longest side ``THUMB_SIZE``) under ``thumbs/<key>/``: (paths relative to the index folder,
-    [size, mtime_ns, sha256] of each, the record the server checks before serving one).
+def write_thumbnails(index_dir: Path, key: str, sources: Sequence[Any],
+                     names: Sequence[str] | None = None) -> tuple[list[str], list[list[Any]]]:
+    """Small JPEGs (longest side ``THUMB_SIZE``) under ``thumbs/<key>/`` named ``names`` (default 0, 1, ...):
+    (paths relative to the index folder, [size, mtime_ns, sha256] of each, the record the server checks before
+    serving one).
 
     An image that cannot be read is a ValueError/OSError for the caller to report; a failed write (a full
     disk) is an IndexWriteError that stops the build.
@@ -183,15 +186,16 @@ def write_thumbnails(index_dir: Path, key: str, sources: Sequence[Any]) -> tuple
     d = index_dir / THUMBS / key
     rels, stats = [], []
     for i, s in enumerate(sources):
+        name = names[i] if names is not None else str(i)
         im = Image.open(s).convert("RGB") if isinstance(s, str) else Image.fromarray(np.asarray(s))
         im.thumbnail((THUMB_SIZE, THUMB_SIZE))
-        with build_step("writing a thumbnail", d / f"{i}.jpg"):
+        with build_step("writing a thumbnail", d / f"{name}.jpg"):
             d.mkdir(parents=True, exist_ok=True)
-            with fileio.atomic_path(d / f"{i}.jpg") as tmp:
+            with fileio.atomic_path(d / f"{name}.jpg") as tmp:
                 im.save(tmp, quality=85)
-            st = (d / f"{i}.jpg").lstat()
-            stats.append([st.st_size, st.st_mtime_ns, file_sha256(d / f"{i}.jpg")])
-        rels.append(f"{THUMBS}/{key}/{i}.jpg")
+            st = (d / f"{name}.jpg").lstat()
+            stats.append([st.st_size, st.st_mtime_ns, file_sha256(d / f"{name}.jpg")])
+        rels.append(f"{THUMBS}/{key}/{name}.jpg")
     return rels, stats
 
 
@@ -212,6 +216,53 @@ class _SourceDataset(torch.utils.data.Dataset):
         return {"index": i, "frames": frames, "mask": mask, "thumbs": thumbs, "info": info}
 
 
+class _SegmentStream(torch.utils.data.IterableDataset):
+    """Videos read for their segments (``segments.stream_segments``): each reader process takes every n-th
+    video and sends its messages tagged with the video's position; a video that cannot be read ends with an
+    ``error`` message instead of an exception (the segments already sent for it are dropped). A thumbnail
+    that cannot be written for lack of space stops the build, as in a build without segments."""
+
+    def __init__(self, sources: Sequence[Source], settings: dict[str, Any], index_dir: Path, workers: int):
+        from clip2video.dataloaders.video_io import decoder_threads
+
+        self.sources, self.settings, self.index_dir = list(sources), settings, index_dir
+        self.threads = decoder_threads(workers)
+
+    def __iter__(self):
+        from clip2video.search.segments import stream_segments
+
+        info = torch.utils.data.get_worker_info()
+        mine = range(len(self.sources)) if info is None else range(info.id, len(self.sources), info.num_workers)
+        for i in mine:
+            src = self.sources[i]
+            key = thumb_key(src)
+            try:
+                for msg in stream_segments(src.kind, src.path, **self.settings, threads=self.threads,
+                                           thumb=lambda k, rgb, key=key: _one_thumbnail(self.index_dir, key, k, rgb)):
+                    yield dict(msg, index=i)
+            except IndexWriteError:
+                raise
+            except (ValueError, OSError, RuntimeError) as e:
+                yield {"kind": "error", "index": i, "error": _first_line(e)}
+
+
+def thumb_key(src: Source) -> str:
+    """Thumbnail folder of a video's state (a changed file gets new thumbnails)."""
+    return hashlib.sha1(f"{src.video_id}|{src.size}|{src.mtime_ns}".encode()).hexdigest()[:20]
+
+
+def _one_thumbnail(index_dir: Path, key: str, k: int, rgb: np.ndarray) -> tuple[str, list[Any]] | None:
+    """Frame k's thumbnail: (path relative to the index folder, its record), or None where it cannot be made."""
+    try:
+        rels, stats = write_thumbnails(index_dir, key, [rgb], names=[str(k)])
+    except IndexWriteError:
+        raise
+    except (OSError, ValueError) as e:
+        logger.warning("thumbnail of frame %d in %s not written (%s)", k, key, e)
+        return None
+    return rels[0], stats[0]
+
+
 def _first_line(exc: BaseException) -> str:
     """An exception as the one line a skipped video is reported with."""
     text = str(exc).strip()
@@ -226,24 +277,27 @@ def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @dataclass
 class BuildResult:
     index: Path
-    count: int
+    count: int  # videos
     encoded: int
     reused: int
     removed: int
     failed: list[tuple[str, str]]
+    vectors: int = 0  # rows of the index: videos, or segments
+    timings: dict[str, float] = field(default_factory=dict)  # segmented builds: seconds reading, in the tower, heads
 
 
 def encoding_key(fingerprint: str, settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps([fingerprint, settings], sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _reusable(folder: Path, key: str) -> dict[str, tuple[Item, str, int]]:
-    """video id → (item, shard, row) for every vector on disk encoded under ``key`` (live generation first).
+def _reusable(folder: Path, key: str) -> dict[str, list[tuple[Item, str, int]]]:
+    """video id → [(item, shard, row)] (one per segment) for the vectors on disk encoded under ``key``; a video's
+    vectors all come from one shard (the live generation's first).
 
     A shard whose ``.npy`` no longer has the size and SHA-256 recorded when it was written is not reused (one
     log line): its videos are encoded again, so a re-run repairs a damaged index.
     """
-    found: dict[str, tuple[Item, str, int]] = {}
+    found: dict[str, list[tuple[Item, str, int]]] = {}
     live: list[str] = []
     try:
         _, manifest = read_manifest(folder)
@@ -259,8 +313,10 @@ def _reusable(folder: Path, key: str) -> dict[str, tuple[Item, str, int]]:
             logger.warning("%s: damaged since it was written (size or SHA-256 differs); its %d videos are encoded "
                            "again", folder / SHARDS / f"{name}.npy", len(got[1]))
             continue
+        here: dict[str, list[tuple[Item, str, int]]] = {}
         for row, it in enumerate(got[1]):
-            found[it.video_id] = (it, name, row)
+            here.setdefault(it.video_id, []).append((it, name, row))
+        found.update(here)
     return found
 
 
@@ -342,12 +398,15 @@ def _build_from_folder(
     on_encoded: Callable[[int], None] | None = None,
     query_bank: BankRequest | None = None,
     follow_symlinks: bool = False,
+    segments: SegmentSettings | None = None,
     _held_locks: list | None = None,
 ) -> BuildResult | None:
     """Index every video under ``features_path`` into ``index_dir`` (incrementally; see the module doc).
 
     ``model`` runs in the ``per_video`` layout; ``record`` (``identity.describe_model``) is what the index
     records about it. ``follow_symlinks``: index through symbolic links (recorded resolved; ``files.py``).
+    With ``segments`` each video becomes several vectors, one per segment (``segments.py``); the settings are
+    part of the encoding key, so other settings re-encode every video.
     Videos that are refused (unsafe ids, links not followed) or cannot be read are in ``failed``.
 
     ``query_bank`` says what to do with the QB-Norm query bank (``qb.py``; None: keep the stored one, if any);
@@ -367,6 +426,10 @@ def _build_from_folder(
     device = torch.device(device)
     settings = {"max_frames": max_frames, "framerate": framerate, "image_mode": image_mode, "precision": precision,
                 "mask_layout": "per_video", "image_size": model.config.clip.image_size}
+    if segments is not None:  # frame times depend on the rate: it is part of what a segment is
+        from clip2video.dataloaders.video_io import DEFAULT_VIDEO_FPS
+
+        settings.update(segments=segments.to_dict(), video_fps=float(video_fps or DEFAULT_VIDEO_FPS))
     key = encoding_key(record.fingerprint, settings)
     plan = None
     if is_main:
@@ -392,8 +455,8 @@ def _build_from_folder(
         reuse, todo = [], []
         for s in sources:
             h = have.get(s.video_id)
-            if h and h[0].path == s.path and h[0].size == s.size and h[0].mtime_ns == s.mtime_ns:
-                reuse.append(_with_record(h, s, index_dir))
+            if h and h[0][0].path == s.path and h[0][0].size == s.size and h[0][0].mtime_ns == s.mtime_ns:
+                reuse += [_with_record(e, s, index_dir) for e in h]
             else:
                 todo.append(s)
         try:
@@ -416,12 +479,19 @@ def _build_from_folder(
     failed: list[tuple[str, str]] = list(refused)
     bar = tqdm(total=len(todo), desc="indexing", disable=not (progress and is_main), unit="video")
     encoded = 0
+    timings: dict[str, float] = {}
     for r0 in range(0, len(todo), per_round):
         round_items = todo[r0 : r0 + per_round]
         mine = list(shard(round_items, info))
-        loader = torch.utils.data.DataLoader(_SourceDataset(mine, read_settings), batch_size=batch_size,
-                                             num_workers=num_workers, collate_fn=_collate)
         vecs, metas, errs = [], [], []
+        loader = []
+        if segments is None:
+            loader = torch.utils.data.DataLoader(_SourceDataset(mine, read_settings), batch_size=batch_size,
+                                                 num_workers=num_workers, collate_fn=_collate)
+        else:
+            vecs, metas, errs = _encode_segmented(mine, model, segments, read_settings, index_dir, num_workers,
+                                                  device, precision, timings,
+                                                  lambda n: bar.update(n * world) if is_main else None)
         for batch in loader:
             good = [b for b in batch if "error" not in b]
             errs += [(mine[b["index"]].video_id, b["error"]) for b in batch if "error" in b]
@@ -434,9 +504,8 @@ def _build_from_folder(
             vecs.append(v)
             for b in good:
                 s = mine[b["index"]]
-                tkey = hashlib.sha1(f"{s.video_id}|{s.size}|{s.mtime_ns}".encode()).hexdigest()[:20]
                 try:
-                    thumbs, thumb_stats = write_thumbnails(index_dir, tkey, b["thumbs"])
+                    thumbs, thumb_stats = write_thumbnails(index_dir, thumb_key(s), b["thumbs"])
                 except IndexWriteError:
                     raise
                 except (OSError, ValueError) as e:
@@ -458,7 +527,7 @@ def _build_from_folder(
                    f"-{os.getpid()}-{r0}"
             write_shard(index_dir, name, all_vecs, items, key)
             new_entries += [(it, name, r) for r, it in enumerate(items)]
-        encoded += len(all_vecs)
+        encoded += len({m["video_id"] for m in all_meta})
         if on_encoded is not None and is_main:
             on_encoded(encoded)
     bar.close()
@@ -468,16 +537,65 @@ def _build_from_folder(
         if not entries and not failed and n_sources == 0:
             logger.warning("no videos under %s (frame folders or video files)", features_path)
         meta = dict(record.to_dict(), mask_layout="per_video")
-        # the rate video files were read at, recorded so that a clip query is read the same way
-        encoding = dict(settings, key=key, video_fps=video_fps)
+        # the rate video files were read at, recorded so that a clip query is read the same way (and, for
+        # segments, part of the encoding: the resolved rate)
+        encoding = dict(settings, key=key, video_fps=settings.get("video_fps", video_fps))
         gen = write_generation(index_dir, entries, model_meta=meta, encoding=encoding,
                                index_type=index_type, search_params=search_params, source=str(features_path),
-                               extra=extra, max_index_bytes=max_index_bytes)
+                               extra=extra, max_index_bytes=max_index_bytes, segments=settings.get("segments"))
         kept = {e[0].video_id for e in entries}
-        removed = max(old_count - len({e[0].video_id for e in reuse}), 0)
-        result = BuildResult(gen, len(kept), encoded, len(reuse), removed, failed)
+        reused = len({e[0].video_id for e in reuse})
+        removed = max(old_count - reused, 0)
+        result = BuildResult(gen, len(kept), encoded, reused, removed, failed, len(entries), timings)
     barrier(info) if info is not None else None
     return result
+
+
+def _encode_segmented(mine: Sequence[Source], model, segments: SegmentSettings, read_settings: dict[str, Any],
+                      index_dir: Path, num_workers: int, device, precision: str, timings: dict[str, float],
+                      advance: Callable[[int], Any]) -> tuple[list[np.ndarray], list[dict], list[tuple[str, str]]]:
+    """This rank's share of a round, segment by segment: (vectors, item dicts, failures); a video's rows are
+    contiguous and in time order."""
+    from clip2video.dataloaders.video_io import DEFAULT_VIDEO_FPS
+    from clip2video.search.segments import SegmentEncoder
+
+    settings = {"settings": segments, "fps": float(read_settings["video_fps"] or DEFAULT_VIDEO_FPS),
+                "max_frames": read_settings["max_frames"], "framerate": read_settings["framerate"],
+                "image_size": read_settings["image_size"], "mode": read_settings["mode"]}
+    loader = torch.utils.data.DataLoader(_SegmentStream(mine, settings, index_dir, num_workers), batch_size=None,
+                                         num_workers=min(num_workers, len(mine)), collate_fn=_identity)
+    enc = SegmentEncoder(model, device=device, precision=precision, max_frames=read_settings["max_frames"])
+    vecs, metas, errs = [], [], []
+    info: dict[int, dict[str, Any]] = {}
+    read_s = 0.0
+    for msg in loader:
+        i = msg["index"]
+        s = mine[i]
+        if msg["kind"] == "error":
+            enc.drop(i)
+            errs.append((s.video_id, msg["error"]))
+            advance(1)
+            continue
+        if msg["kind"] == "start":
+            info[i] = {"duration": msg["duration"], "frames": msg["frames"]}
+        read_s += msg.get("seconds", 0.0)
+        done = enc.feed(i, msg)
+        if done is None:
+            continue
+        for seg, vec, thumbs in done:  # thumbs: (path, record) of each of the segment's thumbnails
+            vecs.append(vec[None])
+            metas.append(Item(s.video_id, s.path, s.kind, s.size, s.mtime_ns, info[i]["duration"], info[i]["frames"],
+                              [t[0] for t in thumbs], s.root, s.files, [t[1] for t in thumbs],
+                              start=float(seg.start), end=float(seg.end)).to_dict())
+        info.pop(i, None)
+        advance(1)
+    for k, v in {"read_s": read_s, **enc.timings}.items():
+        timings[k] = timings.get(k, 0.0) + v
+    return vecs, metas, errs
+
+
+def _identity(x):
+    return x
 
 
 def _objects(rows: Sequence[Any]) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 
 from clip2video.modules.weights.identity import ModelMismatchError, ModelRecord
 from clip2video.search.integrity import verify_generation
+from clip2video.search.moments import Moment, SearchRequest, search_moments
 from clip2video.search.qb import load_statistics, normalise_candidates, top_k
 from clip2video.search.store import (
     FAISS_FILE,
@@ -49,6 +50,11 @@ class Hit:
     score: float  # ×logit-scale units, the number infer_retrieval.py --save_sim writes (--save_sim_qb's with qb)
     path: str  # the indexed source path, as recorded at build time
     qb: bool = False  # the score is QB-Norm's exp(β·s)/Σ_bank (the query landed on a row of R)
+    start: float | None = None  # the segment's time range in seconds (a whole video: 0 and its duration)
+    end: float | None = None
+    moments: tuple[Moment, ...] = ()  # grouped results: the video's next best segments, best first
+    thumbnails: tuple[int, ...] | None = None  # which of the video's thumbnails show this segment (None: all)
+    segment: bool = False  # a segment of a video (an index of segments), not a whole video
 
 
 @dataclass(frozen=True)
@@ -184,17 +190,37 @@ class SearchIndex:
     def _load(self, gen: Path, manifest: dict[str, Any]) -> None:
         import faiss
 
+        self.segments: dict[str, Any] | None = manifest.get("segments") or None
         try:
             db = open_db_readonly(gen / META_DB, check_same_thread=False)
-            rows = db.execute("SELECT row, video_id, path, shard, shard_row FROM videos ORDER BY row").fetchall()
+            videos = db.execute("SELECT row, video_id, path, shard, shard_row, duration, mtime_ns FROM videos "
+                                "ORDER BY row").fetchall()
+            if self.segments:
+                rows = db.execute("SELECT row, video, shard, shard_row, start_s, end_s, thumbnails FROM segments "
+                                  "ORDER BY row").fetchall()
+            else:
+                rows = [(r[0], r[0], r[3], r[4], 0.0, r[5], None) for r in videos]
         except sqlite3.Error as e:
             raise IndexFormatError(f"{gen / META_DB}: truncated or damaged ({e})") from None
         if len(rows) != manifest["count"] or any(r[0] != i for i, r in enumerate(rows)):
             raise IndexFormatError(f"{gen / META_DB}: truncated ({len(rows)} rows, manifest says {manifest['count']})")
+        if any(r[0] != i for i, r in enumerate(videos)) or any(not 0 <= r[1] < len(videos) for r in rows):
+            raise IndexFormatError(f"{gen / META_DB}: damaged (segments name videos it does not hold)")
         self._db = db
-        self.video_ids: list[str] = [r[1] for r in rows]
-        self.paths: list[str] = [r[2] for r in rows]
-        self._row_of = {v: i for i, v in enumerate(self.video_ids)}
+        self.video_ids: list[str] = [r[1] for r in videos]  # one per video, in id order
+        self.paths: list[str] = [r[2] for r in videos]
+        self._row_of = {v: i for i, v in enumerate(self.video_ids)}  # video id → its number (= row of videos)
+        self.durations = np.array([np.nan if r[5] is None else float(r[5]) for r in videos], dtype=np.float64)
+        self.mtimes = np.array([r[6] or 0 for r in videos], dtype=np.int64)
+        self.n_rows = len(rows)  # vectors: one per video, or one per segment
+        self.row_video = np.array([r[1] for r in rows], dtype=np.int64)  # rows of a video are contiguous
+        self.starts = np.array([r[4] for r in rows], dtype=np.float64)
+        self.ends = np.array([np.nan if r[5] is None else r[5] for r in rows], dtype=np.float64)
+        self._row_thumbs = [None if r[6] is None else tuple(json.loads(r[6])) for r in rows]
+        self.video_first = np.searchsorted(self.row_video, np.arange(len(videos)), side="left")
+        self.video_stop = np.searchsorted(self.row_video, np.arange(len(videos)), side="right")
+        if len(rows) and np.any(np.diff(self.row_video) < 0):
+            raise IndexFormatError(f"{gen / META_DB}: damaged (a video's segments are not together)")
         shard_names = list(manifest["shards"])
         pos = {s: k for k, s in enumerate(shard_names)}
         self._shards = []
@@ -208,8 +234,8 @@ class SearchIndex:
                 raise IndexFormatError(f"{p}: vector shard of shape {m.shape} {m.dtype}, expected (n, {self.dim})")
             self._shards.append(m)
         try:
-            self._row_shard = np.array([pos[r[3]] for r in rows], dtype=np.int32)
-            self._row_offset = np.array([r[4] for r in rows], dtype=np.int64)
+            self._row_shard = np.array([pos[r[2]] for r in rows], dtype=np.int32)
+            self._row_offset = np.array([r[3] for r in rows], dtype=np.int64)
         except KeyError as e:
             raise IndexFormatError(f"{gen / META_DB}: names shard {e} that the manifest does not list") from None
         for k, m in enumerate(self._shards):
@@ -242,6 +268,7 @@ class SearchIndex:
         self._all: np.ndarray | None = None
 
     def __len__(self) -> int:
+        """Number of videos (an index of segments holds more rows: ``n_rows``)."""
         return len(self.video_ids)
 
     # ------------------------------------------------------------------ vectors
@@ -267,7 +294,7 @@ class SearchIndex:
                 view = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
                 self._all = view  # valid while self._index lives, which it does as long as self
             else:
-                self._all = self.vectors(np.arange(len(self)))
+                self._all = self.vectors(np.arange(self.n_rows))
         return self._all
 
     # ------------------------------------------------------------------ model
@@ -340,7 +367,23 @@ class SearchIndex:
         return np.ascontiguousarray(v, dtype=np.float32)
 
     # ------------------------------------------------------------------ search
-    def search(self, vectors: np.ndarray, k: int, *, qb: bool | None = None) -> list[list[Hit]]:
+    def hit(self, row: int, score: float, moments: tuple[Moment, ...] = (), qb: bool = False) -> Hit:
+        """The :class:`Hit` of index row ``row`` with ``score`` (already ×logit scale, or QB-Norm's)."""
+        v = int(self.row_video[row])
+        end = float(self.ends[row])
+        return Hit(self.video_ids[v], float(score), self.paths[v], bool(qb), float(self.starts[row]),
+                   None if np.isnan(end) else end, moments, self._row_thumbs[row], bool(self.segments))
+
+    def qb_rows(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's score for each query with QB-Norm applied as a whole row: ((n, rows) float64, (n,) bool
+        normalised or not). Scored with torch's matrix product (see :meth:`_search_all_qb`)."""
+        import torch
+
+        with torch.inference_mode():
+            plain = (torch.tensor(q) @ torch.from_numpy(self.all_vectors()).T).numpy()
+        return self.qb.apply(self.logit_scale * plain.astype(np.float64))
+
+    def search(self, vectors: np.ndarray, k: int | SearchRequest, *, qb: bool | None = None) -> list[list[Hit]]:
         """Top-k videos per query vector, best first, scores ×logit scale.
 
         An approximate index proposes candidates; their scores are then recomputed from the exact stored
@@ -349,17 +392,24 @@ class SearchIndex:
         The vectors are text queries: when the index stores QB-Norm statistics they are applied (``qb``
         None or True; False switches them off), over every row for an exact index, over the re-scored
         candidates for an approximate one (``qb.py``). ``Hit.qb`` says whether a query's scores are normalised.
+
+        ``k`` may be a ``moments.SearchRequest``: grouping of segments by video, one video's segments, filters
+        (an index of segments groups by default); ``moments.search_moments`` answers those.
         """
         q = np.ascontiguousarray(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
-        if q.shape[0] == 0 or len(self) == 0 or k <= 0:
-            return [[] for _ in range(q.shape[0])]
-        if q.shape[1] != self.dim:
+        if q.shape[0] and q.shape[1] != self.dim:
             raise ValueError(f"query vectors have dim {q.shape[1]}, the index holds {self.dim}")
-        k = min(int(k), len(self))
+        request = k if isinstance(k, SearchRequest) else SearchRequest(int(k))
+        if not request.plain(self):
+            return search_moments(self, q, request, qb=qb)
+        k = request.k
+        if q.shape[0] == 0 or self.n_rows == 0 or k <= 0:
+            return [[] for _ in range(q.shape[0])]
+        k = min(int(k), self.n_rows)
         use_qb = self.qb is not None and qb is not False
         if use_qb and self.exact:
             return self._search_all_qb(q, k)
-        fetch = k if self.exact else min(len(self), max(int(np.ceil(self.rerank * k)), k + 10))
+        fetch = k if self.exact else min(self.n_rows, max(int(np.ceil(self.rerank * k)), k + 10))
         scores, labels = self._index.search(q, fetch)
         out = []
         for qi in range(q.shape[0]):
@@ -374,7 +424,7 @@ class SearchIndex:
                 order = np.argsort(-sc, kind="stable")
                 lab, sc = lab[order], sc[order]
             scale = self.logit_scale if self.exact else 1.0
-            out.append([Hit(self.video_ids[r], float(s) * scale, self.paths[r], applied)
+            out.append([self.hit(r, float(s) * scale, qb=applied)
                         for r, s in zip(lab[:k].tolist(), sc[:k].tolist(), strict=True)])
         return out
 
@@ -385,39 +435,79 @@ class SearchIndex:
         (``torch.set_num_threads``, as ``serve`` does); NumPy's BLAS starts its own and, on a loaded machine,
         waits on them (``benchmarks/README.md``, QB-Norm in search).
         """
-        import torch
-
-        with torch.inference_mode():
-            plain = (torch.tensor(q) @ torch.from_numpy(self.all_vectors()).T).numpy()
-        rows, applied = self.qb.apply(self.logit_scale * plain.astype(np.float64))
+        rows, applied = self.qb_rows(q)
         out = []
         for qi in range(q.shape[0]):
             top = top_k(rows[qi], k)
-            out.append([Hit(self.video_ids[r], float(rows[qi, r]), self.paths[r], bool(applied[qi]))
-                        for r in top.tolist()])
+            out.append([self.hit(r, float(rows[qi, r]), qb=bool(applied[qi])) for r in top.tolist()])
         return out
 
-    def query(self, texts: list[str], k: int, *, qb: bool | None = None) -> list[list[Hit]]:
+    def query(self, texts: list[str], k: int | SearchRequest, *, qb: bool | None = None) -> list[list[Hit]]:
         return self.search(self.encode_text(texts), k, qb=qb)
 
-    def similar(self, video_id: str, k: int) -> list[Hit]:
-        """Videos closest to an indexed one (the video itself excluded); KeyError for an unknown id.
+    def similar(self, video_id: str, k: int | SearchRequest, start: float | None = None) -> list[Hit]:
+        """Videos (or moments) closest to an indexed video, or to its segment starting at ``start``; the video
+        itself is excluded (with ``start``: only its segments that overlap that one). KeyError for an unknown id
+        or start. Never QB-normalised: the bank holds captions.
 
-        The video's vector is weighted as a caption's is (``[w·v_g, (1−w)·v_a]``) so the two parts count as
-        in a text query.
+        The vector is weighted as a caption's is (``[w·v_g, (1−w)·v_a]``) so the two parts count as in a text
+        query; a whole video of several segments is the mean of its segments' parts, each made unit length.
         """
-        r = self._row_of[video_id]
-        v = self.vectors([r])[0]
+        v = self._row_of[video_id]
+        first, stop = int(self.video_first[v]), int(self.video_stop[v])
+        if start is None:
+            rows = np.arange(first, stop)
+            exclude = rows
+        else:
+            at = np.nonzero(np.abs(self.starts[first:stop] - float(start)) < 1e-6)[0]
+            if not len(at):
+                raise KeyError(f"{video_id}@{start}")
+            r = first + int(at[0])
+            rows = np.array([r])
+            exclude = np.arange(first, stop)[(self.starts[first:stop] < self.ends[r])
+                                             & (self.ends[first:stop] > self.starts[r])]
+        vec = self._mean_vector(rows)
         g = int(self.model_record.global_dim or 0)
         if 0 < g < self.dim:
             w = float(self.model_record.center_weight)
-            v = np.concatenate([w * v[:g], (1 - w) * v[g:]])
-        hits = self.search(v[None], k + 1, qb=False)[0]  # never QB-normalised: the bank holds captions
-        return [h for h in hits if h.video_id != video_id][:k]
+            vec = np.concatenate([w * vec[:g], (1 - w) * vec[g:]])
+        request = k if isinstance(k, SearchRequest) else SearchRequest(int(k))
+        if not self.segments and start is None and request.plain(self):  # as before: one row per video
+            hits = self.search(vec[None], request.k + 1, qb=False)[0]
+            return [h for h in hits if h.video_id != video_id][: request.k]
+        return self.search(vec[None], request.excluding(tuple(int(x) for x in exclude)), qb=False)[0]
 
     def stored_vector(self, video_id: str) -> np.ndarray:
-        """The stored ``[v_g, v_a]`` of an indexed video, (D,) float32; KeyError for an unknown id."""
-        return self.vectors([self._row_of[video_id]])[0]
+        """The stored ``[v_g, v_a]`` of an indexed video, (D,) float32; KeyError for an unknown id. A video of
+        several segments: the mean of its segments' parts, each made unit length again."""
+        v = self._row_of[video_id]
+        return self._mean_vector(np.arange(int(self.video_first[v]), int(self.video_stop[v])))
+
+    def _mean_vector(self, rows: np.ndarray) -> np.ndarray:
+        vec = self.vectors(rows)
+        if len(rows) == 1:
+            return vec[0]
+        g = int(self.model_record.global_dim or 0)
+        parts = [vec[:, :g], vec[:, g:]] if 0 < g < self.dim else [vec]
+        return np.concatenate([p.mean(0) / max(float(np.linalg.norm(p.mean(0))), 1e-12) for p in parts])
+
+    def frame_rate(self, video_id: str) -> float:
+        """Frames per second that a frame folder's frames stand for (what its times are measured in): the
+        index's ``--video_fps``, else its recorded frames / duration, else the default."""
+        from clip2video.dataloaders.video_io import DEFAULT_VIDEO_FPS
+
+        fps = (self.manifest.get("encoding") or {}).get("video_fps")
+        if fps:
+            return float(fps)
+        rec = self.record(video_id)
+        if rec is not None and rec.frames and rec.duration:
+            return float(rec.frames) / float(rec.duration)
+        return DEFAULT_VIDEO_FPS
+
+    def rows_of(self, video_id: str) -> range:
+        """Index rows of one video (its segments in time order); KeyError for an unknown id."""
+        v = self._row_of[video_id]
+        return range(int(self.video_first[v]), int(self.video_stop[v]))
 
     def record(self, video_id: str) -> VideoRecord | None:
         """The video's record with its file policy record (None for an id the index does not hold)."""

@@ -27,6 +27,8 @@ class ServerLimits:
         record_cache_bytes: video records (with their file records) kept in memory, per generation, in bytes
             (estimated; least recently used dropped first).
         reload_interval_ms: how often, at most, a request checks whether a build switched ``CURRENT``.
+        max_clip_seconds: longest clip ``/api/clip`` cuts (400 beyond).
+        max_concurrent_clips: clips cut at once (503 beyond; cutting re-encodes video).
         max_upload_bytes: largest image one ``POST /api/search`` may upload (400 beyond).
         max_upload_files: images one ``POST /api/search`` may upload (400 beyond).
         max_image_pixels: width × height an uploaded image may have (400 beyond, checked before decoding).
@@ -43,6 +45,8 @@ class ServerLimits:
     max_frames_listed: int = 240
     record_cache_bytes: int = 4 << 20
     reload_interval_ms: int = 1000
+    max_clip_seconds: int = 300
+    max_concurrent_clips: int = 1
     max_upload_bytes: int = 10_000_000
     max_upload_files: int = 4
     max_image_pixels: int = MAX_IMAGE_PIXELS

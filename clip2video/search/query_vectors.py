@@ -303,10 +303,12 @@ class QueryEncoder:
         leaves out its own video."""
         v = self.vector(parts, uploads)
         named = {p.value for p in parts if p.kind == "like"}
-        n = k + len(named)
         # never QB-normalised: the bank holds captions, and a sum of parts (or an image, a clip) is not one
-        hits = (self.index.search(v[None], n, qb=False) if getattr(self.index, "qb", None) is not None
-                else self.index.search(v[None], n))[0]
+        kw = {"qb": False} if getattr(self.index, "qb", None) is not None else {}
+        if not isinstance(k, int):  # a moments.SearchRequest: the named videos' rows are left out before k
+            rows = tuple(r for vid in sorted(named) for r in self.index.rows_of(vid))
+            return self.index.search(v[None], k.excluding(rows) if rows else k, **kw)[0]
+        hits = self.index.search(v[None], k + len(named), **kw)[0]
         return [h for h in hits if h.video_id not in named][:k]
 
 

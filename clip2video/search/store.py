@@ -11,8 +11,10 @@ Folder layout (``FORMAT_VERSION`` 1)::
     OUT/gen-<stamp>/meta.sqlite       one row per video: id, path, kind, size, mtime, duration, frames,
                                       thumbnails, and where its vector lives (shard, row); table ``files``: the
                                       root each video's files must lie under, the files recorded at build time
-                                      (name, size, mtime) and its thumbnails (path, size, mtime, SHA-256)
-    OUT/gen-<stamp>/faiss.index       the FAISS index; FAISS id = row of meta.sqlite
+                                      (name, size, mtime) and its thumbnails (path, size, mtime, SHA-256); in
+                                      an index of segments (manifest ``segments``) also table ``segments``: one
+                                      row per vector (its video, start and end in seconds, its thumbnails)
+    OUT/gen-<stamp>/faiss.index       the FAISS index; FAISS id = row of meta.sqlite (of ``segments`` if present)
     OUT/gen-<stamp>/qb_*.npy          only with a query bank: its caption vectors and the per-row QB-Norm
                                       statistics (``qb.py``)
     OUT/shards/<name>.npy + .json     immutable float32 vector shards and the items they hold (the ``.json``
@@ -128,6 +130,8 @@ class Item:
     root: str = ""
     files: list[list[Any]] = field(default_factory=list)
     thumb_stats: list[list[Any]] = field(default_factory=list)
+    start: float | None = None  # a segment's time range in seconds (None: the whole video)
+    end: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -352,12 +356,14 @@ def write_generation(
     compact_below: float = 0.5,
     max_index_bytes: int | None = None,
     extra: Callable[[Path, np.ndarray], dict[str, Any]] | None = None,
+    segments: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete new generation for ``entries`` = (item, shard name, row in shard) and switch to it.
 
-    Rows are sorted by video id, so the index does not depend on the order (or the number of processes) in
-    which the vectors were encoded. When less than ``compact_below`` of the referenced shard rows are live,
-    the live vectors are rewritten into one new shard first.
+    Rows are sorted by video id (then segment start), so the index does not depend on the order (or the number
+    of processes) in which the vectors were encoded. When less than ``compact_below`` of the referenced shard
+    rows are live, the live vectors are rewritten into one new shard first. ``segments`` (the segment settings)
+    makes an index of segments: several entries per video, each with its ``start``/``end``.
 
     ``index_type`` "auto" picks by size, or by ``max_index_bytes`` when given (``index_choice.choose_index``,
     ValueError when nothing fits); the manifest records the choice with its estimated memory and expected
@@ -371,11 +377,14 @@ def write_generation(
         the new generation folder.
     """
     folder = Path(folder)
-    entries = sorted(entries, key=lambda e: e[0].video_id)
-    ids = [e[0].video_id for e in entries]
+    entries = sorted(entries, key=lambda e: (e[0].video_id, e[0].start or 0.0, e[0].end or 0.0))
+    ids = [(e[0].video_id, e[0].start, e[0].end) for e in entries]
     if len(set(ids)) != len(ids):
         dup = next(i for i, j in zip(ids, ids[1:], strict=False) if i == j)
-        raise ValueError(f"video id {dup!r} appears twice in the collection")
+        what = f"video id {dup[0]!r}" + (f" (segment {dup[1]:g}–{dup[2]:g} s)" if segments else "")
+        raise ValueError(f"{what} appears twice in the collection")
+    if not segments and any(e[0].start is not None for e in entries):
+        raise ValueError("segment entries given without segment settings")
     mmaps: dict[str, np.ndarray] = {}
     for _, s, _ in entries:
         if s not in mmaps:
@@ -414,7 +423,8 @@ def write_generation(
 
             fileio.atomic_write_bytes(tmp / FAISS_FILE, faiss.serialize_index(index))
         del index
-        _write_meta_db(tmp / META_DB, entries)
+        videos = _video_rows(entries) if segments else entries
+        _write_meta_db(tmp / META_DB, videos, entries if segments else None)
         added: dict[str, Any] = {}
         if extra is not None:
             with build_step("writing the query bank's files", tmp):
@@ -439,6 +449,9 @@ def write_generation(
             "shards": sorted({s for _, s, _ in entries}),
             "source": source,
         }
+        if segments:
+            manifest["segments"] = dict(segments)
+            manifest["videos"] = len(videos)
         manifest.update(added)
         manifest["files"] = _file_digests(folder, tmp, gen, files)
         data = json.dumps(manifest, indent=1).encode()
@@ -470,9 +483,53 @@ def write_generation(
     return final
 
 
-def _write_meta_db(path: Path, entries: Sequence[tuple[Item, str, int]]) -> None:
+def _thumb_order(rel: str) -> tuple[int, str]:
+    stem = Path(rel).stem
+    return (int(stem), rel) if stem.isdigit() else (-1, rel)
+
+
+def _video_rows(entries: Sequence[tuple[Item, str, int]]) -> list[tuple[Item, str, int]]:
+    """One entry per video of a segmented collection (entries sorted by video): its first segment's, with the
+    thumbnails of all its segments (in frame order, their records alongside) and no time range."""
+    out: list[tuple[Item, str, int]] = []
+    for it, s, i in entries:
+        if not out or out[-1][0].video_id != it.video_id:
+            out.append((Item.from_dict(dict(it.to_dict(), thumbnails=[], thumb_stats=[], start=None, end=None)),
+                        s, i))
+        video = out[-1][0]
+        stats = list(it.thumb_stats) + [[]] * (len(it.thumbnails) - len(it.thumb_stats))
+        for t, st in zip(it.thumbnails, stats, strict=True):
+            if t not in video.thumbnails:
+                video.thumbnails.append(t)
+                video.thumb_stats.append(st)
+    for video, _, _ in out:
+        order = sorted(range(len(video.thumbnails)), key=lambda j: _thumb_order(video.thumbnails[j]))
+        video.thumbnails = [video.thumbnails[j] for j in order]
+        video.thumb_stats = [video.thumb_stats[j] for j in order if video.thumb_stats[j]]
+    return out
+
+
+def _write_segment_rows(db: sqlite3.Connection, entries: Sequence[tuple[Item, str, int]],
+                        videos: Sequence[tuple[Item, str, int]]) -> None:
+    """Table ``segments``: row (= FAISS id), video (row of ``videos``), start_s, end_s, thumbnails (positions in
+    the video's thumbnail list), shard, shard_row."""
+    db.execute("CREATE TABLE segments (row INTEGER PRIMARY KEY, video INTEGER NOT NULL, start_s REAL NOT NULL, "
+               "end_s REAL NOT NULL, thumbnails TEXT, shard TEXT NOT NULL, shard_row INTEGER NOT NULL)")
+    number = {it.video_id: v for v, (it, _, _) in enumerate(videos)}
+    positions = [{t: j for j, t in enumerate(it.thumbnails)} for it, _, _ in videos]
+    rows = []
+    for r, (it, s, i) in enumerate(entries):
+        v = number[it.video_id]
+        pos = positions[v]
+        rows.append((r, v, float(it.start), float(it.end), json.dumps([pos[t] for t in it.thumbnails]), s, i))
+    db.executemany("INSERT INTO segments VALUES (?,?,?,?,?,?,?)", rows)
+
+
+def _write_meta_db(path: Path, entries: Sequence[tuple[Item, str, int]],
+                   segments: Sequence[tuple[Item, str, int]] | None = None) -> None:
     """``meta.sqlite``: table ``videos`` (one row per video, FAISS id = row) and table ``files`` (the file
-    policy's record of each video; ``files.py``)."""
+    policy's record of each video; ``files.py``); with ``segments`` (the entries of an index of segments) also
+    table ``segments``, whose rows are then the FAISS ids."""
     with build_step("writing the metadata database", path), fileio.atomic_path(path) as tmp:
         db = sqlite3.connect(tmp)
         try:
@@ -488,6 +545,8 @@ def _write_meta_db(path: Path, entries: Sequence[tuple[Item, str, int]]) -> None
                            [(r, it.root, json.dumps(it.files, ensure_ascii=False),
                              json.dumps([[t, *st] for t, st in zip(it.thumbnails, it.thumb_stats, strict=False)]))
                             for r, (it, _, _) in enumerate(entries)])
+            if segments is not None:
+                _write_segment_rows(db, segments, entries)
             db.commit()
         finally:
             db.close()

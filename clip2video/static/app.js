@@ -29,6 +29,26 @@ function el(tag, cls, text) {
 // QB-Norm's normalised scores are small positive numbers: keep their significant digits
 const fmtScore = (s) => (Math.abs(s) >= 1 ? s.toFixed(3) : s.toPrecision(3));
 
+// Times as the command line prints them: m:ss.s
+function clock(t) {
+  if (t === null || t === undefined || !isFinite(t)) return "?";
+  const m = Math.floor(t / 60);
+  const s = t - 60 * m;
+  return `${m}:${s.toFixed(1).padStart(4, "0")}`;
+}
+
+function rangeLabel(start, end) {
+  return `${clock(start)}–${clock(end)}`;
+}
+
+function button(cls, text, title, onClick) {
+  const b = el("button", cls, text);
+  b.type = "button";
+  if (title) b.title = title;
+  b.addEventListener("click", (ev) => { ev.stopPropagation(); onClick(); });
+  return b;
+}
+
 function render(results) {
   const grid = $("results");
   grid.replaceChildren();
@@ -48,32 +68,69 @@ function render(results) {
     const vid = el("span", "vid", r.video_id);
     vid.title = r.video_id;
     meta.append(el("span", "rank", `${i + 1}.`), vid, el("span", "score", fmtScore(r.score)));
-    const like = el("button", "like", "more like this");
-    like.type = "button";
-    like.title = "videos similar to this one";
-    like.addEventListener("click", (ev) => { ev.stopPropagation(); go({ like: r.video_id }); });
-    meta.append(like);
+    const tools = el("div", "tools");
+    const range = el("span", "range", r.start !== null && r.start !== undefined ? rangeLabel(r.start, r.end) : "");
+    range.dataset.start = String(r.start);
+    range.dataset.end = String(r.end);
+    tools.append(range);
+    tools.append(button("like", "more like this", "moments similar to this one",
+      () => go(r.segment ? { like: r.video_id, start: r.start } : { like: r.video_id })));
+    tools.append(button("only", "in this video", "search this video only", () => {
+      const q = $("q").value.trim();
+      if (q) go({ q, video_id: r.video_id });
+    }));
+    if (r.clip) {
+      const a = el("a", "clip", "clip");
+      a.href = r.clip;
+      a.download = "";
+      a.title = "download this moment as an MP4";
+      a.addEventListener("click", (ev) => ev.stopPropagation());
+      tools.append(a);
+    }
+    meta.append(tools);
     card.append(strip, meta);
+    if (r.moments && r.moments.length) {
+      const more = el("div", "moments");
+      for (const m of r.moments) {
+        more.append(button("moment", rangeLabel(m.start, m.end), `score ${fmtScore(m.score)}`,
+          () => openViewer({ ...r, start: m.start, end: m.end, score: m.score })));
+      }
+      card.append(more);
+    }
     card.addEventListener("click", () => openViewer(r));
     grid.append(card);
   });
+}
+
+function showScope(p) {
+  const scope = $("scope");
+  if (p.get("video_id")) {
+    $("scope-label").textContent = `in ${p.get("video_id")}`;
+    scope.hidden = false;
+  } else {
+    scope.hidden = true;
+  }
 }
 
 async function run() {
   const p = new URLSearchParams(location.hash.slice(1));
   const k = p.get("k") || $("k").value;
   $("k").value = k;
+  showScope(p);
   const seq = ++state.seq;  // a slower answer to an earlier search is not shown over this one
   try {
     let body;
     if (p.get("like")) {
-      setStatus(`videos like ${p.get("like")} …`);
-      body = await api(`/api/similar?video_id=${encodeURIComponent(p.get("like"))}&k=${k}`);
-      setStatus(`${body.results.length} videos like ${body.video_id} · ${body.took_ms.toFixed(1)} ms`);
+      const at = p.get("start") !== null ? ` at ${clock(Number(p.get("start")))}` : "";
+      setStatus(`videos like ${p.get("like")}${at} …`);
+      const start = p.get("start") !== null ? `&start=${encodeURIComponent(p.get("start"))}` : "";
+      body = await api(`/api/similar?video_id=${encodeURIComponent(p.get("like"))}&k=${k}${start}`);
+      setStatus(`${body.results.length} videos like ${body.video_id}${at} · ${body.took_ms.toFixed(1)} ms`);
     } else if (p.get("q")) {
       $("q").value = p.get("q");
       setStatus("searching …");
-      body = await api(`/api/search?q=${encodeURIComponent(p.get("q"))}&k=${k}`);
+      const only = p.get("video_id") ? `&video_id=${encodeURIComponent(p.get("video_id"))}` : "";
+      body = await api(`/api/search?q=${encodeURIComponent(p.get("q"))}&k=${k}${only}`);
       const qb = body.qb_norm && body.qb_norm.applied ? " · QB-Norm scores" : "";
       setStatus(`${body.results.length} results · ${body.took_ms.toFixed(1)} ms${qb}`);
     } else {
@@ -176,25 +233,51 @@ function playFlip() {
   $("flip-play").textContent = "pause";
 }
 
+// The moment's range on the player's timeline, and where playback is.
+function drawTimeline() {
+  const player = $("player");
+  const r = state.current;
+  const d = player.duration;
+  if (!r || !isFinite(d) || d <= 0) return;
+  const start = Math.max(0, r.start || 0);
+  const end = Math.min(d, r.end === null || r.end === undefined ? d : r.end);
+  $("tl-range").style.left = `${(100 * start) / d}%`;
+  $("tl-range").style.width = `${(100 * Math.max(0, end - start)) / d}%`;
+  $("tl-now").style.left = `${(100 * player.currentTime) / d}%`;
+}
+
 async function openViewer(r) {
   state.current = r;
-  $("viewer-title").textContent = `${r.video_id}  (${fmtScore(r.score)})`;
+  const where = r.start !== null && r.start !== undefined ? `  ${rangeLabel(r.start, r.end)}` : "";
+  $("viewer-title").textContent = `${r.video_id}${where}  (${fmtScore(r.score)})`;
   const player = $("player");
   stopFlip();
   $("viewer").hidden = false;
   if (r.video) {
     $("flip").hidden = true;
     player.hidden = false;
-    player.src = r.video;  // the server answers Range requests, so seeking works
-    player.play().catch(() => {});
+    $("timeline").hidden = false;
+    delete player.dataset.startedAt;
+    player.addEventListener("loadedmetadata", () => {
+      // the server answers Range requests, so the jump to the moment fetches only what it needs
+      player.addEventListener("seeked", () => {
+        player.dataset.startedAt = String(player.currentTime);
+        drawTimeline();
+        player.play().catch(() => {});
+      }, { once: true });
+      player.currentTime = Math.max(0, r.start || 0);
+    }, { once: true });
+    player.src = r.video;
   } else if (r.frames) {
     player.hidden = true;
+    $("timeline").hidden = true;
     $("flip").hidden = false;
     try {
       const body = await api(r.frames);
       state.frames = body.frames;
       $("flip-pos").max = String(Math.max(0, body.frames.length - 1));
-      showFrame(0);
+      const step = body.count / Math.max(1, body.frames.length);
+      showFrame(body.fps && r.start ? Math.floor((r.start * body.fps) / step) : 0);
       playFlip();
     } catch (e) {
       $("flip-count").textContent = e.message;
@@ -245,7 +328,22 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("viewer-close").addEventListener("click", closeViewer);
   $("viewer").addEventListener("click", (ev) => { if (ev.target === $("viewer")) closeViewer(); });
-  $("viewer-like").addEventListener("click", () => { const r = state.current; closeViewer(); if (r) go({ like: r.video_id }); });
+  $("viewer-like").addEventListener("click", () => {
+    const r = state.current;
+    closeViewer();
+    if (r) go(r.segment ? { like: r.video_id, start: r.start } : { like: r.video_id });
+  });
+  $("player").addEventListener("timeupdate", drawTimeline);
+  $("timeline").addEventListener("click", (ev) => {
+    const player = $("player");
+    const box = $("timeline").getBoundingClientRect();
+    if (isFinite(player.duration)) player.currentTime = ((ev.clientX - box.left) / box.width) * player.duration;
+  });
+  $("scope-clear").addEventListener("click", () => {
+    const p = Object.fromEntries(new URLSearchParams(location.hash.slice(1)));
+    delete p.video_id;
+    go(p);
+  });
   $("flip-play").addEventListener("click", () => (state.flipTimer ? stopFlip() : playFlip()));
   $("flip-pos").addEventListener("input", (ev) => { stopFlip(); showFrame(Number(ev.target.value)); });
   document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") closeViewer(); });
