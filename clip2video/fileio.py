@@ -61,6 +61,16 @@ def _remove(path: Path) -> None:
             pass
 
 
+def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks (weights and vector shards are hundreds of MB). The one
+    file hash of the project: weight downloads, result records and index checksums must agree on it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` (same suffix) to write; rename it to ``path`` on success.

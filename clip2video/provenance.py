@@ -8,22 +8,14 @@ the code runs from one.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from clip2video.fileio import sha256_file
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-
-
-def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in blocks (weights are hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_record(path: str | os.PathLike | None) -> dict[str, Any] | None:

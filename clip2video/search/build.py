@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from clip2video import fileio
-from clip2video.fileio import atomic_dir
+from clip2video.fileio import atomic_dir, sha256_file
 from clip2video.modules.weights.identity import ModelRecord
 from clip2video.search.files import IMAGE_EXTS, id_problem, scan_frame_folder, scan_video_file
 from clip2video.search.qb import BankRequest, bank_writer, encode_bank
@@ -45,7 +45,6 @@ from clip2video.search.store import (
     IndexWriteError,
     Item,
     build_step,
-    file_sha256,
     list_shards,
     read_manifest,
     read_shard_items,
@@ -194,7 +193,7 @@ def write_thumbnails(index_dir: Path, key: str, sources: Sequence[Any],
             with fileio.atomic_path(d / f"{name}.jpg") as tmp:
                 im.save(tmp, quality=85)
             st = (d / f"{name}.jpg").lstat()
-            stats.append([st.st_size, st.st_mtime_ns, file_sha256(d / f"{name}.jpg")])
+            stats.append([st.st_size, st.st_mtime_ns, sha256_file(d / f"{name}.jpg")])
         rels.append(f"{THUMBS}/{key}/{name}.jpg")
     return rels, stats
 
@@ -330,7 +329,7 @@ def _with_record(entry: tuple[Item, str, int], src: Source, index_dir: Path) -> 
         for t in it.thumbnails:
             try:
                 st = (index_dir / t).lstat()
-                stats.append([st.st_size, st.st_mtime_ns, file_sha256(index_dir / t)])
+                stats.append([st.st_size, st.st_mtime_ns, sha256_file(index_dir / t)])
                 thumbs.append(t)
             except OSError:
                 continue

@@ -30,12 +30,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from clip2video import fileio
+from clip2video.fileio import sha256_file
 from clip2video.search.store import (
     META_DB,
     SHARDS,
     THUMBS,
     IndexFormatError,
-    file_sha256,
     open_db_readonly,
     read_manifest,
     read_manifest_sum,
@@ -75,7 +75,7 @@ def _check_file(path: Path, size: int, digest: str | None, *, hash_it: bool) -> 
     if not hash_it or digest is None:
         return 0
     try:
-        got = file_sha256(path)
+        got = sha256_file(path)
     except OSError as e:
         raise IndexFormatError(f"{path}: cannot be read ({e.strerror or e})") from None
     if got != digest:

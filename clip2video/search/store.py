@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from clip2video import fileio  # through the module, so that every write of a build passes one choke point
-from clip2video.fileio import TMP_PREFIX
+from clip2video.fileio import TMP_PREFIX, sha256_file
 from clip2video.search.index_choice import EXACT_MAX, TRAIN_PER_LIST, choose_index  # noqa: F401 - EXACT_MAX re-exported
 
 FORMAT_VERSION = 2  # 2: checksums (manifest ``files``, manifest.sha256), the ``files`` table, strict CURRENT
@@ -101,15 +101,6 @@ def build_step(step: str, path: str | os.PathLike) -> Iterator[None]:
             code = errno.ENOSPC if "full" in str(e).lower() else code
         why = os.strerror(code) if code else (str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise IndexWriteError(code or errno.EIO, f"{step} {path}: {why}; the previous index is unchanged") from None
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (read in chunks: vector shards can be large)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -286,7 +277,7 @@ def write_shard(folder: Path, name: str, vectors: np.ndarray, items: Sequence[It
         d.mkdir(parents=True, exist_ok=True)
         with fileio.atomic_path(d / f"{name}.npy") as tmp:
             np.save(tmp, vectors)
-            digest = file_sha256(tmp)  # what reached the file, read back before it gets its name
+            digest = sha256_file(tmp)  # what reached the file, read back before it gets its name
             size = tmp.stat().st_size
     side = {"format_version": SHARD_FORMAT_VERSION, "encoding_key": encoding_key, "rows": len(items),
             "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0, "npy_size": size, "npy_sha256": digest,
@@ -328,7 +319,7 @@ def shard_intact(folder: Path, name: str) -> bool:
     try:
         if "npy_sha256" not in side:
             return True
-        return p.stat().st_size == side["npy_size"] and file_sha256(p) == side["npy_sha256"]
+        return p.stat().st_size == side["npy_size"] and sha256_file(p) == side["npy_sha256"]
     except OSError:
         return False
 
@@ -568,7 +559,7 @@ def _file_digests(folder: Path, tmp: Path, gen: str, names: dict[str, Any]) -> d
                 if side is not None and "npy_sha256" in side:
                     out[rel] = [int(side["npy_size"]), side["npy_sha256"]]
                     continue
-            out[rel] = [path.stat().st_size, file_sha256(path)]
+            out[rel] = [path.stat().st_size, sha256_file(path)]
     return out
 
 

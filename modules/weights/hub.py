@@ -24,7 +24,6 @@ the network: a missing file is one error naming it and where to put it.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -36,7 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from clip2video.fileio import TMP_PREFIX
+from clip2video.fileio import TMP_PREFIX, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -131,14 +130,6 @@ def fetch_openai(name: str, *, offline: bool = False, progress: bool = True) -> 
 
 
 # ----------------------------------------------------------------------------------------------- download
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def partial_path(dest: Path, sha256: str) -> Path:
     """Where the download of ``dest`` grows: hidden, and tied to the expected hash, so that a later run
     resumes only a transfer of the same file."""
@@ -192,12 +183,12 @@ def download(url: str, dest: str | os.PathLike, sha256: str, *, offline: bool = 
             return dest
         part = partial_path(dest, sha256)
         resumed = _transfer(url, part, dest, progress=progress, retries=retries, hint=hint)
-        got = sha256_of(part)
+        got = sha256_file(part)
         if got != sha256 and resumed:  # the kept partial may have come from a damaged earlier transfer
             logger.warning("%s: SHA-256 mismatch after resuming; downloading the whole file again", dest.name)
             part.unlink()
             _transfer(url, part, dest, progress=progress, retries=retries, hint=hint)
-            got = sha256_of(part)
+            got = sha256_file(part)
         if got != sha256:
             part.unlink()
             raise ChecksumMismatch(f"{url}: the downloaded file's SHA-256 {got[:12]}… is not the published "
@@ -210,7 +201,7 @@ def download(url: str, dest: str | os.PathLike, sha256: str, *, offline: bool = 
 def _verified(path: Path, sha256: str, refuse: str | None) -> bool:
     """Whether the file at ``path`` has the published hash; if not it is removed, and then ``refuse`` (what
     to do instead) makes that an error, None a warning before downloading it again."""
-    got = sha256_of(path)
+    got = sha256_file(path)
     if got == sha256:
         return True
     path.unlink()
