@@ -55,11 +55,9 @@ import math
 import mimetypes
 import os
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, Request
@@ -67,6 +65,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from clip2video.modules.runtime.lru import BoundedLRU
 from clip2video.search.batcher import BatcherClosed, BusyError, QueryBatcher, search_batch
 from clip2video.search.files import MAX_ID_CHARS, NotServed, open_recorded
 from clip2video.search.limits import ServerLimits, strict_int
@@ -103,21 +102,24 @@ def _record_bytes(rec) -> int:
             + sum(250 + len(str(t)) for t in rec.thumbnails))
 
 
+class _RecordLRU(BoundedLRU):
+    @staticmethod
+    def cost(video_id: str, rec) -> int:
+        return _record_bytes(rec)
+
+
 class Records:
     """The index's record of a video id, or None; the records looked up last are kept, up to ``max_bytes``
     (estimated) in all, least recently used dropped first. Any odd spelling of an id is just an unknown id."""
 
     def __init__(self, index, max_bytes: int):
         self.index = index
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._cache: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._cache = _RecordLRU(max_bytes)
 
     def get(self, video_id: str):
         got = self._cache.get(video_id)
         if got is not None:
-            self._cache.move_to_end(video_id)
-            return got[0]
+            return got
         if not video_id or len(video_id) > MAX_ID_CHARS:
             return None
         try:
@@ -128,13 +130,7 @@ class Records:
             logger.error("%s", e)
             rec = None
         if rec is not None:
-            size = _record_bytes(rec)
-            if size <= self.max_bytes:
-                self._cache[video_id] = (rec, size)
-                self.bytes += size
-                while self.bytes > self.max_bytes:
-                    _, (_, dropped) = self._cache.popitem(last=False)
-                    self.bytes -= dropped
+            self._cache.put(video_id, rec)
         return rec
 
 

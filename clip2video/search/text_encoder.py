@@ -31,11 +31,11 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
+
+from clip2video.modules.runtime.lru import BoundedLRU
 
 logger = logging.getLogger("clip2video.search.text_encoder")
 
@@ -306,22 +306,13 @@ def make_text_encoder(name: str, model, tokenizer, dim: int, *, precision: str =
 
 
 # ----------------------------------------------------------------------------------------------- cache
-class QueryCache:
+class QueryCache(BoundedLRU):
     """Recent query vectors, least recently used out first, at most ``max_bytes`` (vectors + keys + a fixed
     per-entry overhead). Keys are ``(fingerprint, encoder name, token ids)``. ``max_bytes`` 0 keeps nothing.
-    Thread-safe (the server encodes in a small pool of threads)."""
+    Stored vectors are read-only copies: a caller cannot change what another will get."""
 
+    what = "query cache size (bytes)"
     ENTRY_OVERHEAD = 200  # bytes per entry beyond the vector and the ids (dict slot, tuple, array header)
-
-    def __init__(self, max_bytes: int):
-        if max_bytes < 0:
-            raise ValueError(f"query cache size must be >= 0 bytes, got {max_bytes}")
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
     @staticmethod
     def key(fingerprint: str, encoder: str, ids: np.ndarray, mask: np.ndarray) -> tuple:
@@ -332,47 +323,12 @@ class QueryCache:
     def _size(self, key: tuple, vec: np.ndarray) -> int:
         return vec.nbytes + len(key[2]) + len(key[0]) + len(key[1]) + self.ENTRY_OVERHEAD
 
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: tuple) -> np.ndarray | None:
-        with self._lock:
-            v = self._items.get(key)
-            if v is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return v
+    cost = _size
 
     def put(self, key: tuple, vec: np.ndarray) -> None:
         vec = np.array(vec, dtype=np.float32, copy=True)
         vec.setflags(write=False)
-        size = self._size(key, vec)
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= self._size(key, old)
-            self._items[key] = vec
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                k, v = self._items.popitem(last=False)
-                self._bytes -= self._size(k, v)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
-
-    def stats(self) -> dict[str, Any]:
-        return {"entries": len(self._items), "bytes": self._bytes, "max_bytes": self.max_bytes, "hits": self.hits,
-                "misses": self.misses}
+        super().put(key, vec)
 
 
 def encode_cached(encoder: TextEncoder, cache: QueryCache | None, fingerprint: str, texts: Sequence[str]) -> np.ndarray:

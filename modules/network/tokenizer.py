@@ -19,15 +19,15 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.resources
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from functools import lru_cache
 from itertools import pairwise
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from clip2video.modules.runtime.lru import BoundedLRU
 
 if TYPE_CHECKING:  # importlib.resources.abc is 3.11+; the package supports 3.10
     from importlib.resources.abc import Traversable
@@ -49,58 +49,14 @@ _SPECIAL = ("<start_of_text>", "<end_of_text>")
 _WORD_END = "</w>"
 
 
-class ByteLRU:
-    """A dict-like memo bounded by an estimate of its size in bytes, least recently used entries dropped first.
-
-    Thread-safe (the server encodes queries in several threads). ``cost(key, value)`` estimates one entry's
-    bytes: keys are str, values tuples/lists of small ints here, so the default counts the key's characters,
-    8 bytes per element and CPython's per-object overheads (checked against ``tracemalloc`` in the tests).
-    """
-
-    def __init__(self, max_bytes: int):
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._data: OrderedDict[str, tuple[Any, int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:  # picklable for DataLoader workers: the lock is made anew
-        with self._lock:
-            return {"max_bytes": self.max_bytes, "bytes": self.bytes, "_data": OrderedDict(self._data)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+class ByteLRU(BoundedLRU):
+    """The tokenizer's memos: keys are str, values tuples/lists of small ints, so an entry costs the key's
+    characters, 8 bytes per element and CPython's per-object overheads (checked against ``tracemalloc`` in the
+    tests)."""
 
     @staticmethod
     def cost(key: str, value: Sequence[int]) -> int:
         return 300 + len(key) * (1 if key.isascii() else 4) + 8 * len(value)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def get(self, key: str) -> Any:
-        with self._lock:
-            got = self._data.get(key)
-            if got is None:
-                return None
-            self._data.move_to_end(key)
-            return got[0]
-
-    def put(self, key: str, value: Any) -> None:
-        size = self.cost(key, value)
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._data.pop(key, None)
-            if old is not None:
-                self.bytes -= old[1]
-            self._data[key] = (value, size)
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, (_, dropped) = self._data.popitem(last=False)
-                self.bytes -= dropped
 
 
 def _vocab_path() -> Traversable:
