@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,21 +113,25 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
     Each group carries a ``name`` (for logs and tests) and its own ``lr`` so the schedule scales both rates.
     """
-    groups: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
+    order = ((False, False), (False, True), (True, False), (True, True))  # (clip, no decay)
+    return _grouped(model, cfg, lambda name, p: (is_clip_param(name), is_no_decay(name, p)), order)
+
+
+def _grouped(model: nn.Module, cfg: OptimConfig, kind: Callable[[str, nn.Parameter], tuple[bool, bool]],
+             order: Sequence[tuple[bool, bool]]) -> list[dict]:
+    """The trainable parameters split by ``kind(name, p) → (clip, no decay)`` into groups in ``order`` (empty
+    ones left out): the recipes differ only in that rule and in the order of their groups."""
+    buckets: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        groups.setdefault((is_clip_param(name), is_no_decay(name, p)), []).append((name, p))
-    out = []
-    for (clip, no_decay), items in sorted(groups.items()):
-        out.append({
-            "name": f"{'clip' if clip else 'heads'}_{'no_decay' if no_decay else 'decay'}",
-            "params": [p for _, p in items],
-            "param_names": [n for n, _ in items],
-            "lr": cfg.lr * cfg.coef_lr if clip else cfg.lr,
-            "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-        })
-    return out
+        if p.requires_grad:
+            buckets.setdefault(kind(name, p), []).append((name, p))
+    return [{
+        "name": f"{'clip' if clip else 'heads'}_{'no_decay' if no_decay else 'decay'}",
+        "params": [p for _, p in items],
+        "param_names": [n for n, _ in items],
+        "lr": cfg.lr * cfg.coef_lr if clip else cfg.lr,
+        "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+    } for clip, no_decay in order if (items := buckets.get((clip, no_decay)))]
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
@@ -215,25 +220,9 @@ def clip4clip_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     without a gradient, which is the same). Each group carries ``name`` and ``param_names`` as
     :func:`param_groups` does.
     """
-    buckets: dict[tuple[bool, bool], list[tuple[str, nn.Parameter]]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = any(nd in name for nd in CLIP4CLIP_NO_DECAY)
-        buckets.setdefault((no_decay, "clip." in name), []).append((name, p))
-    out = []
-    for no_decay, clip in ((False, True), (False, False), (True, True), (True, False)):
-        items = buckets.get((no_decay, clip))
-        if not items:
-            continue
-        out.append({
-            "name": f"{'clip' if clip else 'heads'}_{'no_decay' if no_decay else 'decay'}",
-            "params": [p for _, p in items],
-            "param_names": [n for n, _ in items],
-            "lr": cfg.lr * cfg.coef_lr if clip else cfg.lr,
-            "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-        })
-    return out
+    order = ((True, False), (False, False), (True, True), (False, True))  # (clip, no decay)
+    return _grouped(model, cfg, lambda name, p: ("clip." in name, any(nd in name for nd in CLIP4CLIP_NO_DECAY)),
+                    order)
 
 
 class BertAdam(torch.optim.Optimizer):
