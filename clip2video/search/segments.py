@@ -328,6 +328,15 @@ def stream_segments(kind: str, path: str, *, settings: SegmentSettings, fps: flo
             buf_k.clear(), buf_x.clear(), buf_t.clear()
             t0 = time.perf_counter()
 
+    def take(k: int, x: torch.Tensor, pic: np.ndarray, thumbnail: bool) -> Iterator[dict[str, Any]]:
+        """Frame k joins the next message (with its thumbnail when one is wanted); a full message goes out."""
+        buf_k.append(k)
+        buf_x.append(x)
+        if thumbnail and (rel := thumb(k, pic)):
+            buf_t[k] = rel
+        if len(buf_k) >= chunk:
+            yield from flush()
+
     if settings.mode == "fixed":
         plan = fixed_segments(duration, n, fps, settings.seconds, settings.stride, framerate=framerate,
                               max_frames=max_frames)
@@ -335,14 +344,7 @@ def stream_segments(kind: str, path: str, *, settings: SegmentSettings, fps: flo
         needed = sorted({p for s in plan for p in s.positions})
         shown = {p for s in plan for p in s.thumbs}
         for k, rgb in frames(needed):
-            buf_k.append(k)
-            buf_x.append(preprocess_rgb(rgb, image_size))
-            if k in shown:
-                rel = thumb(k, rgb)
-                if rel:
-                    buf_t[k] = rel
-            if len(buf_k) >= chunk:
-                yield from flush()
+            yield from take(k, preprocess_rgb(rgb, image_size), rgb, k in shown)
         yield from flush()
         yield {"kind": "end"}
         return
@@ -358,14 +360,7 @@ def stream_segments(kind: str, path: str, *, settings: SegmentSettings, fps: flo
             yield {"kind": "segments", "segments": [seg]}
             for k in seg.positions:
                 x, small = held[k]
-                buf_k.append(k)
-                buf_x.append(x)
-                if k in seg.thumbs:
-                    rel = thumb(k, small)
-                    if rel:
-                        buf_t[k] = rel
-                if len(buf_k) >= chunk:
-                    yield from flush()
+                yield from take(k, x, small, k in seg.thumbs)
             yield from flush()
             for k in [k for k in held if k < stop]:
                 del held[k]
