@@ -229,3 +229,12 @@ def query_json(index: Path, root: Path, env: dict, *args: str) -> list:
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
+
+
+def write_jpeg(path: Path, colour) -> Path:
+    """A small one-colour JPEG at ``path`` (parents made): a frame of a stub video."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 24), colour).save(path, quality=90)
+    return path

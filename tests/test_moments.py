@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from search_utils import build_argv as search_build_argv
+from search_utils import query_json
 
 from clip2video.cli import infer_retrieval, sample_frame, search
 from clip2video.dataloaders.synthetic import make_synthetic_dataset
@@ -62,15 +64,7 @@ def long_video(tmp_path_factory):
 
 
 def build_argv(features: Path, ix: Path, ckpt: Path, *extra: str) -> list[str]:
-    return ["build", "--features_path", str(features), "--index", str(ix), "--checkpoint", str(ckpt.parent),
-            "--model_num", "1", "--max_words", "16", "--max_frames", "6", "--feature_framerate", "2",
-            "--num_thread_reader", "0", "--device", "cpu", "--no_progress", "--video_fps", str(F), *extra]
-
-
-def query_json(capsys, ix: Path, *args: str) -> list[dict]:
-    capsys.readouterr()
-    assert search.main(["query", "--index", str(ix), "--json", *args]) == 0
-    return json.loads(capsys.readouterr().out)
+    return search_build_argv(features, ix, ckpt, "--feature_framerate", "2", "--video_fps", str(F), *extra)
 
 
 def cut_out_scores(frames: Path, segments: list[tuple[float, float]], ckpt: Path, tmp: Path) -> np.ndarray:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from search_utils import build_argv as search_build_argv
 from server_utils import ServerThread, get_json, raw_get
 
 from clip2video.cli import search
@@ -31,9 +32,7 @@ SECRET = b"root:x:0:0 SECRET-PASSWORD-LINE"
 
 
 def build_argv(frames, ix, ckpt, *extra):
-    return ["build", "--features_path", str(frames), "--index", str(ix), "--checkpoint", str(ckpt.parent),
-            "--model_num", "1", "--max_words", "16", "--max_frames", "4", "--num_thread_reader", "0",
-            "--device", "cpu", "--no_progress", "--video_fps", "10", *extra]
+    return search_build_argv(frames, ix, ckpt, "--video_fps", "10", *extra, max_frames=4)
 
 
 @pytest.fixture(scope="module")

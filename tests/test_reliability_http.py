@@ -18,8 +18,7 @@ from urllib.parse import quote
 
 import numpy as np
 import pytest
-from PIL import Image
-from server_utils import BagOfWordsIndex, ServerThread, VideoRecord, get_json, raw_get
+from server_utils import BagOfWordsIndex, ServerThread, VideoRecord, get_json, raw_get, write_jpeg
 
 from clip2video.cli import search
 from clip2video.modules.network.tokenizer import ByteLRU, ClipTokenizer, _bpe
@@ -32,21 +31,15 @@ from clip2video.search.web import SECURITY_HEADERS
 CAPTIONS = {"dog": "a dog catches a frisbee", "cook": "a man cooks pasta", "frames-only": "a cat on a sofa"}
 
 
-def _jpeg(path: Path, colour) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (32, 24), colour).save(path, quality=90)
-    return path
-
-
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory):
     root = tmp_path_factory.mktemp("http")
     records = {}
     for n, vid in enumerate(CAPTIONS):
-        thumbs = [_jpeg(root / "index" / "thumbs" / f"{n}_{j}.jpg", (40 * n, 80, 30 * j)) for j in range(2)]
+        thumbs = [write_jpeg(root / "index" / "thumbs" / f"{n}_{j}.jpg", (40 * n, 80, 30 * j)) for j in range(2)]
         if vid == "frames-only":
             for j in range(3):
-                _jpeg(root / "videos" / vid / f"{j + 1:08d}.jpg", (10 * j, 200, 0))
+                write_jpeg(root / "videos" / vid / f"{j + 1:08d}.jpg", (10 * j, 200, 0))
             records[vid] = VideoRecord(vid, root / "videos" / vid, "frames", thumbs)
         else:
             path = root / "videos" / f"{vid}.mp4"

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from search_utils import build_argv as search_build_argv
+from search_utils import one_line_error as search_error
 
 from clip2video import fileio
 from clip2video.cli import search
@@ -33,15 +35,6 @@ from clip2video.search.store import CURRENT, MANIFEST, IndexFormatError
 
 ROOT = Path(__file__).resolve().parents[1]
 N_VECTORS, DIM = 3000, 96  # a shard and a FAISS index above integrity.SMALL_FILE: hashed in full checks only
-
-
-def one_line_error(capsys, argv, code=1) -> str:
-    capsys.readouterr()
-    rc = search.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == code, (rc, err)
-    assert err.count("\n") == 0 and err.startswith("search.py: error:") and "Traceback" not in err, err
-    return err
 
 
 def live_gen(ix: Path) -> Path:
@@ -125,6 +118,14 @@ def _corrupt(kind: str, ix: Path) -> Path:
         (ix / CURRENT).write_bytes(b"\x80\xfe\x00garbage\xff" * 3)
         return ix / CURRENT
     raise AssertionError(kind)
+
+
+def one_line_error(capsys, argv, code=1) -> str:
+    return search_error(capsys, argv, code)
+
+
+def build_argv(frames, ix, ckpt, *extra):
+    return search_build_argv(frames, ix, ckpt, *extra, max_frames=4)
 
 
 CORRUPTIONS = ["shard truncated to 0 bytes", "garbled FAISS index", "garbled shard bytes",
@@ -217,12 +218,6 @@ def test_a_reader_keeps_its_generation_until_it_closes(fresh, emb, capsys):
 
 
 # ----------------------------------------------------------------------------------------------- disk full
-def build_argv(frames, ix, ckpt, *extra):
-    return ["build", "--features_path", str(frames), "--index", str(ix), "--checkpoint", str(ckpt.parent),
-            "--model_num", "1", "--max_words", "16", "--max_frames", "4", "--num_thread_reader", "0",
-            "--device", "cpu", "--no_progress", *extra]
-
-
 @pytest.fixture(scope="module")
 def folder_index(tmp_path_factory, tiny_ckpt):
     """An index of 2 frame folders, and 2 more videos waiting to be added (the build that fails)."""

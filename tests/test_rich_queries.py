@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from search_utils import one_line_error, query_json
 from server_utils import ServerThread, get_json
 
 from clip2video.cli import search
@@ -82,21 +83,6 @@ def brute_force(index, vector: np.ndarray, leave_out=()) -> list[tuple[str, floa
     scores = index.vectors(np.arange(len(index))) @ vector * index.logit_scale
     order = np.argsort(-scores, kind="stable")
     return [(index.video_ids[i], float(scores[i])) for i in order if index.video_ids[i] not in leave_out]
-
-
-def query_json(capsys, ix, *args) -> list[dict]:
-    capsys.readouterr()
-    assert search.main(["query", "--index", str(ix), "--json", *args]) == 0
-    return json.loads(capsys.readouterr().out)
-
-
-def one_line_error(capsys, argv, code=None) -> str:
-    capsys.readouterr()
-    rc = search.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc != 0 and (code is None or rc == code), (rc, err)
-    assert err.count("\n") == 0 and err.startswith("search.py: error:"), err
-    return err
 
 
 def ids_scores(results) -> tuple[list[str], list[float]]:

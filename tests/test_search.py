@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from search_utils import build_argv, one_line_error, query_json
 
 from clip2video.cli import infer_retrieval, search
 from clip2video.dataloaders.synthetic import make_synthetic_dataset
@@ -62,18 +63,6 @@ def eval_argv(root, ckpt):
             "--device", "cpu"]
 
 
-def build_argv(frames, ix, ckpt, *extra):
-    return ["build", "--features_path", str(frames), "--index", str(ix), "--checkpoint", str(ckpt.parent),
-            "--model_num", "1", "--max_words", "16", "--max_frames", "6", "--num_thread_reader", "0",
-            "--device", "cpu", "--no_progress", *extra]
-
-
-def query_json(capsys, ix, *args) -> list[dict]:
-    capsys.readouterr()
-    assert search.main(["query", "--index", str(ix), "--json", *args]) == 0
-    return json.loads(capsys.readouterr().out)
-
-
 def assert_matches_sim(results, sim, captions, video_ids, k=10):
     assert len(results) == len(captions)
     for row, (res, cap) in enumerate(zip(results, captions, strict=True)):
@@ -92,15 +81,6 @@ def write_sealed_manifest(path: Path, manifest: dict) -> None:
     path.write_bytes(data)
     (path.parent / "manifest.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  manifest.json\n")
     (path.parent / "verified").unlink(missing_ok=True)
-
-
-def one_line_error(capsys, argv, code=None) -> str:
-    capsys.readouterr()
-    rc = search.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc != 0 and (code is None or rc == code), (rc, err)
-    assert err.count("\n") == 0 and err.startswith("search.py: error:"), err
-    return err
 
 
 # ----------------------------------------------------------------------------------------------- embeddings

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from search_utils import build_argv, one_line_error, query_json
 from server_utils import ServerThread, get_json
 
 from clip2video.cli import infer_retrieval, search
@@ -27,26 +28,6 @@ from clip2video.search.store import CURRENT, IndexFormatError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N_VIDEOS = 14
-
-
-def build_argv(frames, ix, ckpt, *extra):
-    return ["build", "--features_path", str(frames), "--index", str(ix), "--checkpoint", str(ckpt.parent),
-            "--model_num", "1", "--max_words", "16", "--max_frames", "6", "--num_thread_reader", "0",
-            "--device", "cpu", "--no_progress", *extra]
-
-
-def query_json(capsys, ix, *args) -> list[dict]:
-    capsys.readouterr()
-    assert search.main(["query", "--index", str(ix), "--json", *args]) == 0
-    return json.loads(capsys.readouterr().out)
-
-
-def one_line_error(capsys, argv) -> tuple[int, str]:
-    capsys.readouterr()
-    rc = search.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc != 0 and err.count("\n") == 0 and err.startswith("search.py: error:"), (rc, err)
-    return rc, err
 
 
 def generation(ix: Path) -> Path:
@@ -142,9 +123,9 @@ def test_filtered_queries_rank_by_the_qb_row(qb_setup, capsys):
 
 def test_query_bank_needs_whole_videos(qb_setup, tmp_path, capsys):
     s = qb_setup
-    rc, err = one_line_error(capsys, build_argv(s["frames"], tmp_path / "ix", s["ckpt"], "--query_bank",
-                                                str(s["bank"]), "--segment_seconds", "1"))
-    assert rc == 2 and "--query_bank needs an index of whole videos" in err and not (tmp_path / "ix").exists()
+    err = one_line_error(capsys, build_argv(s["frames"], tmp_path / "ix", s["ckpt"], "--query_bank",
+                                                str(s["bank"]), "--segment_seconds", "1"), code=2)
+    assert "--query_bank needs an index of whole videos" in err and not (tmp_path / "ix").exists()
 
 
 def test_no_qb_gives_the_plain_scores(qb_setup, capsys):
@@ -328,33 +309,33 @@ def test_bad_bank_files_are_one_line(qb_setup, tmp_path, capsys):
     s = qb_setup
     ix = tmp_path / "ix"
     base = build_argv(s["frames"], ix, s["ckpt"])
-    rc, err = one_line_error(capsys, [*base, "--query_bank", str(tmp_path / "nope.txt")])
-    assert rc == 2 and "--query_bank" in err and "no such file" in err
+    err = one_line_error(capsys, [*base, "--query_bank", str(tmp_path / "nope.txt")], code=2)
+    assert "--query_bank" in err and "no such file" in err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")
-    rc, err = one_line_error(capsys, [*base, "--query_bank", str(empty)])
+    err = one_line_error(capsys, [*base, "--query_bank", str(empty)])
     assert "--query_bank" in err and "no captions" in err
     latin = tmp_path / "latin.txt"
     latin.write_bytes("a caption\nun caf\xe9 noir\n".encode("latin-1"))
-    rc, err = one_line_error(capsys, [*base, "--query_bank", str(latin)])
+    err = one_line_error(capsys, [*base, "--query_bank", str(latin)])
     assert "--query_bank" in err and "line 2 is not UTF-8" in err
-    rc, err = one_line_error(capsys, [*base, "--query_bank", str(s["bank"]), "--qb_k", "0"])
-    assert rc == 2 and "--qb_k must be >= 1" in err
-    rc, err = one_line_error(capsys, [*base, "--query_bank", str(s["bank"]), "--qb_beta", "-1"])
-    assert rc == 2 and "--qb_beta must be a positive number" in err
-    rc, err = one_line_error(capsys, [*base, "--query_bank", str(s["bank"]), "--no_query_bank"])
-    assert rc == 2 and "--no_query_bank excludes" in err
+    err = one_line_error(capsys, [*base, "--query_bank", str(s["bank"]), "--qb_k", "0"], code=2)
+    assert "--qb_k must be >= 1" in err
+    err = one_line_error(capsys, [*base, "--query_bank", str(s["bank"]), "--qb_beta", "-1"], code=2)
+    assert "--qb_beta must be a positive number" in err
+    err = one_line_error(capsys, [*base, "--query_bank", str(s["bank"]), "--no_query_bank"], code=2)
+    assert "--no_query_bank excludes" in err
     assert not ix.exists() or not (ix / CURRENT).exists()  # nothing was built
-    rc, err = one_line_error(capsys, [*base, "--qb_beta", "0.3"])  # no bank given, none stored
-    assert rc == 1 and "need a query bank" in err
+    err = one_line_error(capsys, [*base, "--qb_beta", "0.3"], code=1)  # no bank given, none stored
+    assert "need a query bank" in err
     # vectors without a model cannot encode a bank
     emb = tmp_path / "emb"
     emb.mkdir()
     np.save(emb / "video.npy", np.eye(4, dtype=np.float32))
     (emb / "video_ids.json").write_text(json.dumps(["a", "b", "c", "d"]))
-    rc, err = one_line_error(capsys, ["build", "--from_embeddings", str(emb), "--index", str(tmp_path / "e"),
-                                      "--query_bank", str(s["bank"])])
-    assert rc == 1 and "names no model" in err
+    err = one_line_error(capsys, ["build", "--from_embeddings", str(emb), "--index", str(tmp_path / "e"),
+                                      "--query_bank", str(s["bank"])], code=1)
+    assert "names no model" in err
 
 
 def test_damaged_statistics_are_detected(qb_setup, tmp_path, capsys):
@@ -364,8 +345,8 @@ def test_damaged_statistics_are_detected(qb_setup, tmp_path, capsys):
         shutil.copytree(s["ix"], d)
         f = generation(d) / name
         f.write_bytes(f.read_bytes()[:100])
-        rc, err = one_line_error(capsys, ["query", "--index", str(d), "a dog"])
-        assert rc == 1 and f"{f}: 100 bytes" in err  # the generation's checksums name the file first
+        err = one_line_error(capsys, ["query", "--index", str(d), "a dog"], code=1)
+        assert f"{f}: 100 bytes" in err  # the generation's checksums name the file first
         with pytest.raises(IndexFormatError):
             SearchIndex.open(d)
         manifest = json.loads((generation(d) / "manifest.json").read_text())

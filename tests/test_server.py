@@ -12,13 +12,11 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import urlencode
 
 import numpy as np
 import pytest
-from PIL import Image
-from server_utils import BagOfWordsIndex, ServerThread, VideoRecord, get_json, raw_get
+from server_utils import BagOfWordsIndex, ServerThread, VideoRecord, get_json, raw_get, write_jpeg
 
 from clip2video.search.app import create_app
 
@@ -32,12 +30,6 @@ CAPTIONS = {
 }
 
 
-def _jpeg(path: Path, colour) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (32, 24), colour).save(path, quality=90)
-    return path
-
-
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory):
     root = tmp_path_factory.mktemp("stub")
@@ -47,11 +39,11 @@ def stub(tmp_path_factory):
     rng = np.random.RandomState(0)
     records = {}
     for n, vid in enumerate(CAPTIONS):
-        thumbs = [_jpeg(folder / "thumbs" / f"{n}_{j}.jpg", (40 * n, 80, 30 * j)) for j in range(3)]
+        thumbs = [write_jpeg(folder / "thumbs" / f"{n}_{j}.jpg", (40 * n, 80, 30 * j)) for j in range(3)]
         if vid == "frames-only":
             frames = videos / "frames-only"
             for j in range(5):
-                _jpeg(frames / f"{j + 1:08d}.jpg", (10 * j, 200, 0))
+                write_jpeg(frames / f"{j + 1:08d}.jpg", (10 * j, 200, 0))
             (frames / "notes.txt").write_text("not a frame")
             records[vid] = VideoRecord(vid, frames, "frames", thumbs, 5.0, 5)
         else:
