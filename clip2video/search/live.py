@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from clip2video.search.store import CURRENT
+
 logger = logging.getLogger("clip2video.search.app")
 
 
@@ -65,7 +67,7 @@ class LiveIndex:
         self._lock = threading.Lock()
         self.interval = interval
         self._watch = hasattr(index, "reopen") and hasattr(index, "folder")
-        self._cur_path = os.path.join(os.fspath(index.folder), "CURRENT") if self._watch else None
+        self._cur_path = os.path.join(os.fspath(index.folder), CURRENT) if self._watch else None
         self._seen = self._stat()
         self._next_check = time.monotonic() + interval
         self._loading: threading.Thread | None = None
