@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from clip2video.cli import infer_retrieval
+from clip2video.cli.common import model_fields
 from clip2video.dataloaders.synthetic import make_synthetic_dataset
 from clip2video.modules.network.backbone import ClipConfig
 from clip2video.modules.weights.factory import create_model
@@ -108,7 +109,7 @@ def test_eval_configs_hold_the_papers_flags(name):
 
     cfg = Path(__file__).resolve().parents[1] / "configs" / "eval" / f"{name}.yaml"
     args = infer_retrieval.parse_with_config(infer_retrieval.build_parser(), ["--config", str(cfg)])
-    variant, fields = infer_retrieval.model_fields(args)
+    variant, fields = model_fields(args)
     assert variant == "tab_tdb" and fields["center_weight"] == 0.5
     assert fields["center_k"] == (7 if "vatex" in name else 5)
     assert args.feature_framerate == (2 if "msrvtt" in name else 1)

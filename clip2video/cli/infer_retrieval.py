@@ -39,7 +39,6 @@ from clip2video.cli.common import (
     add_precision_arg,
     check_paths,
     exit_process,
-    model_fields,  # noqa: F401 - re-exported: infer_retrieval.model_fields
     model_spec,
     output_paths,
     parse_with_config,
